@@ -1,0 +1,42 @@
+"""The `cartlab` command line.
+
+Each subcommand lives next to the code it drives, in a module with a
+`register(subparsers)` function that adds its parser and sets `func` to a callable taking the
+parsed arguments and returning an exit code. This file only lists those modules.
+
+User errors (a `ValueError` raised by the library, e.g. a bad config field) are printed as one
+line, `cartlab: error: ...`, with exit code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = (
+    "cartlab.model.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cartlab",
+        description="Train, ablate and analyse depth-recurrent language models (CART, Dense).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        print(f"cartlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

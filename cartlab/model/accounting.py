@@ -1,0 +1,139 @@
+"""Parameter and FLOP accounting from a config alone (section 3.5, Tables 1 and 3).
+
+The model is built on the meta device (no memory, no init), so every hook and every registered
+component is counted exactly as built, and `applications()` says how often each part runs:
+
+    stored     = sum of unique parameters (tied embedding once)
+    effective  = sum over parts of params(part) * applications(part)
+                 (CART: stored + (R-1) * core block, + (R-1) * anchor KV under unfreeze_kv)
+    fwd FLOPs  = sum over parts of applications * (2 T * matmul weights + 4 T^2 * attn width)
+
+FLOPs follow the paper's Table 3 convention, which we reproduce to <1%: per sequence of length
+T, matmuls at 2 FLOPs per weight per token, attention scores and values at 4 T^2 d per attention
+application (no causal halving), LM head excluded (`lm_head_flops` has it separately).
+Effective layers = forward FLOPs / one Dense layer's forward FLOPs at the same width.
+
+Table 1's effective counts at R=6 follow from this for every width, and at R=10 for d=1024.
+Its R=10 rows for d=256, 512, 768 do not: (effective - stored) / (R - 1) there is 0.78M, 3.93M
+and 7.89M per extra loop against 0.72M, 2.88M and 5.90M at R=6, which no count linear in R can
+give; we take the R=6 rows as the definition and do not chase those three.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from cartlab.model.config import CARTConfig, ConfigError, DenseConfig, LMConfig
+from cartlab.model.layers import Attention
+
+
+@dataclass(frozen=True)
+class Accounting:
+    stored_params: int
+    effective_params: int
+    embedding_params: int
+    seq_len: int
+    forward_flops: float
+    """Forward FLOPs per sequence of `seq_len` tokens, LM head excluded (Table 3)."""
+    lm_head_flops: float
+    effective_layers: float
+    """forward_flops / forward FLOPs of one Dense layer of the same width (Table 3)."""
+
+    @property
+    def non_embedding_stored(self) -> int:
+        return self.stored_params - self.embedding_params
+
+    @property
+    def non_embedding_effective(self) -> int:
+        return self.effective_params - self.embedding_params
+
+    @property
+    def leverage(self) -> float:
+        """effective / stored (Table 1)."""
+        return self.effective_params / self.stored_params
+
+    def train_flops_per_token(self, include_lm_head: bool = True) -> float:
+        """3x forward (backward = 2x forward, section 4.5) per token."""
+        fwd = self.forward_flops + (self.lm_head_flops if include_lm_head else 0.0)
+        return 3.0 * fwd / self.seq_len
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "leverage": self.leverage}
+
+
+def build_meta(cfg: LMConfig) -> nn.Module:
+    from cartlab.model import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def _part_flops(part: nn.Module, T: int) -> float:
+    weights = sum(m.weight.numel() for m in part.modules() if isinstance(m, nn.Linear))
+    attention = sum(m.attn_dim for m in part.modules() if isinstance(m, Attention))
+    return 2.0 * T * weights + 4.0 * T * T * attention
+
+
+def account(cfg: LMConfig, seq_len: int = 1024) -> Accounting:
+    """Parameters and forward FLOPs of the model `cfg` describes, per sequence of `seq_len`."""
+    if seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
+    model = build_meta(cfg)
+    parts = model.applications()
+    embedding = model.wte.weight.numel()
+    effective = sum(sum(p.numel() for p in part.parameters()) * k for _, part, k in parts)
+    flops = sum(_part_flops(part, seq_len) * k for name, part, k in parts if name != "embedding")
+    return Accounting(
+        stored_params=model.num_params(),
+        effective_params=effective,
+        embedding_params=embedding,
+        seq_len=seq_len,
+        forward_flops=flops,
+        lm_head_flops=2.0 * seq_len * cfg.d_model * cfg.vocab_size,
+        effective_layers=flops / dense_layer_flops(cfg, seq_len),
+    )
+
+
+def dense_layer_flops(cfg: LMConfig, seq_len: int) -> float:
+    """Forward FLOPs of one Dense (MHA + SwiGLU) layer of cfg's width, per sequence."""
+    layer = build_meta(_dense_like(cfg, n_layers=1)).layers[0]
+    return _part_flops(layer, seq_len)
+
+
+def _dense_like(cfg: LMConfig, n_layers: int) -> DenseConfig:
+    shared = {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_heads", "ffn_multiple_of", "rope_theta",
+                                          "norm_eps", "init_std")}
+    return DenseConfig(n_layers=n_layers, **shared)
+
+
+MATCH_ON = ("stored", "effective", "flops")
+ROUNDING = {"nearest": round, "up": math.ceil, "down": math.floor}
+
+
+def matched_dense(cfg: CARTConfig, on: str = "stored", seq_len: int = 1024, rounding: str = "nearest") -> DenseConfig:
+    """The Dense config of cfg's width whose layer count matches CART on stored parameters,
+    effective parameters, or forward FLOPs (section 4.3), rounded to a whole layer.
+
+    At d=1024, P=6, R=6 nearest matching gives 7 layers on stored parameters (122.7M vs 125.1M:
+    the paper's Dense 7L), 11 on effective (174.0M vs 178.8M) and 12 on FLOPs (367 vs 355
+    GFLOPs). The paper's effective-matched Dense 12L (186.9M) is the next size *up*
+    (`rounding="up"`). Table 3 labels Dense 17L (520 GFLOPs) "FLOPs-eq.", but no CART row of
+    that table reaches it (R=10 is 460 GFLOPs, 15.0 layers), so we do not reproduce that label.
+    """
+    if on not in MATCH_ON:
+        raise ConfigError(f"on={on!r} is not allowed; choose one of {list(MATCH_ON)}")
+    if rounding not in ROUNDING:
+        raise ConfigError(f"rounding={rounding!r} is not allowed; choose one of {sorted(ROUNDING)}")
+    cart = account(cfg, seq_len)
+    one, two = account(_dense_like(cfg, 1), seq_len), account(_dense_like(cfg, 2), seq_len)
+    per_layer = two.stored_params - one.stored_params
+    base = one.stored_params - per_layer  # embedding and final norm
+    if on == "flops":
+        layers = cart.forward_flops / dense_layer_flops(cfg, seq_len)
+    else:
+        target = cart.stored_params if on == "stored" else cart.effective_params
+        layers = (target - base) / per_layer
+    return _dense_like(cfg, max(1, int(ROUNDING[rounding](layers))))

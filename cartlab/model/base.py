@@ -1,0 +1,84 @@
+"""What CART and Dense share: tied token embeddings, rotary angles, the LM head and loss, weight
+init, and KV-cached sampling. Subclasses define `forward(idx, targets=None, cache=None, ...)`
+and `applications()` (which module runs how many times per forward, for the accounting)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cartlab.model.config import LMConfig
+from cartlab.model.layers import KVCache, RMSNorm, rope_angles
+
+RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied (section 3.3)
+
+    def init_weights(self) -> None:
+        """N(0, init_std) for embeddings and linear weights; the projections that write into the
+        residual stream get init_std / sqrt(2 * effective depth) (GPT-2). Norms start at 1 and the
+        recurrent-core parts keep their own documented init."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.effective_depth)
+        for name, p in self.named_parameters():
+            if name.endswith(RESIDUAL_OUTPUTS):
+                nn.init.normal_(p, 0.0, out_std)
+            elif name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+
+    def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None):
+        """logits (B, T, V) and the mean next-token cross-entropy (None without targets;
+        target -1 is ignored)."""
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self) -> int:
+        """Stored parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        **forward_kw,
+    ) -> torch.Tensor:
+        """Sample `max_new_tokens` after `idx` (B, T). temperature=0 is greedy. With `use_cache`
+        each new token costs one position of compute; without, the whole sequence is re-run.
+        Extra keyword arguments go to `forward` (e.g. `n_loops` for CART)."""
+        cache = KVCache() if use_cache else None
+        logits, _ = self(idx, cache=cache, **forward_kw)
+        for step in range(max_new_tokens):
+            last = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                nxt = last.argmax(dim=-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.size(-1))).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(nxt if use_cache else idx, cache=cache, **forward_kw)
+        return idx

@@ -1,0 +1,120 @@
+"""CART, the Context-Anchored Recurrent Transformer (section 3), top to bottom:
+
+    tokens -> embedding -> prelude (P MLA layers) -> e                       # section 3.1
+    anchor: K, V = MLA-KV(norm(e)), computed once                            # section 3.1
+    h_0 = e; for r in 0..R-1:                                                # section 3.2
+        x_r = HyperConnection(h_r, h_{r-1}, h_{r-2})
+        u_r = CoreBlock(x_r + LIE(r))      # causal cross-attention to the anchor, SwiGLU
+        h_{r+1} = A * x_r + u_r            # sigmoid LTI gate
+    coda (1 MLA layer) -> norm -> tied LM head                               # section 3.3
+
+Which parts fill those slots is read from the config in one place (`__init__`); the ablation
+hooks of section 8 only change the config (see `cartlab.model.hooks`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from cartlab.model.base import CausalLM
+from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS, CoreBlock, LoopContext
+from cartlab.model.config import CARTConfig
+from cartlab.model.layers import MLAKV, Block, KVCache, cache_site
+
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class CART(CausalLM):
+    def __init__(self, cfg: CARTConfig):
+        super().__init__(cfg)
+        self.prelude = nn.ModuleList(Block(cfg, MLAKV(cfg, cfg.kv_latent_dim)) for _ in range(cfg.prelude_layers))
+        self.anchor = CORE_ATTENTION[cfg.core_attention].source(cfg)
+        self.core = nn.ModuleList(CoreBlock(cfg) for _ in range(cfg.n_core_blocks))
+        self.mixer = MIXERS[cfg.state_mixer](cfg)
+        self.loop_embedding = LOOP_EMBEDDINGS[cfg.loop_embedding](cfg)
+        self.gate = GATES[cfg.state_gate](cfg)
+        self.coda = Block(cfg, MLAKV(cfg, cfg.kv_latent_dim))
+        self.init_weights()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None,
+                cache: KVCache | None = None):
+        """idx (B, T) -> logits (B, T, V), loss. `n_loops` overrides R for this call (variable-R
+        inference); `cache` makes this call continue a sequence (KV-cached generation)."""
+        e, rope = self.encode(idx, cache)  # (B, T, d)
+        h = self.recur(e, rope, n_loops, cache)  # (B, T, d)
+        h = self.coda(h, rope, cache_site(cache, "coda"))
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return self.head(h, targets)
+
+    def encode(self, idx: torch.Tensor, cache: KVCache | None = None):
+        """Embedding and prelude: the anchor's source e (B, T, d) and the rotary angles."""
+        start = 0 if cache is None else cache.pos
+        rope = self.rope(start, idx.size(1), idx.device)
+        x = self.wte(idx)
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, cache_site(cache, f"prelude.{i}"))
+        return x, rope
+
+    def recur(self, e: torch.Tensor, rope, n_loops: int | None = None, cache: KVCache | None = None,
+              observe: Observer | None = None) -> torch.Tensor:
+        """The recurrent core: R loop steps from h_0 = e; returns h_R (B, T, d)."""
+        n_loops = self.check_loops(n_loops)
+        memory = self.anchor.begin(e, cache)  # K, V source for every loop
+        history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
+        for r in range(n_loops):
+            x = self.mixer(history)
+            u = self.core[r % len(self.core)](self.loop_embedding(x, r), LoopContext(r, rope, cache, memory))
+            h = self.gate(x, u)
+            if observe is not None:
+                observe(r, h, history[0])
+            history = [h] + history[:-1]
+        return history[0]
+
+    def check_loops(self, n_loops: int | None) -> int:
+        n = self.config.n_loops if n_loops is None else n_loops
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n_loops={n!r} is not allowed; it must be an integer >= 1")
+        if not self.config.share_core and n > len(self.core):
+            raise ValueError(
+                f"n_loops={n} is not allowed for an unshared core with {len(self.core)} blocks; "
+                f"allowed: 1..{len(self.core)}"
+            )
+        return n
+
+    @torch.no_grad()
+    def loop_trace(self, idx: torch.Tensor, n_loops: int | None = None) -> list[dict]:
+        """One row per loop: mean per-token L2 norm of the state after the loop and its mean
+        distance to the state before it (how far each iteration still moves the state)."""
+        rows: list[dict] = []
+
+        def observe(r: int, h: torch.Tensor, prev: torch.Tensor) -> None:
+            rows.append({
+                "loop": r + 1,
+                "state_norm": h.float().norm(dim=-1).mean().item(),
+                "delta_norm": (h.float() - prev.float()).norm(dim=-1).mean().item(),
+            })
+
+        e, rope = self.encode(idx)
+        self.recur(e, rope, n_loops, observe=observe)
+        return rows
+
+    def spectral_radius(self) -> dict[str, float]:
+        """Spectral radius of the gate's transition (section 6): max over channels, and mean."""
+        return self.gate.spectral_radius()
+
+    def applications(self) -> list[tuple[str, nn.Module, int]]:
+        R = self.config.n_loops
+        return [
+            ("embedding", self.wte, 1),
+            ("prelude", self.prelude, 1),
+            ("anchor", self.anchor, self.anchor.applications(R)),
+            ("core", self.core, R // len(self.core)),
+            ("mixer", self.mixer, R),
+            ("loop_embedding", self.loop_embedding, R),
+            ("gate", self.gate, R),
+            ("coda", self.coda, 1),
+            ("norm", self.norm, 1),
+        ]

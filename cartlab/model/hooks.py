@@ -1,0 +1,141 @@
+"""Ablation hooks: named, composable rewrites of a CART config (section 8).
+
+A hook is a pure function `config -> {field: value}` registered with `@register_hook`. Hooks
+are applied when a `CARTConfig` is made (`CARTConfig(hooks=("no_lti", "unshare_core"))`), in
+registration order whatever order they were given in, and the applied names stay in
+`config.hooks`, so `CARTConfig.from_dict(config.to_dict())` rebuilds the same variant.
+
+Adding a variant touches neither `cart.py` nor this file: register a component in
+`cartlab.model.components` (or your own module) and a hook that selects it:
+
+    from cartlab.model.hooks import register_hook
+
+    @register_hook("my_gate", section="my paper, section 2")
+    def my_gate(cfg):
+        "Replace the LTI gate by ..."
+        return {"state_gate": "my_gate"}
+
+Refused combinations are kept minimal and follow from two rules, not from a hand-kept list:
+1. two hooks that set the same field to different values are refused (e.g. `unfreeze_kv` and
+   `self_attn_core` both decide where the core's K, V come from);
+2. the resulting config must be valid (e.g. `noncausal_cross_attn` needs a cross-attention
+   core, so it is refused together with `self_attn_core`).
+Every other combination of the seven paper ablations builds, trains and evaluates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from cartlab.model.config import CARTConfig
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str
+    section: str
+    fn: Callable[["CARTConfig"], dict[str, Any]]
+
+    @property
+    def summary(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0]
+
+
+HOOKS: dict[str, Hook] = {}
+
+
+def register_hook(name: str, section: str):
+    """Register `fn(config) -> {field: value}` as the hook `name` reproducing paper `section`."""
+
+    def wrap(fn):
+        if name in HOOKS:
+            raise ValueError(f"hook {name!r} is already registered")
+        if not fn.__doc__:
+            raise ValueError(f"hook {name!r} needs a docstring saying what it changes")
+        HOOKS[name] = Hook(name, section, fn)
+        return fn
+
+    return wrap
+
+
+def apply_hooks(cfg: "CARTConfig") -> None:
+    """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.__post_init__`)."""
+    from cartlab.model.config import ConfigError
+
+    names = list(cfg.hooks)
+    unknown = [n for n in names if n not in HOOKS]
+    if unknown:
+        raise ConfigError(f"hooks: unknown hook(s) {unknown}; allowed: {sorted(HOOKS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"hooks: {names} names a hook twice; each hook may appear once")
+    ordered = [n for n in HOOKS if n in names]
+    setters: dict[str, tuple[str, Any]] = {}
+    for name in ordered:
+        for fld, value in HOOKS[name].fn(cfg).items():
+            if not hasattr(cfg, fld):
+                raise ConfigError(f"hooks: {name!r} sets {fld!r}, which is not a {type(cfg).__name__} field")
+            if fld in setters and setters[fld][1] != value:
+                other = setters[fld][0]
+                raise ConfigError(
+                    f"hooks: {other!r} and {name!r} cannot be combined: both set {fld} "
+                    f"({setters[fld][1]!r} vs {value!r}). {other}: {HOOKS[other].summary} "
+                    f"{name}: {HOOKS[name].summary}"
+                )
+            setters[fld] = (name, value)
+    for fld, (_, value) in setters.items():
+        setattr(cfg, fld, value)
+    cfg.hooks = tuple(ordered)
+
+
+# -- the paper's seven diagnostic ablations (section 8) -------------------------------------------------
+@register_hook("unfreeze_kv", section="8.1 (Ablation X)")
+def unfreeze_kv(cfg):
+    """Recompute the core's K, V from the state at every loop with the anchor's KV weights."""
+    return {"core_attention": "recomputed"}
+
+
+@register_hook("single_loop", section="8.2 (Ablation Y)")
+def single_loop(cfg):
+    """Train with R = 1: the core runs once (HyperConnection, LIE and the gate degenerate)."""
+    return {"n_loops": 1}
+
+
+@register_hook("unshare_core", section="8.3 (Ablation Z)")
+def unshare_core(cfg):
+    """Give each of the R loops its own core block (mixer, LIE, gate and anchor stay shared)."""
+    return {"share_core": False}
+
+
+@register_hook("self_attn_core", section="8.4 (Ablation W)")
+def self_attn_core(cfg):
+    """Replace the core's anchor cross-attention by MLA self-attention with RoPE; no anchor."""
+    return {"core_attention": "self"}
+
+
+@register_hook("no_hyper", section="8.5 (Ablation HC)")
+def no_hyper(cfg):
+    """Drop the HyperConnection blend: each loop reads the latest state only."""
+    return {"state_mixer": "last"}
+
+
+@register_hook("no_lti", section="8.6 (Ablation LTI)")
+def no_lti(cfg):
+    """Drop the LTI gate: plain residual h <- h + u."""
+    return {"state_gate": "residual"}
+
+
+@register_hook("no_lie", section="8.7 (Ablation LIE)")
+def no_lie(cfg):
+    """Drop the loop-index embedding."""
+    return {"loop_embedding": "none"}
+
+
+# -- negative control ----------------------------------------------------------------------------------------
+@register_hook("noncausal_cross_attn", section="3.4 (causal cross-attention requirement)")
+def noncausal_cross_attn(cfg):
+    """Negative control: unmask the core's cross-attention, leaking future tokens (section 3.4)."""
+    return {"causal_cross_attn": False}
+
+
+PAPER_ABLATIONS = ("unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie")

@@ -1,0 +1,205 @@
+"""Transformer building blocks shared by CART and Dense, in the order a layer uses them:
+norm, rotary positions, key/value projections (MLA and MHA), attention, SwiGLU, the pre-norm
+block, and the KV cache used for generation.
+
+Shapes: B batch, T sequence (new positions), S all key positions (cache + new), d model width,
+H heads, hd head dim, d_c MLA latent width.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cartlab.model.config import LMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+# -- rotary position embedding ------------------------------------------------------------------
+def rope_angles(head_dim: int, theta: float, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of positions [start, start+length): each (length, hd/2), computed on the fly so
+    there is no maximum sequence length."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate channel pairs (first half, second half) of x: (B, H, T, hd)."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+# -- key/value projections -------------------------------------------------------------------------
+class MLAKV(nn.Module):
+    """Multi-head latent attention KV projection (section 3.1, DeepSeek-V2): compress to a latent
+    of width d_c, normalise it, expand to full-rank K and V. Costs 3*d*d_c instead of 2*d^2.
+
+    The paper does not say whether the latent is normalised; we follow DeepSeek-V2 and put an
+    RMSNorm on it (d_c parameters). RoPE is applied to the expanded keys (no decoupled RoPE head):
+    we cache K and V rather than absorbing the up-projection, so the decoupling is not needed.
+    """
+
+    def __init__(self, cfg: LMConfig, latent_dim: int):
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.down = nn.Linear(cfg.d_model, latent_dim, bias=False)
+        self.norm = RMSNorm(latent_dim, cfg.norm_eps)
+        self.up = nn.Linear(latent_dim, 2 * cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.norm(self.down(x))  # (B, T, d_c)
+        return self.up(c).split(self.d_model, dim=-1)  # K, V: (B, T, d) each
+
+
+class MHAKV(nn.Module):
+    """Standard multi-head attention KV projection: K, V = x W_k, x W_v (2*d^2 parameters)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(x).split(self.d_model, dim=-1)  # K, V: (B, T, d) each
+
+
+# -- attention ------------------------------------------------------------------------------------------
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, d = x.shape
+    return x.view(B, T, n_heads, d // n_heads).transpose(1, 2)  # (B, H, T, hd)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd) with S >= T, the last
+    T key positions being the queries' own. With `causal`, query t sees keys up to its position."""
+    T, S = q.size(-2), k.size(-2)
+    if not causal or T == 1:  # a single new query is the last position: it sees every key
+        return F.scaled_dot_product_attention(q, k, v)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    """Base of every attention module: query and output projections. `attn_dim` and `causal` are
+    read by the FLOP accounting (4 * T * S * attn_dim per application)."""
+
+    def __init__(self, cfg: LMConfig, causal: bool = True):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.attn_dim = cfg.d_model
+        self.causal = causal
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+
+class SelfAttention(Attention):
+    """Causal self-attention with RoPE; `kv` is the KV projection (MLAKV in CART, MHAKV in Dense)."""
+
+    def __init__(self, cfg: LMConfig, kv: nn.Module):
+        super().__init__(cfg, causal=True)
+        self.kv = kv
+
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
+        q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
+        k, v = self.kv(x)
+        k = apply_rope(split_heads(k, self.n_heads), rope)
+        v = split_heads(v, self.n_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, S, hd)
+        return self.proj(merge_heads(attend(q, k, v, causal=True)))
+
+
+class CrossAttention(Attention):
+    """Queries from x, keys and values given (already split into heads). No RoPE: the anchor
+    carries no rotary phase, and positions enter only through the causal mask (section 3.2)."""
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.q(x), self.n_heads)  # (B, H, T, hd)
+        return self.proj(merge_heads(attend(q, k, v, causal=self.causal)))
+
+
+# -- feed-forward and block ------------------------------------------------------------------------
+class SwiGLU(nn.Module):
+    """FFN(x) = W_down(silu(W_gate x) * W_up x), hidden = 8/3 d rounded up (Shazeer 2020)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then + ffn(norm(x)). CART's prelude and
+    coda layers use MLA keys/values; Dense layers use MHA."""
+
+    def __init__(self, cfg: LMConfig, kv: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, kv)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# -- KV cache ----------------------------------------------------------------------------------------------
+class LayerKV:
+    """Keys and values of one attention site for every position seen so far: (B, H, S, hd)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        return self.k, self.v
+
+
+class KVCache:
+    """All attention caches of one model, by site name ('prelude.0', 'anchor', 'loop.3', ...),
+    created on first use so a variant holds only the caches it needs. `pos` counts positions
+    already processed; the model advances it after each forward."""
+
+    def __init__(self):
+        self.sites: dict[str, LayerKV] = defaultdict(LayerKV)
+        self.pos = 0
+
+    def __getitem__(self, site: str) -> LayerKV:
+        return self.sites[site]
+
+
+def cache_site(cache: KVCache | None, site: str) -> LayerKV | None:
+    return None if cache is None else cache[site]
