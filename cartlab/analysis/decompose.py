@@ -1,0 +1,181 @@
+"""The CART-Dense gap and its decomposition by ablations (paper sections 7.6 and 8).
+
+    dense_gaps(runs, eval_log, cart={"d_model": 1024, "n_loops": 6})   # section 7.6
+    decompose_gap(runs, eval_log, cart={...}, split="wiki")            # section 8
+
+Sign convention: every gap and component is `metric(with) - metric(without)` for a metric where
+lower is better (ppl, loss): positive means CART (or the component) costs, negative that it helps.
+Relative values divide by the Dense reference, so they add up like the absolute ones.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cartlab.analysis.schema import final_eval, format_hooks
+from cartlab.analysis.stats import compare_to_band, seed_band
+
+# (component, hooks of the run "without" it, hooks of the run "with" it), section 8.
+# The shared-baseline components are measured against the baseline and assumed additive.
+EFFECTIVE_PATH = (
+    ("shared_weights", "unshare_core", ""),  # 8.3
+    ("attention_type", "self_attn_core,unshare_core", "unshare_core"),  # 8.4
+    ("frozen_kv", "unfreeze_kv", ""),  # 8.1
+    ("hyperconnection", "no_hyper", ""),  # 8.5
+    ("lti_gate", "no_lti", ""),  # 8.6
+    ("loop_index_embedding", "no_lie", ""),  # 8.7
+)
+STORED_PATH = (("recurrence_beyond_R1", "single_loop", ""),)  # 8.2
+
+
+def relative_gap(value, reference):
+    """(value - reference) / reference: CART's excess over Dense as a fraction (section 7.6)."""
+    value, reference = np.asarray(value, float), np.asarray(reference, float)
+    if np.any(reference <= 0):
+        raise ValueError(f"reference: must be > 0, got {reference}")
+    out = (value - reference) / reference
+    return float(out) if out.ndim == 0 else out
+
+
+def _final(runs, eval_log, metric):
+    if metric not in ("ppl", "loss"):
+        raise ValueError(f"metric: {metric!r} not allowed; allowed: ['ppl', 'loss']")
+    return final_eval(runs, eval_log)
+
+
+def _select(frame: pd.DataFrame, where: dict) -> pd.DataFrame:
+    mask = np.ones(len(frame), bool)
+    for col, val in where.items():
+        if col not in frame.columns:
+            raise ValueError(f"cart: unknown column {col!r}; use runs columns such as d_model, n_loops, stage")
+        mask &= (frame[col] == val).to_numpy()
+    return frame[mask]
+
+
+def _baseline(fe: pd.DataFrame, cart: dict) -> pd.DataFrame:
+    base = _select(fe[(fe["model"] == "cart") & (fe["hooks"].fillna("") == "")], cart)
+    if base.empty:
+        raise ValueError(f"cart: no CART baseline run (hooks='') matches {cart}")
+    keys = ["d_model", "prelude_layers", "n_loops", "stage"]
+    if base[keys].drop_duplicates().shape[0] > 1:
+        raise ValueError(f"cart: {cart} matches several baseline configs; add d_model, n_loops, prelude_layers or stage")
+    return base
+
+
+def _matched(fe: pd.DataFrame, target: float, tolerance: float):
+    """Dense config (d_model, n_layers) whose stored params are closest to `target` (relative)."""
+    dense = fe[fe["model"] == "dense"]
+    if dense.empty or not np.isfinite(target):
+        return None
+    cfg = dense.groupby(["d_model", "n_layers"])["stored_params"].mean()
+    mis = (cfg - target).abs() / target
+    if mis.min() > tolerance:
+        return None
+    d, L = mis.idxmin()
+    return dense[(dense["d_model"] == d) & (dense["n_layers"] == L)]
+
+
+def dense_gaps(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, metric: str = "ppl",
+               tolerance: float = 0.15) -> pd.DataFrame:
+    """Relative gaps of a CART config to its stored- and effective-matched Dense, per split (sec. 7.6).
+
+    gap_stored = (m_CART - m_Dense_s) / m_Dense_s, with Dense_s the Dense config whose parameters
+    are nearest CART's stored_params; gap_effective likewise against CART's effective_params.
+    m = seed mean of the final `metric`. A match further than `tolerance` (relative parameter
+    mismatch) is absent and its columns are NaN. Columns: split, cart, cart_sd, cart_n,
+    dense_stored, dense_stored_run, gap_stored, dense_effective, dense_effective_run, gap_effective.
+    """
+    fe = _final(runs, eval_log, metric)
+    base = _baseline(fe, cart)
+    matches = {
+        "stored": _matched(fe, base["stored_params"].mean(), tolerance),
+        "effective": _matched(fe, base["effective_params"].mean(), tolerance),
+    }
+    rows = []
+    for split, b in base.groupby("split"):
+        row = {"split": split, "cart": b[metric].mean(), "cart_sd": b[metric].std(ddof=1) if len(b) > 1 else np.nan,
+               "cart_n": int(b["n_seeds"].sum()) if b["seed"].isna().all() else len(b)}
+        for kind, dense in matches.items():
+            d = None if dense is None else dense[dense["split"] == split]
+            ok = d is not None and not d.empty
+            row[f"dense_{kind}"] = d[metric].mean() if ok else np.nan
+            row[f"dense_{kind}_run"] = d["name"].iloc[0] if ok else None
+            row[f"gap_{kind}"] = relative_gap(row["cart"], row[f"dense_{kind}"]) if ok else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, split: str = "wiki",
+                  metric: str = "ppl", k: float = 2.0, tolerance: float = 0.15) -> pd.DataFrame:
+    """Decompose the CART-Dense gap with the section 8 ablations, each judged against seed noise.
+
+    m(x) = mean final `metric` on `split` of config x; B = CART baseline (hooks ''), ablations
+    are runs at the baseline's d_model, prelude_layers and stage with the named hooks.
+    Effective path (to the effective-matched Dense D_e), with components c = m(with) - m(without):
+        shared_weights       = m(B) - m(unshare_core)
+        attention_type       = m(unshare_core) - m(unshare_core + self_attn_core)
+        frozen_kv            = m(B) - m(unfreeze_kv)
+        hyperconnection      = m(B) - m(no_hyper);  lti_gate = m(B) - m(no_lti);
+        loop_index_embedding = m(B) - m(no_lie)
+        residual_framing     = [m(B) - m(D_e)] - sum of the above
+    Stored path (to the stored-matched Dense D_s):
+        recurrence_beyond_R1 = m(B) - m(single_loop)   (negative: the loop helps)
+        cart_at_R1_vs_dense  = m(single_loop) - m(D_s)
+    So each path's components sum exactly to its `total` row (m(B) - m(D)); the remainder rows
+    also absorb any component whose ablation is missing (named in `note`). `rel` = value / m(D).
+    Each component is labelled "signal" if |value| > k * sd of the baseline's seeds, else
+    "within noise" (section 8's criterion; the baseline needs >= 2 seeds).
+    """
+    fe = _final(runs, eval_log, metric)
+    fe = fe[fe["split"] == split]
+    if fe.empty:
+        raise ValueError(f"split: no evaluation on {split!r}; available: {sorted(final_eval(runs, eval_log)['split'].unique())}")
+    base = _baseline(fe, cart)
+    if len(base) < 2:
+        raise ValueError(f"cart: the baseline needs >= 2 seeds for a noise band, found {len(base)} run(s)")
+    band = seed_band(base[metric].to_numpy(), k=k)
+    d, P, R, stage = (base[c].iloc[0] for c in ("d_model", "prelude_layers", "n_loops", "stage"))
+    family = fe[(fe["model"] == "cart") & (fe["d_model"] == d) & (fe["prelude_layers"] == P) & (fe["stage"] == stage)]
+
+    def mean_of(hooks: str) -> float:
+        if hooks == "":
+            return band.mean
+        rows = family[family["hooks"] == format_hooks(hooks)]
+        if "single_loop" not in hooks:
+            rows = rows[rows["n_loops"] == R]
+        return float(rows[metric].mean()) if len(rows) else np.nan
+
+    out = []
+
+    def add(path, component, value, ref, with_, without, note=""):
+        label = compare_to_band(band.mean + value, band).label if np.isfinite(value) else "missing"
+        out.append({"path": path, "component": component, "with": with_, "without": without,
+                    "value": value, "rel": value / ref if np.isfinite(ref) else np.nan,
+                    "label": label, "note": note})
+
+    for path, dense_params, comps, remainder in (
+        ("effective", base["effective_params"].mean(), EFFECTIVE_PATH, "residual_framing"),
+        ("stored", base["stored_params"].mean(), STORED_PATH, "cart_at_R1_vs_dense"),
+    ):
+        dense = _matched(fe, dense_params, tolerance)
+        ref = float(dense[metric].mean()) if dense is not None else np.nan
+        total = band.mean - ref
+        measured, missing = 0.0, []
+        for name, without, with_ in comps:
+            value = mean_of(with_) - mean_of(without)
+            if np.isfinite(value):
+                measured += value
+                add(path, name, value, ref, with_ or "baseline", without)
+            else:
+                missing.append(name)
+        note = f"absorbs unmeasured: {', '.join(missing)}" if missing else ""
+        if path == "effective":
+            add(path, remainder, total - measured, ref, "self_attn_core,unshare_core", "dense", note)
+        else:  # recurrence is measured; the rest is single_loop vs Dense
+            add(path, remainder, total - measured, ref, "single_loop", "dense", note)
+        add(path, "total", total, ref, "baseline", "dense" if dense is None else dense["name"].iloc[0])
+    frame = pd.DataFrame(out)
+    frame.attrs["band"] = band
+    frame.attrs["caveat"] = compare_to_band(band.mean, band).caveat
+    return frame
+

@@ -1,0 +1,116 @@
+"""The LTI gate's spectral radius (paper section 6).
+
+    tab = radius_table(res.runs, res.train_log, step=30_500)   # d_model x n_loops, Table 8
+    radius_band(tab)                                           # (0.790, 0.830)
+    is_monotone(tab, along="d_model")                          # rises with d at every R
+    persistence(tab)                                           # rho^R per cell
+    radius_trajectories(runs, train_log)                       # mean/sd over seeds per step
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cartlab.analysis.schema import CONFIG_COLUMNS, validate
+
+RADIUS_COLUMNS = ("rho_max", "rho_mean")
+
+
+def _check_column(column: str) -> None:
+    if column not in RADIUS_COLUMNS:
+        raise ValueError(f"column: {column!r} not allowed; allowed: {list(RADIUS_COLUMNS)}")
+
+
+def radius_table(runs: pd.DataFrame, train_log: pd.DataFrame, *, step: int | None = None,
+                 column: str = "rho_max", where: dict | None = None) -> pd.DataFrame:
+    """Seed-mean spectral radius per (d_model, n_loops), rows d_model, columns n_loops
+    (section 6, Table 8).
+
+    rho(d, R) = mean over runs of `column` at `step` (default: each run's last step logging it).
+    `where` filters runs first (e.g. {"stage": "stage2", "prelude_layers": 6, "hooks": ""}).
+    """
+    _check_column(column)
+    validate(runs, "runs")
+    validate(train_log, "train_log")
+    sel = runs
+    for col, val in (where or {}).items():
+        if col not in runs.columns:
+            raise ValueError(f"where: unknown runs column {col!r}")
+        sel = sel[sel[col] == val]
+    log = train_log.dropna(subset=[column])
+    if step is not None:
+        log = log[log["step"] == step]
+    log = log[log["step"] == log.groupby("run_id")["step"].transform("max")]
+    merged = sel[sel["model"] == "cart"].merge(log[["run_id", column]], on="run_id")
+    if merged.empty:
+        raise ValueError(f"train_log.{column}: no CART radius values for the selected runs at step={step}")
+    tab = merged.pivot_table(index="d_model", columns="n_loops", values=column, aggfunc="mean")
+    tab.columns = tab.columns.astype(int)
+    return tab
+
+
+def radius_band(table: pd.DataFrame) -> tuple[float, float]:
+    """(min rho, max rho) over all cells: the band the radius settles in (section 6)."""
+    v = table.to_numpy(float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("table: no finite radius values")
+    return float(v.min()), float(v.max())
+
+
+def is_monotone(table: pd.DataFrame, *, along: str, increasing: bool = True, strict: bool = True) -> pd.Series:
+    """Whether rho rises (or falls) along `along` ("d_model" = down each column, "n_loops" = along
+    each row), per slice: diff(rho) > 0 for every consecutive pair (>= 0 if not strict) (section 6)."""
+    if along not in ("d_model", "n_loops"):
+        raise ValueError(f"along: {along!r} not allowed; allowed: ['d_model', 'n_loops']")
+    axis = 0 if along == "d_model" else 1
+    t = table.sort_index().sort_index(axis=1)
+    diffs = t.diff(axis=axis).dropna(how="all", axis=axis) * (1 if increasing else -1)
+    return (diffs > 0 if strict else diffs >= 0).all(axis=axis)
+
+
+def relative_gain(table: pd.DataFrame, *, along: str) -> pd.DataFrame:
+    """Relative change of rho between consecutive cells along `along`: rho_i / rho_{i-1} - 1 (section 6,
+    e.g. "about X% per pair of additional loops")."""
+    if along not in ("d_model", "n_loops"):
+        raise ValueError(f"along: {along!r} not allowed; allowed: ['d_model', 'n_loops']")
+    t = table.sort_index().sort_index(axis=1)
+    axis = 0 if along == "d_model" else 1
+    return (t / t.shift(1, axis=axis) - 1).dropna(how="all", axis=axis)
+
+
+def persistence(rho, n_loops=None):
+    """Fraction of the initial residual surviving all R gate applications: rho^R (section 6).
+
+    Given a radius table (columns = R), returns the table of rho^R; given numbers, rho ** n_loops.
+    The fraction discarded is 1 - rho^R (e.g. 0.79^6 = 0.243, 76% discarded).
+    """
+    if isinstance(rho, pd.DataFrame):
+        if n_loops is not None:
+            raise ValueError("n_loops: taken from the table's columns; do not pass it with a table")
+        return rho ** np.asarray(rho.columns, float)[None, :]
+    if n_loops is None:
+        raise ValueError("n_loops: required when rho is a number or array")
+    r, n = np.asarray(rho, float), np.asarray(n_loops, float)
+    if np.any((r < 0) | (r > 1)):
+        raise ValueError(f"rho: spectral radius must be in [0, 1] for a contracting gate, got {rho}")
+    if np.any(n < 1):
+        raise ValueError(f"n_loops: must be >= 1, got {n_loops}")
+    out = r ** n
+    return float(out) if out.ndim == 0 else out
+
+
+def radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: str = "rho_max",
+                        by=CONFIG_COLUMNS) -> pd.DataFrame:
+    """Radius over training per configuration: mean, sd (ddof=1; NaN for one seed), n per step (sec. 6).
+
+    Returns long form: the `by` columns, step, mean, sd, n.
+    """
+    _check_column(column)
+    validate(runs, "runs")
+    validate(train_log, "train_log")
+    merged = runs.merge(train_log[["run_id", "step", column]].dropna(subset=[column]), on="run_id")
+    if merged.empty:
+        raise ValueError(f"train_log.{column}: no values for the given runs")
+    g = merged.groupby(list(by) + ["step"], dropna=False)[column]
+    return g.agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()

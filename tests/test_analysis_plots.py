@@ -1,0 +1,99 @@
+"""Guards that every plot function turns results-schema frames into a Figure with the expected
+artists (Agg backend; no pixels compared).
+Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_plots.py -q
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cartlab.analysis import plots, published  # noqa: E402
+from cartlab.analysis.synthetic import eval_rows, run_row, train_curves  # noqa: E402
+
+CART = {"d_model": 1024, "n_loops": 6}
+
+
+def ablation_store():
+    """Baseline (3 seeds), two ablations and two Dense baselines at d=1024."""
+    runs = [run_row(f"b{s}", seed=s, stored_params=125e6, effective_params=179e6) for s in range(3)]
+    runs += [run_row("unshared", hooks="unshare_core"), run_row("r1", hooks="single_loop", n_loops=1)]
+    runs += [run_row(f"dense{L}", model="dense", n_layers=L, stored_params=n, effective_params=n)
+             for L, n in ((7, 123e6), (12, 180e6))]
+    ppl = {"b0": 19.9, "b1": 20.0, "b2": 20.1, "unshared": 19.0, "r1": 20.2, "dense7": 19.7, "dense12": 18.5}
+    return pd.DataFrame(runs), eval_rows({k: {"wiki": v} for k, v in ppl.items()}, step=100)
+
+
+@pytest.fixture(scope="module")
+def res():
+    return published.load_published()
+
+
+@pytest.fixture(scope="module")
+def curves():
+    runs = pd.DataFrame([run_row(f"d{d}-s{s}", d_model=d, seed=s) for d in (256, 1024) for s in range(3)])
+    log = train_curves(runs["run_id"], np.arange(0, 1000, 100), loss=lambda t: 3 + 5 / (1 + t / 100),
+                       rho=lambda t: 0.8 + 0.1 * np.exp(-t / 300), noise=0.01)
+    return runs, log
+
+
+def _fills(ax):
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def test_scaling_fit_plot(res):
+    fig = plots.plot_scaling_fit(res.runs, res.eval_log, where={"stage": "stage2", "model": "cart",
+                                                                "prelude_layers": 6, "n_loops": 6})
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    ax, axr = fig.axes
+    assert len(_fills(ax)) == 1  # CI band
+    assert len(axr.lines[-1].get_xdata()) == 4  # one residual per width
+    assert "b = -0.51" in ax.get_legend().get_texts()[1].get_text()
+    fig = plots.plot_scaling_fit(res.runs, res.eval_log, x="effective_params",
+                                 where={"stage": "stage2", "prelude_layers": 6, "n_loops": 6})
+    assert fig.axes[1].get_xlabel() == "effective_params"
+    with pytest.raises(ValueError, match="allowed"):
+        plots.plot_scaling_fit(res.runs, res.eval_log, x="width")
+
+
+def test_radius_trajectories_plot(curves):
+    runs, log = curves
+    fig = plots.plot_radius_trajectories(runs, log)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and len(_fills(ax)) == 2  # one mean line and one seed band per width
+
+
+def test_loss_curves_plot(curves, res):
+    runs, log = curves
+    fig = plots.plot_loss_curves(runs, log)
+    ax = fig.axes[0]
+    assert len(ax.get_legend().get_texts()) == 2 and len(_fills(ax)) == 2
+    fig = plots.plot_loss_curves(res.runs, res.eval_log, value="ppl", split="wiki", where={"stage": "stage2"})
+    assert fig.axes[0].get_ylabel() == "ppl (wiki)"
+    with pytest.raises(ValueError, match="split"):
+        plots.plot_loss_curves(res.runs, res.eval_log)
+
+
+def test_gap_waterfall_plot():
+    runs, ev = ablation_store()
+    fig = plots.plot_gap_waterfall(runs, ev, cart=CART)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["shared_weights", "residual_framing", "total"]  # only measured components
+    assert len(ax.containers) == len(labels)  # one bar per component and the total
+    fig = plots.plot_gap_waterfall(runs, ev, cart=CART, path="stored")
+    assert len(fig.axes[0].containers) == 3
+
+
+def test_variable_r_profile_plot(res):
+    fig = plots.plot_variable_r_profile(res.downstream, res.runs)
+    assert len(fig.axes) == 5  # hellaswag, arc, lambada acc + ppl, piqa
+    ax = next(a for a in fig.axes if a.get_title() == "lambada_openai perplexity")
+    assert ax.get_yscale() == "log"
+    assert ax.lines[-1].get_xdata()[0] == 6  # dashed line at the trained R
+    with pytest.raises(ValueError, match="n_loops"):
+        plots.plot_variable_r_profile(res.downstream[res.downstream.n_loops == 6])
