@@ -1,0 +1,274 @@
+"""`cartlab data build` on a tiny embedded recipe: determinism, domain purity, shares, held-out
+validation, and that bad inputs and interrupted builds leave no complete-looking file.
+
+Guards cartlab/data/build.py, recipe.py, meta.py and cli.py (issue 3, acceptance 1, 4, 5).
+Offline: HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1; everything is written under tmp paths.
+Run: PYTHONPATH=. .venv/bin/pytest tests/test_data_build.py -q
+"""
+import itertools
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import yaml
+
+from cartlab import cli
+from cartlab.data import BatchLoader, get_tokenizer, load_meta, open_bin
+from cartlab.data import build as build_mod
+from cartlab.data.binfile import BinWriter, file_sha256
+from cartlab.data.embedded import story_documents
+from cartlab.data.recipe import Recipe, load_recipe
+
+TINY = Path(__file__).parent / "fixtures" / "data" / "tiny_embedded.yaml"
+OUTPUTS = {"train.bin", "val_prose.bin", "val_stories.bin", "val_iteration.bin", "meta.json",
+           "tokenizer.json", "train_chunk_domains.npy"}
+
+
+def _build(root: Path, out: Path, **kw) -> dict:
+    """Build the tiny recipe with its own data root (own tokenizer cache)."""
+    old = os.environ.get("CARTLAB_DATA_DIR")
+    os.environ["CARTLAB_DATA_DIR"] = str(root)
+    try:
+        return build_mod.build(load_recipe(TINY), out, progress=False, log=lambda s: None, **kw)
+    finally:
+        if old is None:
+            os.environ.pop("CARTLAB_DATA_DIR")
+        else:
+            os.environ["CARTLAB_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("build")
+    return _build(base / "root", base / "out")
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARTLAB_DATA_DIR", str(tmp_path / "root"))
+
+
+def test_offline_mode_is_on():
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_outputs_and_metadata(built):
+    out = Path(built["dir"])
+    assert {p.name for p in out.iterdir()} == OUTPUTS  # no staging or partial files left
+    assert built["dtype"] == "uint16" and built["tokenizer"]["vocab_size"] == 512
+    assert built["versions"]["python"] and built["seed"] == 3
+    for name, info in built["files"].items():
+        assert file_sha256(out / name) == info["sha256"]
+    train = open_bin(out / "train.bin", check_ids=True)
+    assert train.chunk_size == 257 and train.n_tokens == 311 * 257
+    assert load_meta(out, verify_sha256=True)["train_tokens"] == train.n_tokens
+
+
+def test_two_builds_are_byte_identical(built, tmp_path):
+    # A second data root: the tokenizer is trained again from scratch, not read from a cache.
+    again = _build(tmp_path / "root2", tmp_path / "out2")
+    assert len(list((tmp_path / "root2" / "cache" / "tokenizers").glob("embedded-v512-*.json"))) == 1
+    for name in ["meta.json", "tokenizer.json", "train_chunk_domains.npy", *built["files"]]:
+        assert file_sha256(Path(built["dir"]) / name) == file_sha256(Path(again["dir"]) / name), name
+
+
+def test_shares_within_one_percent(built):
+    labels = np.load(Path(built["dir"]) / "train_chunk_domains.npy")
+    recipe = load_recipe(TINY)
+    for i, d in enumerate(recipe.domains):
+        share = float((labels == i).mean())
+        assert abs(share - d.ratio) < 0.01, (d.name, share)
+        assert abs(built["share_per_domain"][d.name] - d.ratio) < 0.01
+
+
+def _classify(text: str, story_words: set[str]) -> str:
+    """Which domain a piece of text is from, judged from the text alone."""
+    if len(re.findall(r"Let [a-z] = ", text)) >= 3:
+        return "iteration"
+    words = [w.strip('.,!?"\'').lower() for w in text.split()]
+    words = [w for w in words if w.isalpha()]
+    inside = sum(w in story_words for w in words) / max(1, len(words))
+    return "stories" if inside > 0.97 else "prose"
+
+
+def test_every_training_window_lies_in_one_domain(built):
+    out = Path(built["dir"])
+    tok = get_tokenizer(built)
+    story_words = {w.strip('.,!?"\'').lower() for s in itertools.islice(story_documents(0), 3000)
+                   for w in s.split()}
+    labels = np.load(out / "train_chunk_domains.npy")
+    train = open_bin(out / "train.bin")
+    c = train.chunk_size
+    # Each chunk's text, judged on its own, is from the domain the build says it is.
+    for i, label in enumerate(labels):
+        text = tok.decode(train.tokens[i * c:(i + 1) * c].tolist())
+        assert _classify(text, story_words) == built["domains"][label], text[:200]
+    # Every window the loader reads sits inside one chunk, so inside one domain.
+    loader = BatchLoader(train, batch_size=8, seq_len=128)
+    assert loader.windows_per_chunk == 2
+    for _ in range(loader.steps_per_epoch):
+        loader.next_batch()
+        first, last = loader.last_offsets // c, (loader.last_offsets + 128) // c
+        assert (first == last).all()
+
+
+def _whole_docs(ids: np.ndarray, eos: int) -> set[bytes]:
+    """Documents that lie wholly between two end-of-text ids, as bytes."""
+    cuts = np.flatnonzero(ids == eos)
+    return {ids[a + 1:b].tobytes() for a, b in zip(cuts, cuts[1:]) if b - a > 8}
+
+
+def test_validation_text_never_appears_in_train(built):
+    out = Path(built["dir"])
+    eos = built["tokenizer"]["eos_id"]
+    train = open_bin(out / "train.bin")
+    c = train.chunk_size
+    chunks = np.asarray(train.tokens).reshape(-1, c)
+    train_docs = set().union(*(_whole_docs(ch, eos) for ch in chunks))
+    train_bytes = np.asarray(train.tokens).tobytes()
+    for d in built["domains"]:
+        val = np.asarray(open_bin(out / f"val_{d}.bin").tokens)
+        val_docs = _whole_docs(np.concatenate([np.array([eos], val.dtype), val]), eos)
+        assert len(val_docs) >= 2, d
+        assert not val_docs & train_docs, d
+        for doc in val_docs:  # also not inside a chunk, cut differently
+            if len(doc) >= 80:  # 40 tokens
+                pos = train_bytes.find(doc[:80])
+                assert pos < 0 or pos % 2, d
+    assert len(train_docs) > 100
+
+
+def test_build_is_refused_or_skipped_when_output_exists(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built["dir"], out)
+    again = _build(tmp_path / "root", out)  # same recipe: nothing to do, nothing rewritten
+    assert again["files"] == built["files"]
+    d = yaml.safe_load(TINY.read_text())
+    d["seed"] = 4
+    with pytest.raises(ValueError, match="different recipe.*force"):
+        build_mod.build(Recipe.from_dict(d), out, progress=False, log=lambda s: None)
+
+
+def test_interrupted_build_leaves_no_complete_looking_file(built, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "_interleave", crash)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "root", fresh)
+    assert list(fresh.iterdir()) == []  # no bins, no meta, no staging folder
+    with pytest.raises(ValueError, match="not a completed build"):
+        load_meta(fresh)
+    # Interrupting a rebuild over a complete build leaves the old build complete and valid.
+    old = tmp_path / "old"
+    shutil.copytree(built["dir"], old)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "root", old, force=True)
+    assert {p.name for p in old.iterdir()} == OUTPUTS
+    assert load_meta(old, verify_sha256=True)["files"] == built["files"]
+
+
+def test_metadata_mismatch_is_detected(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built["dir"], out)
+    # A validation bin from another tokenizer (same vocabulary size) swapped in.
+    with BinWriter(out / "val_stories.bin", vocab_size=512, tokenizer_hash="ee" * 32) as w:
+        w.write(open_bin(Path(built["dir"]) / "val_stories.bin").tokens)
+    with pytest.raises(ValueError, match="tokenizer mismatch: val_stories.bin"):
+        load_meta(out)
+    shutil.copy(Path(built["dir"]) / "val_stories.bin", out / "val_stories.bin")
+    meta = json.loads((out / "meta.json").read_text())
+    meta["files"]["val_prose.bin"]["n_tokens"] += 1
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="metadata mismatch: val_prose.bin holds"):
+        load_meta(out)
+    shutil.copy(Path(built["dir"]) / "meta.json", out / "meta.json")
+    (out / "train.bin").write_bytes((out / "train.bin").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train.bin is truncated"):
+        load_meta(out)
+
+
+def test_tokenizer_from_metadata_must_match(built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built["dir"], out)
+    tok = get_tokenizer(load_meta(out))
+    assert tok.hash == built["tokenizer"]["hash"] and tok.vocab_size == 512
+    text = "Let a = 5. Once upon a time, there was a little girl named Lily."
+    assert tok.decode(tok.encode(text)) == text
+    other = json.loads((out / "tokenizer.json").read_text())
+    other["model"]["merges"] = other["model"]["merges"][:-1]
+    (out / "tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        get_tokenizer(load_meta(out))
+
+
+def _tiny_dict():
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(shuffle=True), r"unknown field\(s\) \['shuffle'\] in recipe; allowed: \["),
+    (lambda d: d["domains"][0].update(weight=2), r"unknown field\(s\) \['weight'\] in recipe.domains\[0\]"),
+    (lambda d: d["domains"][1]["train"].update(name="poems"),
+     r"domains\[1\].train.name must be one of \['iteration', 'prose', 'stories'\]"),
+    (lambda d: d["domains"][0]["train"].update(type="csv"), r"train.type must be one of \['embedded', 'hf'"),
+    (lambda d: d["tokenizer"].update(name="gpt2"), r"tokenizer.name must be one of \['embedded', 'llama2'\]"),
+    (lambda d: d["domains"][0].update(val_fraction=0.5), r"val_fraction must be in \(0, 0.1\]"),
+    (lambda d: d.update(chunk_size="big"), r"recipe.chunk_size must be int"),
+])
+def test_bad_recipe_fields(edit, message):
+    d = _tiny_dict()
+    edit(d)
+    with pytest.raises(ValueError, match=message):
+        Recipe.from_dict(d)
+
+
+def test_finite_domain_running_out_is_an_error(tmp_path):
+    d = _tiny_dict()
+    d["train_tokens"] = 3_000_000
+    d["domains"][0]["ratio"] = 0.9  # far more prose than ships with Python
+    with pytest.raises(ValueError, match="domain 'prose' ran out of documents"):
+        build_mod.build(Recipe.from_dict(d), tmp_path / "out", progress=False, log=lambda s: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_reports_bad_recipe_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    d = _tiny_dict()
+    d["domains"][0]["weight"] = 2
+    bad.write_text(yaml.safe_dump(d))
+    assert cli.main(["data", "build", str(bad), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cartlab: error: unknown field(s) ['weight'] in recipe.domains[0]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_build_prints_what_it_wrote(built, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(built["dir"], out)
+    assert cli.main(["data", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train.bin" in text and "val_iteration.bin" in text and "share of train" in text
+    assert cli.main(["data", "build", str(TINY), "--out", str(out), "--no-progress"]) == 0
+    assert "already built" in capsys.readouterr().out
+
+
+def test_shipped_recipes_parse():
+    from cartlab.data.paths import recipes_dir
+
+    os.environ.pop("CARTLAB_DATA_DIR", None)
+    names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    assert {"embedded", "paper-stage1", "paper-stage2"} <= set(names)
+    for name in names:
+        r = load_recipe(name)
+        assert abs(sum(d.ratio for d in r.domains) - 1) < 1e-9, name
+    assert load_recipe("paper-stage2").tokenizer.name == "llama2"
+    assert load_recipe("embedded").tokenizer.name == "embedded"
