@@ -15,6 +15,8 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "cartlab.model.cli",
+    "cartlab.data.cli",
+    "cartlab.train.cli",
 )
 
 

@@ -48,6 +48,10 @@ class CausalLM(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def diagnostics(self) -> dict:
+        """Scalars worth logging during training (CART: spectral radius, HyperConnection weights)."""
+        return {}
+
     def num_params(self) -> int:
         """Stored parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())

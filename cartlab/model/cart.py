@@ -105,6 +105,13 @@ class CART(CausalLM):
         """Spectral radius of the gate's transition (section 6): max over channels, and mean."""
         return self.gate.spectral_radius()
 
+    def diagnostics(self) -> dict:
+        rho = self.spectral_radius()
+        out = {"rho_max": rho["max"], "rho_mean": rho["mean"]}
+        if hasattr(self.mixer, "weights"):
+            out["hyper_weights"] = self.mixer.weights().tolist()
+        return out
+
     def applications(self) -> list[tuple[str, nn.Module, int]]:
         R = self.config.n_loops
         return [

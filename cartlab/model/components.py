@@ -78,7 +78,7 @@ class FrozenAnchor(AnchorKV):
         return 1
 
     def begin(self, e: torch.Tensor, cache: KVCache | None):
-        k, v = self.project(e)
+        k, v = (t.contiguous() for t in self.project(e))  # laid out once, read by every loop
         if cache is not None:
             k, v = cache["anchor"].append(k, v)
         return lambda x, r, cache: (k, v)
@@ -183,6 +183,10 @@ class HyperConnection(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.tensor([0.0, -5.0, -5.0]))
 
+    def weights(self) -> torch.Tensor:
+        """The blend weights (3,), newest state first."""
+        return torch.softmax(self.logits.detach().float(), dim=0)
+
     def forward(self, history: list[torch.Tensor]) -> torch.Tensor:
         w = torch.softmax(self.logits.float(), dim=0).to(history[0].dtype)
         return sum(w[i] * h for i, h in enumerate(history))
@@ -264,9 +268,13 @@ class SinusoidalLoopEmbedding(nn.Module):
     def __init__(self, cfg: "CARTConfig"):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(0.1))
+        self._codes: dict[tuple, torch.Tensor] = {}  # (r, dim, device) -> pe(r), computed once
 
     def forward(self, x: torch.Tensor, r: int) -> torch.Tensor:
-        return x + (self.scale * sinusoid(r, x.size(-1), x.device)).to(x.dtype)
+        key = (r, x.size(-1), x.device)
+        if key not in self._codes:
+            self._codes[key] = sinusoid(r, x.size(-1), x.device)
+        return x + (self.scale * self._codes[key]).to(x.dtype)
 
 
 @register(LOOP_EMBEDDINGS, "none")

@@ -97,7 +97,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> t
     """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd) with S >= T, the last
     T key positions being the queries' own. With `causal`, query t sees keys up to its position."""
     T, S = q.size(-2), k.size(-2)
-    if not causal or T == 1:  # a single new query is the last position: it sees every key
+    if T == 1:  # one new query (cached decoding) sees every key; two small matmuls beat the
+        # fused kernel here, whose per-call setup dominates at T=1 on CPU
+        att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, S)
+        return torch.softmax(att.float(), dim=-1).type_as(q) @ v
+    if not causal:
         return F.scaled_dot_product_attention(q, k, v)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -176,16 +180,28 @@ class Block(nn.Module):
 
 # -- KV cache ----------------------------------------------------------------------------------------------
 class LayerKV:
-    """Keys and values of one attention site for every position seen so far: (B, H, S, hd)."""
+    """Keys and values of one attention site for every position seen so far: (B, H, S, hd).
+    Stored in buffers that double when full, so appending a token copies one position."""
 
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
+        T = k.size(-2)
+        if self.k is None or self.length + T > self.k.size(-2):
+            capacity = max(2 * (self.length + T), 64)
+            grown_k = k.new_empty(*k.shape[:-2], capacity, k.size(-1))
+            grown_v = v.new_empty(*v.shape[:-2], capacity, v.size(-1))
+            if self.k is not None:
+                grown_k[..., : self.length, :] = self.k[..., : self.length, :]
+                grown_v[..., : self.length, :] = self.v[..., : self.length, :]
+            self.k, self.v = grown_k, grown_v
+        self.k[..., self.length: self.length + T, :] = k
+        self.v[..., self.length: self.length + T, :] = v
+        self.length += T
+        return self.k[..., : self.length, :], self.v[..., : self.length, :]
 
 
 class KVCache:

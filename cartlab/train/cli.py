@@ -1,0 +1,75 @@
+"""`cartlab train`: train one run into the results database.
+
+    cartlab train --preset smoke
+    cartlab train --preset paper-stage2 model.d_model=512 model.n_loops=8 seed=2
+    cartlab train --config my_run.yaml model.hooks=unshare_core,no_lti
+    cartlab train --preset smoke dense_match=flops        # the FLOPs-matched Dense baseline
+    cartlab train --resume RUN_ID                         # continue an interrupted run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cartlab.model.config import ConfigError
+
+
+def register(subparsers) -> None:
+    from cartlab.train.config import PRESETS
+
+    p = subparsers.add_parser("train", help="train a CART or Dense model into the results database",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help=f"start from a preset: {', '.join(sorted(PRESETS))}")
+    src.add_argument("--config", help="start from a YAML file (may name a `preset:` to extend)")
+    p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE",
+                   help="dotted overrides, e.g. model.n_loops=8 optim.lr=3e-4 model.hooks=no_lti,no_lie")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
+    p.add_argument("--db", help="results database (default: the config's results_db, runs/results.db)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and run name, do not train")
+    p.set_defaults(func=run)
+
+
+def resolve(args: argparse.Namespace):
+    from cartlab.results.db import ResultsDB
+    from cartlab.train.config import TrainConfig
+
+    extra = list(args.overrides)
+    if args.db:
+        extra.append(f"results_db={args.db}")
+    if args.quiet:
+        extra.append("quiet=true")
+    if args.resume:
+        db_path = args.db or TrainConfig().results_db
+        db = ResultsDB(db_path)
+        row = db.get_run(args.resume)
+        db.close()
+        if row is None:
+            raise ConfigError(f"--resume {args.resume}: no such run in {db_path}")
+        stored = json.loads(row["config_json"])["train"]
+        return TrainConfig.from_dict(stored, extra)
+    if args.config:
+        return TrainConfig.from_yaml(args.config, extra)
+    return TrainConfig.from_preset(args.preset or "smoke", extra)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cartlab.train.loop import TrainingDiverged, TrainingInterrupted, train
+
+    cfg = resolve(args)
+    if args.print_config:
+        print(f"# run: {cfg.run_name()}")
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        run_id = train(cfg, resume=args.resume)
+    except TrainingInterrupted as err:
+        print(f"cartlab: {err}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as err:
+        print(f"cartlab: {err}", file=sys.stderr)
+        return 3
+    print(f"cartlab: run {run_id} -> {cfg.results_db}")
+    return 0

@@ -1,0 +1,139 @@
+"""Pick what the hardware supports: device, precision, optimizer, torch.compile, attention kernel.
+
+Every choice is a pure function of a `Capabilities` record, so the selection logic is tested on
+a CPU by describing other machines. What was chosen (and why, when a request fell back) is
+recorded with the run.
+
+    auto on CUDA (bf16-capable) : bf16 autocast, bitsandbytes AdamW8bit, fused SDPA kernels
+    auto on CPU                 : fp32, torch AdamW (bitsandbytes' 8-bit CPU path is ~3.5x slower),
+                                  math/flash-CPU SDPA; bf16 autocast only when asked for
+"""
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit")
+
+# Dense bf16 peak FLOP/s of known devices, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "NVIDIA GeForce RTX 3050": 35.0e12,
+    "NVIDIA GeForce RTX 3090": 71.0e12,  # the paper's Stage-2 GPU (section 4.6)
+    "NVIDIA GeForce RTX 4090": 165.2e12,
+    "NVIDIA A10G": 125.0e12,
+    "NVIDIA A100": 312.0e12,
+    "NVIDIA H100": 989.0e12,
+    "NVIDIA L4": 121.0e12,
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cuda: bool
+    device_name: str
+    bf16: bool
+    bitsandbytes: bool
+    triton: bool
+
+    @classmethod
+    def detect(cls) -> "Capabilities":
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda=cuda,
+            device_name=torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+            bf16=torch.cuda.is_bf16_supported() if cuda else True,
+            bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+            triton=importlib.util.find_spec("triton") is not None,
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    device: str
+    precision: str
+    optimizer: str
+    compile: bool
+    device_name: str
+    peak_flops: float | None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "notes": list(self.notes)}
+
+    def autocast(self):
+        """The autocast context for forward passes (a no-op context in fp32)."""
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+def _check(field: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s of a known device (longest matching table key), else None."""
+    matches = [k for k in PEAK_FLOPS if k.lower() in device_name.lower() or device_name.lower() in k.lower()]
+    return PEAK_FLOPS[max(matches, key=len)] if matches and device_name else None
+
+
+def select(caps: Capabilities, device: str = "auto", precision: str = "auto", optimizer: str = "auto",
+           compile: bool = False) -> Selection:
+    """Resolve requested settings against capabilities. Explicit requests the hardware cannot
+    honour are errors (asking for CUDA without a GPU); 'auto' falls back and says so."""
+    _check("device", device, DEVICES)
+    _check("precision", precision, PRECISIONS)
+    _check("optimizer", optimizer, OPTIMIZERS)
+    notes = []
+    if device == "cuda" and not caps.cuda:
+        raise ValueError("device='cuda' is not available on this machine (no CUDA GPU); use device='cpu' or 'auto'")
+    dev = device if device != "auto" else ("cuda" if caps.cuda else "cpu")
+
+    if precision == "auto":
+        prec = "bf16" if dev == "cuda" and caps.bf16 else "fp32"
+        if dev == "cpu":
+            notes.append("precision auto -> fp32 on CPU (ask precision=bf16 for bf16 autocast)")
+    else:
+        if precision == "bf16" and not caps.bf16:
+            raise ValueError(f"precision='bf16' is not supported by {caps.device_name}; use 'fp32' or 'auto'")
+        prec = precision
+
+    if optimizer == "auto":
+        opt = "adamw8bit" if dev == "cuda" and caps.bitsandbytes else "adamw"
+        if dev == "cuda" and not caps.bitsandbytes:
+            notes.append("bitsandbytes not installed: torch AdamW instead of AdamW8bit")
+    else:
+        if optimizer == "adamw8bit" and not caps.bitsandbytes:
+            raise ValueError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+                             "use optimizer='adamw' or 'auto'")
+        opt = optimizer
+        if opt == "adamw8bit" and dev == "cpu":
+            notes.append("AdamW8bit on CPU is ~3.5x slower than torch AdamW")
+
+    use_compile = compile
+    if compile and dev == "cuda" and not caps.triton:
+        use_compile = False
+        notes.append("torch.compile requested but triton is unavailable: running eager")
+    name = caps.device_name if dev == "cuda" else f"cpu ({caps.device_name})"
+    return Selection(dev, prec, opt, use_compile, name, peak_flops(caps.device_name) if dev == "cuda" else None,
+                     tuple(notes))
+
+
+def build_optimizer(params, selection: Selection, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only (norms, gates, mixer logits, LIE scale
+    are not decayed), as torch AdamW or bitsandbytes AdamW8bit."""
+    params = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if selection.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=selection.device == "cuda")

@@ -1,0 +1,60 @@
+"""The results database: schema versioning, run rows, idempotent logging, and the paper's
+published tables imported into the same schema the analyses read.
+Run: pytest tests/test_results_db.py
+"""
+import sqlite3
+
+import pytest
+
+from cartlab import results
+from cartlab.analysis import schema
+from cartlab.analysis.published import load_published
+from cartlab.results.db import SCHEMA_VERSION, ResultsDB
+
+
+def test_schema_version_and_newer_database_refused(tmp_path):
+    db = ResultsDB(tmp_path / "r.db")
+    assert db.schema_version == SCHEMA_VERSION
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    db.close()
+    with pytest.raises(ValueError, match=r"schema_version=2 is newer than this cartlab"):
+        ResultsDB(tmp_path / "r.db")
+
+
+def test_runs_and_logs_are_idempotent(tmp_path):
+    db = ResultsDB(tmp_path / "r.db")
+    db.upsert_run("a", model="cart", d_model=64, status="running", config_json={"x": 1})
+    with pytest.raises(ValueError, match=r"status='done' is not allowed; choose one of \['running'"):
+        db.upsert_run("a", status="done")
+    with pytest.raises(ValueError, match=r"unknown runs column\(s\) \['colour'\]"):
+        db.upsert_run("a", colour="red")
+    db.log_train("a", [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3)])
+    db.log_train("a", [{"step": 3, "loss": 1.5}])  # a re-logged step replaces, never duplicates
+    db.log_eval("a", 3, {"wiki": {"loss": 3.0, "ppl": 20.1}})
+    db.truncate_after("a", 2)
+    log = results.train_log(tmp_path / "r.db")
+    assert log.step.tolist() == [1, 2] and results.eval_log(tmp_path / "r.db").empty
+    db.set_status("a", "completed", step=2)
+    run = results.runs(tmp_path / "r.db").iloc[0]
+    assert run.status == "completed" and run.finished_at and run.step == 2
+    with pytest.raises(sqlite3.IntegrityError):  # logs belong to a run
+        db.log_train("ghost", [{"step": 1, "loss": 1.0}])
+
+
+def test_published_numbers_import_into_the_same_schema(tmp_path):
+    path = tmp_path / "r.db"
+    n = results.import_published(path)
+    assert results.import_published(path) == n  # idempotent
+    runs = results.runs(path)
+    pub = load_published()
+    assert len(runs) == n == len(pub.runs) and set(runs.status) == {"published"} and set(runs.source) == {"published"}
+    schema.validate(runs[list(schema.RUNS_COLUMNS)], "runs")
+    ev, tl = results.eval_log(path), results.train_log(path)
+    assert len(ev) == len(pub.eval_log) and len(tl) == len(pub.train_log)
+    # Table 7's d=1024, R=6 Stage-2 Wikipedia perplexity survives the round trip.
+    stage2 = runs[(runs.stage == "stage2") & (runs.model == "cart") & (runs.d_model == 1024) & (runs.n_loops == 6)
+                  & (runs.prelude_layers == 6)]
+    wiki = ev[ev.run_id.isin(stage2.run_id) & (ev.split == "wiki")]
+    assert wiki.ppl.round(2).tolist() == [20.35]
+    assert results.runs(path, source="local").empty

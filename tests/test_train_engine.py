@@ -1,0 +1,179 @@
+"""Training engine (training issue, acceptance 2-5): four processes into one database at once,
+2-process torchrun (gloo) against one process with the same global batch, the smoke preset on
+the embedded corpus, one-line errors for bad configs, and device/optimizer selection by
+capability (tested on CPU by describing other machines).
+Run: pytest tests/test_train_engine.py
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cartlab import results
+from cartlab.cli import main
+from cartlab.train import TrainConfig, lr_at
+from cartlab.train.device import Capabilities, select
+from train_helpers import tiny_config
+
+PY = sys.executable
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([PY, "-m", "cartlab.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def overrides(cfg: TrainConfig) -> list[str]:
+    import json
+
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "model":
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(cfg.to_dict())
+    return [f"{k}={json.dumps(v)}" for k, v in flat.items() if v is not None]
+
+
+def test_four_processes_share_one_database(tiny_data, tmp_path):
+    procs = []
+    for seed in range(4):
+        cfg = tiny_config(tiny_data, tmp_path, seed=seed, steps=10, checkpoint_every=5, eval_every=2)
+        procs.append(subprocess.Popen([PY, "-m", "cartlab.cli", "train", *overrides(cfg)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "locked" not in err
+    runs = results.runs(tmp_path / "results.db")
+    assert len(runs) == 4 and set(runs.status) == {"completed"} and set(runs.seed) == {0, 1, 2, 3}
+    log = results.train_log(tmp_path / "results.db")
+    assert len(log) == 40 and not log.duplicated(["run_id", "step"]).any()
+    ev = results.eval_log(tmp_path / "results.db")
+    assert len(ev) == 4 * 5 * 3  # 4 runs x steps 2,4,..,10 x 3 validation domains
+
+
+def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
+    one = tiny_config(tiny_data, tmp_path / "one", steps=6, batch_size=4, grad_accum=1, checkpoint_every=6,
+                      name="ddp-check")
+    two = tiny_config(tiny_data, tmp_path / "two", steps=6, batch_size=2, grad_accum=1, checkpoint_every=6,
+                      name="ddp-check")
+    r1 = cli("train", *overrides(one))
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                         "-m", "cartlab.cli", "train", *overrides(two)], capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a = results.train_log(tmp_path / "one" / "results.db")
+    b = results.train_log(tmp_path / "two" / "results.db")
+    assert len(a) == len(b) == 6
+    assert (abs(a.loss - b.loss) / a.loss).max() < 1e-4
+    runs = results.runs(tmp_path / "two" / "results.db")
+    assert len(runs) == 1 and runs.status[0] == "completed"
+    assert '"world_size": 2' in runs.hardware_json[0]
+
+
+def test_smoke_preset_trains_cart_and_dense_on_embedded_data(repo, tmp_path):
+    """`cartlab train --preset smoke` on a fresh data root: builds the embedded corpus, the loss
+    falls, and the spectral radius is logged at every log step (CART) and absent for Dense."""
+    root = tmp_path / "data"
+    shutil.copytree(repo / "data" / "recipes", root / "recipes")
+    env = {"CARTLAB_DATA_DIR": str(root)}
+    db = tmp_path / "results.db"
+    for extra in ([], ["dense_match=flops"]):
+        r = cli("train", "--preset", "smoke", "--quiet", f"results_db={db}", f"out_dir={tmp_path}", *extra, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    runs = results.runs(db).set_index("model")
+    assert set(runs.status) == {"completed"} and set(runs.index) == {"cart", "dense"}
+    log = results.train_log(db)
+    for model, rows in log.groupby(log.run_id.map(runs.reset_index().set_index("run_id").model)):
+        first, last = rows.loss.iloc[0], rows.loss.iloc[-3:].mean()
+        assert last < first - 1.0, (model, first, last)
+        if model == "cart":
+            assert rows.rho_max.notna().all() and (rows.rho_max < 1).all()
+            assert list(rows.step) == list(range(5, 41, 5))
+        else:
+            assert rows.rho_max.isna().all()
+    assert set(results.eval_log(db).split) == {"prose", "stories", "iteration"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "preset='nope' is not allowed; choose one of ['cpu-demo', 'paper-stage1', 'paper-stage2', 'smoke']"),
+    (["--preset", "smoke", "model.hooks=no_loop"], "hooks: unknown hook(s) ['no_loop']"),
+    (["--preset", "smoke", "device=tpu"], "device='tpu' is not allowed; choose one of ['auto', 'cpu', 'cuda']"),
+    (["--preset", "smoke", "data.dir=/nonexistent"], "data.dir='/nonexistent' holds no data build"),
+    (["--preset", "smoke", "data.recipe=paper-stage2"], "data for recipe 'paper-stage2' is missing"),
+    (["--preset", "smoke", "optim.lrr=1"], "unknown field(s) ['optim.lrr']"),
+    (["--preset", "smoke", "steps=0"], "steps=0 is not allowed; it must be an integer >= 1"),
+])
+def test_bad_configs_give_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["train", *args, f"results_db={tmp_path / 'r.db'}", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_resume_with_changed_config_is_refused(tiny_data, tmp_path, capsys):
+    from cartlab.train import train
+
+    cfg = tiny_config(tiny_data, tmp_path, steps=2, checkpoint_every=2)
+    run_id = train(cfg)
+    db = cfg.results_db
+    assert main(["train", "--resume", run_id, "--db", db, "optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot resume run {run_id!r}: its config changed (optim.lr" in err
+    assert main(["train", "--resume", "no-such-run", "--db", db]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig.from_preset("paper-stage2")
+    assert lr_at(0, cfg) == pytest.approx(cfg.optim.lr / 100)
+    assert lr_at(99, cfg) == pytest.approx(cfg.optim.lr)
+    assert lr_at(cfg.steps - 1, cfg) == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio, rel=1e-3)
+    mid = lr_at(100 + (cfg.steps - 100) // 2, cfg)
+    assert mid == pytest.approx(cfg.optim.lr * (1 + cfg.optim.min_lr_ratio) / 2, rel=1e-3)
+
+
+def test_paper_presets_follow_the_paper():
+    s1, s2 = TrainConfig.from_preset("paper-stage1"), TrainConfig.from_preset("paper-stage2")
+    # Section 4.2 states seq 512, batch 4, accum 4 *and* 16,384 tokens/step (49M tokens); the
+    # hyperparameters give 8,192 tokens/step. The preset follows the stated hyperparameters.
+    assert (s1.steps, s1.seq_len, s1.batch_size, s1.grad_accum) == (3000, 512, 4, 4)
+    assert s1.tokens_per_step == 8192
+    assert s2.steps * s2.tokens_per_step == 30500 * 32768  # ~1B tokens
+    assert (s2.optim.warmup_steps, s2.optim.weight_decay, s2.optim.grad_clip) == (100, 0.1, 1.0)
+
+
+GPU = Capabilities(cuda=True, device_name="NVIDIA GeForce RTX 3090", bf16=True, bitsandbytes=True, triton=True)
+CPU = Capabilities(cuda=False, device_name="x86_64", bf16=True, bitsandbytes=True, triton=False)
+
+
+def test_capability_selection():
+    s = select(GPU)
+    assert (s.device, s.precision, s.optimizer, s.peak_flops) == ("cuda", "bf16", "adamw8bit", 71e12)
+    s = select(CPU)
+    assert (s.device, s.precision, s.optimizer, s.peak_flops) == ("cpu", "fp32", "adamw", None)
+    assert select(CPU, precision="bf16").precision == "bf16"
+    no_bnb = Capabilities(**{**GPU.__dict__, "bitsandbytes": False, "triton": False})
+    s = select(no_bnb, compile=True)
+    assert s.optimizer == "adamw" and s.compile is False and len(s.notes) == 2
+    with pytest.raises(ValueError, match="device='cuda' is not available"):
+        select(CPU, device="cuda")
+    with pytest.raises(ValueError, match="optimizer='adamw8bit' needs bitsandbytes"):
+        select(Capabilities(**{**CPU.__dict__, "bitsandbytes": False}), optimizer="adamw8bit")
+    assert "3.5x slower" in select(CPU, optimizer="adamw8bit").notes[-1]
+
+
+def test_run_names_are_readable_and_distinct():
+    a = TrainConfig.from_preset("smoke")
+    b = TrainConfig.from_preset("smoke", ["model.hooks=no_lti", "seed=2", "optim.lr=0.001"])
+    assert a.run_name().startswith("cart-d64-P2-R3-s1-")
+    assert b.run_name().startswith("cart-d64-P2-R3-no_lti-s2-lr0.001-")
+    assert TrainConfig.from_preset("smoke", ["dense_match=flops"]).run_name().startswith("dense")
+    assert a.run_name() != TrainConfig.from_preset("smoke", ["optim.beta2=0.99"]).run_name()
+    assert a.run_name() == TrainConfig.from_preset("smoke", ["quiet=true", "log_every=1"]).run_name()
