@@ -79,3 +79,17 @@ def test_checkpoints_keep_last_n_and_are_registered(uninterrupted):
     assert kept == ["step_00000008", "step_00000012"]
     arts = results.artifacts(cfg.results_db, [run_id])
     assert set(arts.kind) == {"checkpoint"}
+
+
+def test_checkpoint_carries_its_tokenizer(uninterrupted, tiny_data):
+    from pathlib import Path
+
+    from cartlab.data import get_tokenizer, load_meta
+    from cartlab.train.checkpoint import load_config, load_tokenizer
+
+    cfg, run_id = uninterrupted
+    ckpt = latest(Path(cfg.out_dir) / run_id / "checkpoints")
+    tok = load_tokenizer(ckpt)
+    assert tok.hash == get_tokenizer(load_meta(tiny_data)).hash
+    assert tok.decode(tok.encode("Let a = 5. What is a?")) == "Let a = 5. What is a?"
+    assert load_config(ckpt)["run_id"] == run_id

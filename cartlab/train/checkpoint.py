@@ -4,6 +4,8 @@
         model.safetensors   weights (tied embedding stored once)
         state.pt            optimizer, data-loader position, RNG states, step
         config.json         the TrainConfig and the model config that built the weights
+        tokenizer.json      the data build's tokenizer, and tokenizer_meta.json (name, eos, hash),
+                            so a checkpoint is usable on its own (`load_tokenizer`)
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a crash never
 leaves a folder named `step_*` that is incomplete. `latest()` returns the newest complete one.
@@ -39,7 +41,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_state: dict, config: dict,
-         keep: int) -> Path:
+         keep: int, tokenizer: tuple[Path, dict] | None = None) -> Path:
     """Write the checkpoint of `step` under ckpt_dir; delete all but the newest `keep`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
@@ -50,6 +52,10 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_st
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader_state, "rng": rng_state()},
                tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        file, info = tokenizer
+        shutil.copyfile(file, tmp / "tokenizer.json")
+        (tmp / "tokenizer_meta.json").write_text(json.dumps({**info, "file": "tokenizer.json"}, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -83,3 +89,14 @@ def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
 
 def load_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved with a checkpoint (hash-checked), as a `cartlab.data` Tokenizer."""
+    from cartlab.data import get_tokenizer
+
+    meta = path / "tokenizer_meta.json"
+    if not meta.is_file():
+        raise ValueError(f"checkpoint {path} has no tokenizer (tokenizer_meta.json); it predates tokenizer saving")
+    info = json.loads(meta.read_text())
+    return get_tokenizer({"files": {}, "tokenizer": info, "dir": str(path)})

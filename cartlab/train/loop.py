@@ -269,7 +269,8 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
         loaders = [loader.state_dict()] if world == 1 else _gather(loader.state_dict(), world)
         if main:
             path = checkpoint.save(ckpt_dir, step, raw, optimizer, loaders[0] if world == 1 else loaders,
-                                   {"train": cfg.to_dict(), "model": model_cfg.to_dict()}, cfg.keep_checkpoints)
+                                   {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "run_id": run_id},
+                                   cfg.keep_checkpoints, tokenizer=(data_dir / meta["tokenizer"]["file"], meta["tokenizer"]))
             db.add_artifact(run_id, "checkpoint", str(path), step)
             db.upsert_run(run_id, step=step)
 
