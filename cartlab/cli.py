@@ -17,6 +17,9 @@ SUBCOMMAND_MODULES = (
     "cartlab.model.cli",
     "cartlab.data.cli",
     "cartlab.train.cli",
+    "cartlab.ablate",
+    "cartlab.report",
+    "cartlab.demo",
 )
 
 
@@ -32,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # FIELD=VALUE overrides may come after options: `cartlab train --quiet seed=2`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ValueError as err:

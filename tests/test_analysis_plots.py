@@ -97,3 +97,36 @@ def test_variable_r_profile_plot(res):
     assert ax.lines[-1].get_xdata()[0] == 6  # dashed line at the trained R
     with pytest.raises(ValueError, match="n_loops"):
         plots.plot_variable_r_profile(res.downstream[res.downstream.n_loops == 6])
+
+
+def test_r_reversal_marks_each_stages_best_r_from_the_paper():
+    from cartlab.analysis import published
+    from cartlab.analysis.plots import plot_r_reversal
+
+    res = published.load_published()
+    fig = plot_r_reversal(res.runs, res.eval_log, split="wiki", where={"prelude_layers": 6})
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["d=256", "d=512", "d=768", "d=1024"]
+    # the star of each stage sits at its best R: Stage 1 d=256 prefers R=6 (Table 6), Stage 2 R=8 (Table 7)
+    stars = [line for line in axes[0].get_lines() if line.get_marker() == "*"]
+    assert sorted(float(s.get_xdata()[0]) for s in stars) == [6.0, 8.0]
+    with pytest.raises(ValueError, match="two stages"):
+        plot_r_reversal(res.runs, res.eval_log, where={"stage": "stage2"})
+
+
+def test_band_comparisons_flags_a_far_config_and_not_a_near_one():
+    from cartlab.analysis import synthetic
+    from cartlab.analysis.stats import band_comparisons
+
+    runs = pd.DataFrame([
+        synthetic.run_row("b1", seed=1), synthetic.run_row("b2", seed=2), synthetic.run_row("b3", seed=3),
+        synthetic.run_row("far", hooks="no_lti", seed=1), synthetic.run_row("near", hooks="no_lie", seed=1),
+    ])
+    ev = synthetic.eval_rows({"b1": {"wiki": 20.0}, "b2": {"wiki": 21.0}, "b3": {"wiki": 22.0},
+                              "far": {"wiki": 26.0}, "near": {"wiki": 21.5}}, step=100)
+    out = band_comparisons(runs, ev, split="wiki").set_index("config")
+    assert out.filter(like="no_lti", axis=0)["label"].item() == "signal"  # 5 sd away
+    assert out.filter(like="no_lie", axis=0)["label"].item() == "within noise"  # 0.5 sd away
+    assert "n=3" in out.attrs["caveat"]
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        band_comparisons(runs[~runs.run_id.isin(["b2", "b3"])], ev, split="wiki")

@@ -133,3 +133,22 @@ def test_recurrence_exponent_not_enough_data():
         scaling.fit_recurrence_exponent(f)
     with pytest.raises(ValueError, match="missing columns \\['n_rec'\\]"):
         scaling.fit_recurrence_exponent(_phi_frame().drop(columns="n_rec"))
+
+
+def test_fit_groups_recovers_each_groups_exponent_and_skips_thin_groups():
+    import pandas as pd
+
+    from cartlab.analysis.scaling import fit_groups
+
+    d = np.array([256, 512, 768, 1024], float)
+    frame = pd.concat([
+        pd.DataFrame({"stage": "s2", "n_loops": 6, "d_model": d, "ppl": 3e3 * d ** -0.6}),
+        pd.DataFrame({"stage": "s2", "n_loops": 8, "d_model": d, "ppl": 5e2 * d ** -0.3}),
+        pd.DataFrame({"stage": "s1", "n_loops": 6, "d_model": d[:2], "ppl": [10.0, 9.0]}),  # 2 points: skipped
+    ])
+    out = fit_groups(frame, by=["stage", "n_loops"]).set_index("n_loops")
+    assert list(out.index) == [6, 8]
+    assert out.loc[6, "b"] == pytest.approx(-0.6) and out.loc[8, "b"] == pytest.approx(-0.3)
+    assert out.loc[6, "per_doubling"] == pytest.approx(1 - 2 ** -0.6)
+    with pytest.raises(ValueError, match="not enough data: need >= 3 distinct d_model"):
+        fit_groups(frame[frame.stage == "s1"], by=["stage", "n_loops"])

@@ -272,3 +272,15 @@ def test_shipped_recipes_parse():
         assert abs(sum(d.ratio for d in r.domains) - 1) < 1e-9, name
     assert load_recipe("paper-stage2").tokenizer.name == "llama2"
     assert load_recipe("embedded").tokenizer.name == "embedded"
+
+
+def test_shipped_recipes_are_found_when_the_data_root_moves(tmp_path, monkeypatch):
+    from cartlab.data.recipe import list_recipes, load_recipe
+
+    monkeypatch.setenv("CARTLAB_DATA_DIR", str(tmp_path))
+    assert {"embedded", "paper-stage1", "paper-stage2"} <= set(list_recipes())
+    assert load_recipe("embedded").name == "embedded"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "embedded.yaml").write_text("name: bogus_field_only\nnot_a_field: 1\n")
+    with pytest.raises(ValueError):  # the data root's own recipe wins over the shipped one
+        load_recipe("embedded")

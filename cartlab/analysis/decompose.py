@@ -62,9 +62,10 @@ def _baseline(fe: pd.DataFrame, cart: dict) -> pd.DataFrame:
     return base
 
 
-def _matched(fe: pd.DataFrame, target: float, tolerance: float):
-    """Dense config (d_model, n_layers) whose stored params are closest to `target` (relative)."""
-    dense = fe[fe["model"] == "dense"]
+def _matched(fe: pd.DataFrame, target: float, tolerance: float, stage):
+    """Dense config (d_model, n_layers) of the same `stage` (training budget) whose stored params
+    are closest to `target` (relative)."""
+    dense = fe[(fe["model"] == "dense") & (fe["stage"] == stage)]
     if dense.empty or not np.isfinite(target):
         return None
     cfg = dense.groupby(["d_model", "n_layers"])["stored_params"].mean()
@@ -79,8 +80,8 @@ def dense_gaps(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, metric
                tolerance: float = 0.15) -> pd.DataFrame:
     """Relative gaps of a CART config to its stored- and effective-matched Dense, per split (sec. 7.6).
 
-    gap_stored = (m_CART - m_Dense_s) / m_Dense_s, with Dense_s the Dense config whose parameters
-    are nearest CART's stored_params; gap_effective likewise against CART's effective_params.
+    gap_stored = (m_CART - m_Dense_s) / m_Dense_s, with Dense_s the Dense config of the same stage
+    (training budget) whose parameters are nearest CART's stored_params; gap_effective likewise against CART's effective_params.
     m = seed mean of the final `metric`. A match further than `tolerance` (relative parameter
     mismatch) is absent and its columns are NaN. Columns: split, cart, cart_sd, cart_n,
     dense_stored, dense_stored_run, gap_stored, dense_effective, dense_effective_run, gap_effective.
@@ -88,8 +89,8 @@ def dense_gaps(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, metric
     fe = _final(runs, eval_log, metric)
     base = _baseline(fe, cart)
     matches = {
-        "stored": _matched(fe, base["stored_params"].mean(), tolerance),
-        "effective": _matched(fe, base["effective_params"].mean(), tolerance),
+        "stored": _matched(fe, base["stored_params"].mean(), tolerance, base["stage"].iloc[0]),
+        "effective": _matched(fe, base["effective_params"].mean(), tolerance, base["stage"].iloc[0]),
     }
     rows = []
     for split, b in base.groupby("split"):
@@ -157,7 +158,7 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
         ("effective", base["effective_params"].mean(), EFFECTIVE_PATH, "residual_framing"),
         ("stored", base["stored_params"].mean(), STORED_PATH, "cart_at_R1_vs_dense"),
     ):
-        dense = _matched(fe, dense_params, tolerance)
+        dense = _matched(fe, dense_params, tolerance, stage)
         ref = float(dense[metric].mean()) if dense is not None else np.nan
         total = band.mean - ref
         measured, missing = 0.0, []

@@ -12,20 +12,10 @@ from matplotlib.figure import Figure  # figures outside pyplot: no global state,
 
 from cartlab.analysis.decompose import decompose_gap
 from cartlab.analysis.scaling import fit_power_law
-from cartlab.analysis.schema import CONFIG_COLUMNS, final_eval, validate
+from cartlab.analysis.schema import CONFIG_COLUMNS, RUNS_COLUMNS, config_label, final_eval, validate
 from cartlab.analysis.spectral import radius_trajectories
 
 SCALING_AXES = ("d_model", "stored_params", "effective_params", "tokens", "flops")
-
-
-def config_label(row) -> str:
-    """Short label of a configuration (section 3.5 notation, section 8 hooks):
-    "cart d=1024 P=6 R=6 [no_lti]" or "dense d=1024 L=7"."""
-    if row["model"] == "dense":
-        s = f"dense d={int(row['d_model'])} L={int(row['n_layers'])}"
-    else:
-        s = f"cart d={int(row['d_model'])} P={int(row['prelude_layers'])} R={int(row['n_loops'])}"
-    return s + (f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else "")
 
 
 def _where(runs: pd.DataFrame, where: dict | None) -> pd.DataFrame:
@@ -86,12 +76,13 @@ def plot_radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, col
 
 
 def plot_gap_waterfall(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, split: str = "wiki",
-                       metric: str = "ppl", path: str = "effective", k: float = 2.0) -> Figure:
+                       metric: str = "ppl", path: str = "effective", k: float = 2.0,
+                       tolerance: float = 0.15) -> Figure:
     """Waterfall of the CART-Dense gap's components (section 8; see decompose.decompose_gap):
     one bar per component from the running sum, the total last; hatched bars are within noise."""
     if path not in ("effective", "stored"):
         raise ValueError(f"path: {path!r} not allowed; allowed: ['effective', 'stored']")
-    dec = decompose_gap(runs, eval_log, cart=cart, split=split, metric=metric, k=k)
+    dec = decompose_gap(runs, eval_log, cart=cart, split=split, metric=metric, k=k, tolerance=tolerance)
     dec = dec[dec["path"] == path]
     parts, total = dec[dec["component"] != "total"], dec[dec["component"] == "total"].iloc[0]
     fig = Figure(figsize=(7, 4))
@@ -159,7 +150,7 @@ def plot_loss_curves(runs: pd.DataFrame, log: pd.DataFrame, *, value: str = "los
             raise ValueError(f"split: required for an eval_log; available: {sorted(log['split'].unique())}")
         log = log[log["split"] == split]
     runs = _where(runs, where)
-    df = runs.merge(log[["run_id", "step", value]].dropna(subset=[value]), on="run_id")
+    df = runs[list(RUNS_COLUMNS)].merge(log[["run_id", "step", value]].dropna(subset=[value]), on="run_id")
     if df.empty:
         raise ValueError(f"log: no {value} values for the selected runs")
     df["config"] = df.apply(config_label, axis=1)
@@ -167,5 +158,39 @@ def plot_loss_curves(runs: pd.DataFrame, log: pd.DataFrame, *, value: str = "los
     ax = fig.subplots()
     sns.lineplot(data=df, x="step", y=value, hue="config", errorbar="sd", ax=ax)
     ax.set(ylabel=value + (f" ({split})" if split else ""))
+    fig.tight_layout()
+    return fig
+
+
+def plot_r_reversal(runs: pd.DataFrame, eval_log: pd.DataFrame, *, split: str = "wiki", metric: str = "ppl",
+                    stages=("stage1", "stage2"), where: dict | None = None) -> Figure:
+    """Which loop count R is best, per width, at each training budget (sections 5.2 and 9.5).
+
+    One panel per d_model: each stage's seed-mean final `metric` relative to that stage's best R
+    at that width (m / min_R m - 1, in %), against R; a star marks each stage's best. Lines that
+    bottom out at different R are the screen-vs-full reversal. CART runs without hooks only.
+    """
+    fe = final_eval(_where(runs, where), eval_log)
+    fe = fe[(fe["split"] == split) & (fe["model"] == "cart") & (fe["hooks"].fillna("") == "")
+            & fe["stage"].isin(stages)]
+    if fe["stage"].nunique() < 2:
+        raise ValueError(f"stages: need CART baseline runs at two stages of {list(stages)} on {split!r}, "
+                         f"found {sorted(fe['stage'].unique())}")
+    cells = fe.groupby(["stage", "d_model", "n_loops"])[metric].mean().reset_index()
+    widths = sorted(cells["d_model"].unique())
+    fig = Figure(figsize=(3 * len(widths), 3.2))
+    axes = fig.subplots(1, len(widths), sharey=True, squeeze=False)[0]
+    for ax, d in zip(axes, widths):
+        for color, stage in zip(sns.color_palette(n_colors=len(stages)), stages):
+            g = cells[(cells["d_model"] == d) & (cells["stage"] == stage)].sort_values("n_loops")
+            if g.empty:
+                continue
+            rel = 100 * (g[metric] / g[metric].min() - 1)
+            ax.plot(g["n_loops"], rel, "o-", color=color, label=stage)
+            best = g[metric].idxmin()
+            ax.plot(g.loc[best, "n_loops"], 0, "*", ms=14, color=color, markeredgecolor="k")
+        ax.set(title=f"d={int(d)}", xlabel="training R")
+    axes[0].set_ylabel(f"{metric} above the stage's best R (%)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig

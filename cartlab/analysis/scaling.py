@@ -4,6 +4,7 @@
     fit.b, fit.ci, fit.boot_ci             # exponent, t-interval, bootstrap interval
     segment_exponents(d, ppl)              # per-segment implied exponents (Table 11)
     doubling_reduction(fit.b)              # "each doubling reduces PPL by X"
+    fit_groups(frame, x="d_model", y="ppl", by=["stage", "n_loops"])   # one fit per group
     fit_saturating(n, loss)                # y = E + A * x^-alpha, Huber loss on log residuals
     fit_recurrence_exponent(frame)         # Schwethelm et al.'s phi
 
@@ -147,6 +148,29 @@ def doubling_reduction(b: float) -> float:
     b = -0.5 gives 0.293: "each doubling reduces PPL by 29%".
     """
     return float(1.0 - 2.0 ** b)
+
+
+def fit_groups(frame: pd.DataFrame, *, x: str = "d_model", y: str = "ppl", by=("stage", "model", "n_loops"),
+               level: float = 0.95, min_points: int = 3) -> pd.DataFrame:
+    """fit_power_law of `y` on `x` within each group of `by` that has >= `min_points` distinct x
+    (seed means first: y at each x is the mean over the group's rows). One row per fitted group:
+    the `by` values, n, b, se_b, ci_lo, ci_hi, r2, per_doubling = 1 - 2^b (section 7.3). Groups
+    with fewer points are skipped; if none is left, a ValueError says what is needed.
+    """
+    missing = [c for c in [x, y, *by] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame: missing columns {missing}")
+    rows = []
+    for key, g in frame.groupby(list(by), dropna=False):
+        pts = g.groupby(x)[y].mean()
+        if len(pts) < min_points:
+            continue
+        fit = fit_power_law(pts.index.to_numpy(float), pts.to_numpy(float), level=level, n_boot=0)
+        rows.append({**dict(zip(by, key)), "n": fit.n, "b": fit.b, "se_b": fit.se_b, "ci_lo": fit.ci[0],
+                     "ci_hi": fit.ci[1], "r2": fit.r2, "per_doubling": doubling_reduction(fit.b)})
+    if not rows:
+        raise ValueError(f"not enough data: need >= {min_points} distinct {x} values within one group of {list(by)}")
+    return pd.DataFrame(rows)
 
 
 # --- saturating law -----------------------------------------------------------------------

@@ -132,6 +132,16 @@ def format_hooks(hooks: Iterable[str]) -> str:
     return ",".join(sorted(set(hooks)))
 
 
+def config_label(row) -> str:
+    """Short label of a configuration (section 3.5 notation, section 8 hooks):
+    "cart d=1024 P=6 R=6 [no_lti]" or "dense d=1024 L=7"."""
+    if row["model"] == "dense":
+        s = f"dense d={int(row['d_model'])} L={int(row['n_layers'])}"
+    else:
+        s = f"cart d={int(row['d_model'])} P={int(row['prelude_layers'])} R={int(row['n_loops'])}"
+    return s + (f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else "")
+
+
 def final_eval(runs: pd.DataFrame, eval_log: pd.DataFrame, *, step: int | None = None) -> pd.DataFrame:
     """Each run's evaluation at its last logged step (or at `step`), joined to its run row: the
     "final perplexity" of sections 5 and 7 (step = max logged step per run and split).
@@ -144,7 +154,8 @@ def final_eval(runs: pd.DataFrame, eval_log: pd.DataFrame, *, step: int | None =
     if len(ev):
         last = ev.groupby(["run_id", "split"])["step"].transform("max")
         ev = ev[ev["step"] == last]
-    return runs.merge(ev[list(EVAL_LOG_COLUMNS)], on="run_id", how="inner")
+    # only the schema columns: a database `runs` frame carries more (e.g. its progress `step`)
+    return runs[list(RUNS_COLUMNS)].merge(ev[list(EVAL_LOG_COLUMNS)], on="run_id", how="inner")
 
 
 def _columns(table: str) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cartlab.analysis.schema import CONFIG_COLUMNS, validate
+from cartlab.analysis.schema import CONFIG_COLUMNS, RUNS_COLUMNS, validate
 
 RADIUS_COLUMNS = ("rho_max", "rho_mean")
 
@@ -60,13 +60,19 @@ def radius_band(table: pd.DataFrame) -> tuple[float, float]:
 
 def is_monotone(table: pd.DataFrame, *, along: str, increasing: bool = True, strict: bool = True) -> pd.Series:
     """Whether rho rises (or falls) along `along` ("d_model" = down each column, "n_loops" = along
-    each row), per slice: diff(rho) > 0 for every consecutive pair (>= 0 if not strict) (section 6)."""
+    each row), per slice: diff(rho) > 0 for every consecutive pair of measured cells (>= 0 if not
+    strict) (section 6). Missing cells are skipped; slices with fewer than two cells are left out."""
     if along not in ("d_model", "n_loops"):
         raise ValueError(f"along: {along!r} not allowed; allowed: ['d_model', 'n_loops']")
-    axis = 0 if along == "d_model" else 1
     t = table.sort_index().sort_index(axis=1)
-    diffs = t.diff(axis=axis).dropna(how="all", axis=axis) * (1 if increasing else -1)
-    return (diffs > 0 if strict else diffs >= 0).all(axis=axis)
+    slices = t if along == "d_model" else t.T  # each column of `slices` is one slice, ordered along `along`
+    sign = 1 if increasing else -1
+    out = {}
+    for key, s in slices.items():
+        d = np.diff(s.dropna().to_numpy(float)) * sign
+        if d.size:
+            out[key] = bool((d > 0).all() if strict else (d >= 0).all())
+    return pd.Series(out, dtype=bool)
 
 
 def relative_gain(table: pd.DataFrame, *, along: str) -> pd.DataFrame:
@@ -109,7 +115,7 @@ def radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: 
     _check_column(column)
     validate(runs, "runs")
     validate(train_log, "train_log")
-    merged = runs.merge(train_log[["run_id", "step", column]].dropna(subset=[column]), on="run_id")
+    merged = runs[list(RUNS_COLUMNS)].merge(train_log[["run_id", "step", column]].dropna(subset=[column]), on="run_id")
     if merged.empty:
         raise ValueError(f"train_log.{column}: no values for the given runs")
     g = merged.groupby(list(by) + ["step"], dropna=False)[column]

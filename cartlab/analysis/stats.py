@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from cartlab.analysis.schema import CONFIG_COLUMNS, final_eval
+from cartlab.analysis.schema import CONFIG_COLUMNS, config_label, final_eval
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,39 @@ def seed_summary(runs: pd.DataFrame, eval_log: pd.DataFrame, *, metric: str = "p
     g = fe.groupby(keys, dropna=False)
     out = g[metric].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()
     out["n"] = np.where(out["n"] == 1, g["n_seeds"].first().to_numpy(), out["n"])
+    return out
+
+
+def band_comparisons(runs: pd.DataFrame, eval_log: pd.DataFrame, *, split: str, metric: str = "ppl",
+                     k: float = 2.0) -> pd.DataFrame:
+    """Every configuration against the seed band of its stage's CART baseline (section 8's test).
+
+    For each CART baseline configuration (hooks '') with >= 2 seeds: band = mean +/- k sd of its
+    final `metric` on `split`; every other configuration of the same stage (ablations, other R,
+    Dense) is compared by its seed mean: delta = mean - band mean, z = delta / sd, "signal" iff
+    |delta| > k sd (compare_to_band). Columns: baseline, config, n, value, delta, z, label; the
+    frame's attrs["caveat"] states the sample sizes. Raises if no baseline has >= 2 seeds.
+    """
+    fe = final_eval(runs, eval_log)
+    fe = fe[fe["split"] == split]
+    fe = fe.assign(config=fe.apply(config_label, axis=1) if len(fe) else pd.Series(dtype=str))
+    summ = fe.groupby(["stage", "config", "model", "hooks"], dropna=False)[metric].agg(
+        mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()
+    bases = summ[(summ["model"] == "cart") & (summ["hooks"].fillna("") == "") & summ["sd"].notna()]
+    if bases.empty:
+        raise ValueError(f"runs: no CART baseline (hooks '') with >= 2 seeds on split {split!r}; "
+                         "train the baseline with several seeds to get a noise band")
+    rows, caveat = [], ""
+    for _, b in bases.iterrows():
+        mine = fe[(fe["stage"] == b["stage"]) & (fe["config"] == b["config"])]
+        band = seed_band(mine[metric].to_numpy(), k=k)
+        for _, v in summ[(summ["stage"] == b["stage"]) & (summ["config"] != b["config"])].iterrows():
+            cmp = compare_to_band(v["mean"], band, n_variant=int(v["n"]))
+            caveat = cmp.caveat
+            rows.append({"baseline": b["config"], "config": v["config"], "n": int(v["n"]), "value": v["mean"],
+                         "delta": cmp.delta, "z": cmp.z, "label": cmp.label})
+    out = pd.DataFrame(rows, columns=["baseline", "config", "n", "value", "delta", "z", "label"])
+    out.attrs["caveat"] = caveat
     return out
 
 

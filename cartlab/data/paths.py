@@ -2,7 +2,7 @@
 
 The data root is `$CARTLAB_DATA_DIR` if set, else the repository's `data/` folder. Inside it:
 
-    recipes/NAME.yaml        build recipes (committed)
+    recipes/NAME.yaml        build recipes (the shipped ones in <repo>/data/recipes are always found)
     built/NAME/              outputs of `cartlab data build NAME` (gitignored)
     cache/                   trained / downloaded tokenizers (gitignored)
 
@@ -24,8 +24,17 @@ def data_root() -> Path:
     return Path(cartlab.__file__).resolve().parents[1] / "data"
 
 
+def shipped_recipes_dir() -> Path:
+    return Path(cartlab.__file__).resolve().parents[1] / "data" / "recipes"
+
+
 def recipes_dir() -> Path:
     return data_root() / "recipes"
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up, first match wins: the data root's, then the shipped ones."""
+    return list(dict.fromkeys([recipes_dir(), shipped_recipes_dir()]))
 
 
 def built_dir(recipe_name: str) -> Path:

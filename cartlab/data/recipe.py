@@ -110,21 +110,22 @@ class Recipe:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in paths.recipes_dir().glob("*.yaml"))
+    return sorted({p.stem for d in paths.recipe_dirs() for p in d.glob("*.yaml")})
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A recipe by name (`<data root>/recipes/NAME.yaml`) or by path to a YAML file."""
+    """A recipe by name (`<data root>/recipes/NAME.yaml`, else the shipped `data/recipes/NAME.yaml`)
+    or by path to a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise ValueError(f"recipe file {p} does not exist")
         return Recipe.from_yaml(p)
-    path = paths.recipes_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown recipe {str(name_or_path)!r}; available: {list_recipes()} "
-                         f"(in {paths.recipes_dir()})")
-    return Recipe.from_yaml(path)
+    for d in paths.recipe_dirs():
+        if (d / f"{name_or_path}.yaml").is_file():
+            return Recipe.from_yaml(d / f"{name_or_path}.yaml")
+    raise ValueError(f"unknown recipe {str(name_or_path)!r}; available: {list_recipes()} "
+                     f"(in {', '.join(map(str, paths.recipe_dirs()))})")
 
 
 def from_dict(cls, d, where: str):

@@ -262,8 +262,8 @@ PRESETS: dict[str, dict] = {
     # A laptop run on the embedded corpus: a small CART trains in a few minutes on 2 CPU cores.
     "cpu-demo": dict(model={"kind": "cart", "vocab_size": 4096, "d_model": 128, "n_heads": 4, "prelude_layers": 2,
                             "n_loops": 4, "ffn_multiple_of": 64},
-                     data={"recipe": "embedded"}, steps=300, seq_len=128, batch_size=16, grad_accum=1, stage="demo",
-                     eval_every=100, eval_batches=8, eval_batch_size=8, log_every=10, checkpoint_every=100,
+                     data={"recipe": "embedded"}, steps=200, seq_len=128, batch_size=16, grad_accum=1, stage="demo",
+                     eval_every=50, eval_batches=8, eval_batch_size=8, log_every=10, checkpoint_every=100,
                      optim={"lr": 2e-3, "warmup_steps": 30, "name": "adamw"}),
     # Seconds on a CPU: proves the pipeline end to end (loss falls, logs and checkpoints land).
     "smoke": dict(model={"kind": "cart", "vocab_size": 4096, "d_model": 64, "n_heads": 4, "prelude_layers": 2,

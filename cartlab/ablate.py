@@ -1,0 +1,195 @@
+"""`cartlab ablate STUDY`: train every run of a study by executing notebooks/train_variant.ipynb.
+
+    cartlab ablate cpu-demo                          # ablations/cpu-demo.yaml
+    cartlab ablate paper-diagnostics --workers 4     # four runs at a time (one GPU each if present)
+    cartlab ablate my_study.yaml --db lab.db optim.lr=1e-3   # overrides apply to every run
+    cartlab ablate cpu-demo --list                   # what would run, and what is already done
+
+Each run's executed notebook is kept as reports/<study>/runs/<run_id>.ipynb. Runs already
+completed in the results database are skipped, so after a crash or a kill the same command
+redoes only what is unfinished (an interrupted run resumes from its newest checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cartlab.studies import StudyRun, load_study
+
+
+@dataclass
+class Outcome:
+    run: StudyRun
+    ok: bool
+    seconds: float
+    notebook: Path
+    error: str = ""
+
+
+def study_runs(study: str, overrides: list[str] | None = None) -> tuple[str, list[StudyRun]]:
+    """(study name, its runs), each run's config with `overrides` applied; a run listed twice
+    (e.g. the same config reached from two entries) appears once."""
+    s = load_study(study)
+    unique: dict[str, StudyRun] = {}
+    for run in s.expand(overrides):
+        unique.setdefault(run.run_id, run)
+    return s.name, list(unique.values())
+
+
+def pending(runs: list[StudyRun]) -> list[StudyRun]:
+    """The runs not completed in their results database."""
+    from cartlab.results.db import ResultsDB
+
+    todo = []
+    for run in runs:
+        db = ResultsDB(run.config.results_db)
+        try:
+            row = db.get_run(run.run_id)
+        finally:
+            db.close()
+        if row is None or row["status"] != "completed":
+            todo.append(run)
+    return todo
+
+
+def notebook_of(run: StudyRun, study: str, reports_dir: Path) -> Path:
+    """Where the executed train_variant notebook of `run` is kept."""
+    return reports_dir / study / "runs" / f"{run.run_id}.ipynb"
+
+
+def execute_run(run: StudyRun, study: str, reports_dir: Path) -> Outcome:
+    """Execute train_variant for one run; never raises for a failing run (the outcome says)."""
+    from cartlab.notebooks import execute
+
+    out = notebook_of(run, study, reports_dir)
+    cfg = run.config
+    cfg.quiet = True
+    t0 = time.time()
+    try:
+        execute("train_variant", out, {"config_yaml": cfg.to_yaml(), "label": run.label, "study": study})
+        return Outcome(run, True, time.time() - t0, out)
+    except Exception as err:  # noqa: BLE001 -- a failed run is reported, the study goes on
+        return Outcome(run, False, time.time() - t0, out.with_name(f"{out.stem}.failed.ipynb"),
+                       _last_line(err))
+
+
+def _last_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def worker_env(index: int, n_workers: int, gpus: list[str], cpu_count: int) -> dict[str, str]:
+    """Environment of worker `index`: one GPU each (round robin) when there are GPUs, else an
+    equal share of the CPU threads so that workers do not oversubscribe the cores."""
+    if gpus:
+        return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}
+    return {"OMP_NUM_THREADS": str(max(1, cpu_count // n_workers))}
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES order), [] without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _init_worker(slot, n_workers: int, gpus: list[str]) -> None:
+    with slot.get_lock():
+        index = slot.value
+        slot.value += 1
+    env = worker_env(index, n_workers, gpus, os.cpu_count() or 1)
+    if "OMP_NUM_THREADS" in os.environ:  # the user's choice wins
+        env.pop("OMP_NUM_THREADS", None)
+    os.environ.update(env)  # the notebook kernel inherits it
+
+
+def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, reports_dir: str | Path = "reports",
+           progress: bool = True, log=print) -> list[Outcome]:
+    """Train every unfinished run of `study`, `workers` at a time; returns the outcomes of the
+    runs attempted (completed ones are skipped and not listed)."""
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {workers}")
+    name, runs = study_runs(study, overrides)
+    reports_dir = Path(reports_dir)
+    to_train = pending(runs)
+    # a run completed by another study, by `cartlab train`, or killed while its notebook was being
+    # written has no executed notebook here: execute it (training is skipped, the plots are drawn)
+    train_ids = {r.run_id for r in to_train}
+    to_render = [r for r in runs if r.run_id not in train_ids and not notebook_of(r, name, reports_dir).is_file()]
+    todo = to_train + to_render
+    if to_train:  # build missing offline data once, here, rather than racing in every worker
+        from cartlab.train.loop import resolve_data
+
+        for cfg in {repr(r.config.data): r.config for r in to_train}.values():
+            resolve_data(cfg, progress=progress)
+    log(f"cartlab: study {name}: {len(runs)} runs, {len(runs) - len(to_train)} already completed, "
+        f"{len(to_train)} to train" + (f", {len(to_render)} completed without their notebook (no training)"
+                                       if to_render else ""))
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"ablate {name}", unit="run",
+               disable=not progress, dynamic_ncols=True)
+    outcomes = []
+
+    def report(o: Outcome) -> None:
+        outcomes.append(o)
+        bar.update(1)
+        state = f"done in {o.seconds / 60:.1f} min" if o.ok else f"FAILED ({o.error})"
+        bar.write(f"  {o.run.label} seed {o.run.seed} [{o.run.run_id}]: {state} -> {o.notebook}")
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for run in todo:
+                bar.set_postfix_str(run.label)
+                report(execute_run(run, name, reports_dir))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = mp.get_context("spawn")
+            slot = ctx.Value("i", 0)
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(slot, workers, visible_gpus())) as pool:
+                futures = [pool.submit(execute_run, run, name, reports_dir) for run in todo]
+                for fut in as_completed(futures):
+                    report(fut.result())
+    finally:
+        bar.close()
+    failed = [o for o in outcomes if not o.ok]
+    log(f"cartlab: study {name}: {len(outcomes) - len(failed)} trained, {len(failed)} failed"
+        + (f" (see {', '.join(str(o.notebook) for o in failed)})" if failed else ""))
+    return outcomes
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ablate", help="train every run of a study (ablations/*.yaml) through train_variant",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="a study name under ablations/ or a path to a study YAML")
+    p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="dotted overrides for every run")
+    p.add_argument("--db", help="results database for every run (default: the preset's, runs/results.db)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs executed at once (default 1); each worker gets one GPU, or a share of the CPU cores")
+    p.add_argument("--reports-dir", default="reports", help="where executed notebooks go (default: reports)")
+    p.add_argument("--list", action="store_true", help="list the runs and their status, train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"results_db={args.db}"] if args.db else [])
+    if args.list:
+        name, runs = study_runs(args.study, overrides)
+        todo = {r.run_id for r in pending(runs)}
+        for r in runs:
+            print(f"{'pending  ' if r.run_id in todo else 'completed'}  {r.label:<24} seed {r.seed:<4} {r.run_id}")
+        return 0
+    outcomes = ablate(args.study, overrides, workers=args.workers, reports_dir=args.reports_dir,
+                      progress=not args.quiet)
+    return 1 if any(not o.ok for o in outcomes) else 0
+

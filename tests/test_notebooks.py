@@ -1,0 +1,184 @@
+"""The notebooks end to end: `cartlab ablate` executes train_variant per run (and, killed in the
+middle, redoes only the unfinished runs), `cartlab report` executes every analysis notebook on
+the results and renders the HTML report, for a study of tiny runs and for the paper's numbers.
+Every notebook runs headlessly through papermill here."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from cartlab.notebooks import list_notebooks, notebook_path
+from cartlab.report import ANALYSES, render
+from train_helpers import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+ALL_NOTEBOOKS = {"train_variant", *ANALYSES, "report"}
+
+
+def _parameters_cell(name: str):
+    nb = nbformat.read(notebook_path(name), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{name}: exactly one cell tagged parameters"
+    return nb, cells[0]
+
+
+def test_the_issue_notebooks_exist_unexecuted():
+    assert set(list_notebooks()) == ALL_NOTEBOOKS
+    for name in ALL_NOTEBOOKS:
+        nb, _ = _parameters_cell(name)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} has outputs in git"
+
+
+@pytest.mark.parametrize("name", sorted(ALL_NOTEBOOKS))
+def test_help_notebook_lists_every_parameter_with_its_help(name):
+    _, cell = _parameters_cell(name)
+    declared = {}
+    for line in cell.source.splitlines():
+        assignment, _, comment = line.partition("#")
+        var = assignment.split(":")[0].split("=")[0].strip()
+        assert var and comment.strip(), f"{name}: parameter line without a help comment: {line!r}"
+        declared[var] = comment.strip()
+    help_text = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(notebook_path(name))],
+                               capture_output=True, text=True, check=True).stdout
+    # one entry per parameter: "  name: type (default ...)  help", the help possibly on the next line
+    entries = {}
+    for line in help_text.split("inferred for notebook", 1)[1].splitlines()[1:]:
+        if line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            current = line.strip().split(":")[0]
+            entries[current] = line
+        elif line.strip():
+            entries[current] += " " + line.strip()
+    assert set(entries) == set(declared), f"{name}: papermill lists {sorted(entries)}"
+    for var, comment in declared.items():
+        assert comment in entries[var], f"{name}: help of {var} lost: {entries[var]!r}"
+
+
+def _db_rows(db: Path, sql: str):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tiny_data):
+    """A five-run study of tiny models (2-seed baseline, stored- and effective-matched Dense, one
+    ablation) trained by `cartlab ablate`, which is SIGKILLed after its first completed run and
+    then re-run with two workers. Returns the paths and what was observed in between."""
+    root = tmp_path_factory.mktemp("study")
+    model = {f"model.{k}": v for k, v in TINY_MODEL.items() if k != "kind"}
+    spec = {
+        "name": "tiny", "preset": "smoke", "seeds": [1],
+        "set": {**model, "data.dir": str(tiny_data), "steps": 24, "seq_len": 32, "batch_size": 4,
+                "eval_every": 8, "eval_batches": 2, "eval_batch_size": 2, "log_every": 4, "checkpoint_every": 8,
+                "out_dir": str(root / "runs"), "device": "cpu"},
+        "runs": [{"label": "baseline", "seeds": [1, 2]}, {"label": "dense-stored", "set": {"dense_match": "stored"}},
+                 {"label": "dense-effective", "set": {"dense_match": "effective"}},
+                 {"label": "no_lti", "hooks": ["no_lti"]}],
+    }
+    study = root / "tiny.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    db, reports = root / "results.db", root / "reports"
+    cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
+           "--quiet"]
+    env = dict(os.environ)
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists() and _db_rows(db, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0] >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
+    proc.wait()
+    after_kill = dict(_db_rows(db, "SELECT run_id, status FROM runs"))
+    executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
+
+    rerun = subprocess.run(cmd + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    return {"study": study, "db": db, "reports": reports, "after_kill": after_kill, "executed": executed,
+            "rerun_log": rerun.stdout + rerun.stderr}
+
+
+def test_ablate_after_a_kill_redoes_only_unfinished_runs(tiny_study):
+    after_kill, executed = tiny_study["after_kill"], tiny_study["executed"]
+    done = {rid for rid, status in after_kill.items() if status == "completed"}
+    assert 1 <= len(done) < 5, f"the kill should land mid-study: {after_kill}"
+    runs_dir = tiny_study["reports"] / "tiny" / "runs"
+    for rid in done:  # finished runs are not re-executed: their notebook is not rewritten
+        nb = f"{rid}.ipynb"
+        if nb in executed:
+            assert (runs_dir / nb).stat().st_mtime_ns == executed[nb]
+        # (killed after training but while its notebook was being written: the notebook is redone)
+    assert f"{len(done)} already completed, {5 - len(done)} to train" in tiny_study["rerun_log"]
+    assert any(f"{rid}.ipynb" in executed for rid in done) or "without their notebook" in tiny_study["rerun_log"]
+    statuses = _db_rows(tiny_study["db"], "SELECT status FROM runs")
+    assert [s for (s,) in statuses] == ["completed"] * 5
+    assert len(list(runs_dir.glob("*.ipynb"))) == 5 and not list(runs_dir.glob(".*partial*"))
+    # the run that was killed resumed from its checkpoint: one log row per step, none duplicated
+    dup = _db_rows(tiny_study["db"], "SELECT run_id, step, count(*) FROM train_log GROUP BY run_id, step HAVING count(*) > 1")
+    assert dup == []
+    steps = _db_rows(tiny_study["db"], "SELECT run_id, max(step) FROM train_log GROUP BY run_id")
+    assert {s for _, s in steps} == {24}
+
+
+def test_train_variant_notebook_shows_the_runs_figures(tiny_study):
+    nb = nbformat.read(next((tiny_study["reports"] / "tiny" / "runs").glob("cart-*.ipynb")), as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # loss curve and spectral radius
+
+
+def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_study):
+    index = render(str(tiny_study["study"]), tiny_study["db"], tiny_study["reports"], log=lambda s: None)
+    out = index.parent
+    assert index == tiny_study["reports"] / "tiny" / "index.html"
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"seed_noise-train-loss.png", "seed_noise-val-ppl.png", "spectral_radius-trajectories.png"} <= figures
+    assert any(f.startswith("gap_decomposition-waterfall-effective") for f in figures)
+    tables = {p.name for p in (out / "tables").glob("*.csv")}
+    assert "gap_decomposition-gaps.csv" in tables and any(t.startswith("gap_decomposition-decomposition") for t in tables)
+    for name in ANALYSES:
+        assert (out / "notebooks" / f"{name}.html").is_file()
+    html = index.read_text()
+    assert html.count("<img") >= len(figures)  # every figure embedded in the report
+    assert "load_results(" not in html  # code hidden
+    summary = (out / "summary.md").read_text()
+    for needle in ("CART-Dense gap", "residual_framing", "lti_gate", "Seed noise"):
+        assert needle in summary
+    decomposition = next((out / "tables").glob("gap_decomposition-decomposition*.csv")).read_text()
+    assert "signal" in decomposition or "within noise" in decomposition
+
+
+def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path):
+    index = render("paper", tmp_path / "unused.db", tmp_path, log=lambda s: None)
+    out = index.parent
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"scaling_fit-stage1.png", "scaling_fit-stage2.png", "screen_correlation-reversal.png"} <= figures
+    sections = {s["notebook"]: s for s in (json.loads(p.read_text()) for p in (out / "sections").glob("*.json"))}
+    notes = " ".join(i["text"] for i in sections["spectral_radius"]["items"] if i["kind"] == "note")
+    assert "**stage2**: rho in [0.790, 0.830]; rises with width at every R: True; rises with R at every width: True" in notes
+    scaling_notes = " ".join(i["text"] for i in sections["scaling_fit"]["items"] if i["kind"] == "note")
+    assert "segment exponents -0.60, -0.42, -0.40" in scaling_notes
+    reversal = " ".join(i["text"] for i in sections["screen_correlation"]["items"] if i["kind"] == "note")
+    assert "At every width the screen picks a different best R" in reversal
+    html = index.read_text()
+    assert html.count("<img") >= 3 and "Spectral radius" in html and "Scaling with width" in html
+
+
+def test_report_of_an_untrained_study_says_what_to_run(tmp_path, capsys):
+    from cartlab.cli import main
+
+    assert main(["report", "cpu-demo", "--db", str(tmp_path / "none.db")]) == 2
+    assert "cartlab ablate cpu-demo" in capsys.readouterr().err
