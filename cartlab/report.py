@@ -82,6 +82,19 @@ def run_overview(study: str, res) -> pd.DataFrame:
     return runs.set_index("run_id")[cols].join(ppl).reset_index(drop=True)
 
 
+def show(fig) -> bytes:
+    """Display a matplotlib Figure in the notebook as a PNG and return the PNG bytes. (A Figure
+    made outside pyplot has no inline display of its own.)"""
+    import io
+
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    display(Image(data=buf.getvalue()))
+    return buf.getvalue()
+
+
 class Outputs:
     """Figures and tables of one analysis notebook: each is displayed in the notebook and, when
     `report_dir` is given, saved (figures/NAME.png, tables/NAME.csv) and listed in order in
@@ -95,21 +108,13 @@ class Outputs:
                 (self.dir / sub).mkdir(parents=True, exist_ok=True)
             self._write()
 
-    def figure(self, fig, name: str, caption: str = ""):
+    def figure(self, fig, name: str, caption: str = "") -> None:
         """Show `fig` (a matplotlib Figure) as a PNG; save it as figures/<notebook>-NAME.png."""
-        import io
-
-        from IPython.display import Image, display
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        png = buf.getvalue()
+        png = show(fig)
         if self.dir:
             path = self.dir / "figures" / f"{self.section['notebook']}-{name}.png"
             path.write_bytes(png)
             self._add("figure", path, caption)
-        display(Image(data=png))
-        return None
 
     def table(self, frame: pd.DataFrame, name: str, caption: str = "", digits: int = 3) -> pd.DataFrame:
         """Show `frame` rounded to `digits`; save it as tables/<notebook>-NAME.csv (full precision).

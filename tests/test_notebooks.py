@@ -161,6 +161,17 @@ def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_st
     assert "signal" in decomposition or "within noise" in decomposition
 
 
+def test_spectral_radius_builds_its_run_picker_when_interactive(tiny_study, tmp_path):
+    from cartlab.notebooks import execute
+
+    out = execute("spectral_radius", tmp_path / "sr.ipynb",
+                  {"study": str(tiny_study["study"]), "db": str(tiny_study["db"]), "interactive": True})
+    nb = nbformat.read(out, as_version=4)
+    widget_outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widget_outputs) == 2  # the run picker and the figure area it redraws
+
+
 def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path):
     index = render("paper", tmp_path / "unused.db", tmp_path, log=lambda s: None)
     out = index.parent
