@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "cartlab.train.cli",
     "cartlab.ablate",
     "cartlab.report",
+    "cartlab.eval.cli",
     "cartlab.demo",
 )
 

@@ -40,9 +40,9 @@ def load_results(study: str, db: str | os.PathLike = "runs/results.db"):
         return load_published()
     from cartlab.studies import load_study
 
+    ids = {r.run_id for r in load_study(study).expand()}  # an unknown study is named before the db
     if not Path(db).is_file():
         raise ValueError(f"db: {db} does not exist; train the study first (cartlab ablate {study})")
-    ids = {r.run_id for r in load_study(study).expand()}
     runs = results.runs(db)
     runs = runs[runs.run_id.isin(ids) & (runs.status == "completed")].reset_index(drop=True)
     if runs.empty:
@@ -203,9 +203,10 @@ def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: s
         for old in (out / sub).glob("*"):
             old.unlink()
     params = {"study": study, "db": str(db), "report_dir": str(out)}
+    static = {"spectral_radius": {"interactive": False}}  # no widgets in a rendered page
     for nb in ANALYSES:
         t0 = time.time()
-        executed = execute(nb, out / "notebooks" / f"{nb}.ipynb", params)
+        executed = execute(nb, out / "notebooks" / f"{nb}.ipynb", {**params, **static.get(nb, {})})
         to_html(executed, executed.with_suffix(".html"))
         log(f"  {nb}: {time.time() - t0:.0f} s")
     report_nb = execute("report", out / "notebooks" / "report.ipynb", params)

@@ -1,0 +1,49 @@
+"""`cartlab eval`: downstream benchmarks with lm-evaluation-harness, few-shot and variable R.
+
+    cartlab eval runs/RUN --tasks cartlab_mc,cartlab_ppl                    # offline tasks (data/tasks)
+    cartlab eval runs/RUN --tasks hellaswag,arc_challenge,lambada_openai,piqa \\
+        --num-fewshot 0,5 --n-loops 2,4,6,8,10,12,14,16                    # the paper's Table 12 (online)
+
+Every metric and its stderr goes to the downstream table of the results database (one row per
+task, metric, few-shot setting and inference R), which the variable_R notebook reads.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint with lm-eval (few-shot, variable R)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or local tasks (data/tasks)")
+    p.add_argument("--num-fewshot", type=_ints, default=[0], help="comma-separated few-shot counts (default 0)")
+    p.add_argument("--n-loops", type=_ints, default=None,
+                   help="comma-separated inference loop counts for CART (default: the trained R)")
+    p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cartlab.eval.run import evaluate, format_table
+
+    if not Path(args.checkpoint).exists():
+        raise ValueError(f"checkpoint: {args.checkpoint} does not exist")
+    rows = evaluate(args.checkpoint, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
+                    n_loops=args.n_loops or [None], db=args.db, limit=args.limit, batch_size=args.batch_size,
+                    device=args.device)
+    print(format_table(rows))
+    print(f"cartlab: {len(rows)} metric rows -> {args.db}")
+    return 0

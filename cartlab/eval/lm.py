@@ -1,0 +1,175 @@
+"""The `cartlab` model for lm-evaluation-harness (paper sections 7.4 and 7.5).
+
+    lm = CartlabLM(checkpoint="runs/<run>/checkpoints/step_00030500", n_loops=12, batch_size=8)
+    lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"], num_fewshot=0)
+
+Registered as "cartlab", so `--model cartlab --model_args checkpoint=...,n_loops=12` works in
+lm_eval's own CLI once this module is imported. Scoring runs the model on the harness's token
+ids: loglikelihood batches right-padded sequences (padding after the scored positions cannot
+change them: the model is causal), loglikelihood_rolling uses the harness's own rolling windows
+(`get_rolling_token_windows` + `make_disjoint_window`) of the trained context length, and
+generate_until decodes greedily with the KV cache, stopping at the first `until` string.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from cartlab.model import KVCache
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's folder / checkpoints folder (its newest checkpoint)."""
+    from cartlab.train import checkpoint
+
+    p = Path(path)
+    for candidate in (p, p / "checkpoints"):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+        newest = checkpoint.latest(candidate) if candidate.is_dir() else None
+        if newest is not None:
+            return newest
+    raise ValueError(f"checkpoint: {path} is not a checkpoint folder (model.safetensors) nor a run folder "
+                     f"holding checkpoints/")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, checkpoint config dict) of a cartlab checkpoint."""
+    from cartlab.model import LMConfig, build_model
+    from cartlab.train import checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    config = checkpoint.load_config(ckpt)
+    model = build_model(LMConfig.from_dict(config["model"]))
+    checkpoint.load(ckpt, model)
+    return model.to(device).eval(), checkpoint.load_tokenizer(ckpt), config
+
+
+@register_model("cartlab")
+class CartlabLM(TemplateLM):
+    """A cartlab CART or Dense checkpoint as an lm-eval model. Model args: `checkpoint`,
+    `n_loops` (CART only: inference loop count, section 7.4), `max_length` (default: the trained
+    sequence length), `max_gen_toks`, plus the harness's `batch_size` and `device` (its
+    `max_batch_size` is accepted and unused: batches are exactly `batch_size`). Any other
+    argument is an error."""
+
+    MODEL_ARGS = ("checkpoint", "n_loops", "batch_size", "device", "max_length", "max_gen_toks")
+
+    def __init__(self, checkpoint: str | None = None, n_loops: int | None = None, batch_size: int | str = 1,
+                 device: str = "cpu", max_length: int | None = None, max_gen_toks: int = 128, *,
+                 model=None, tokenizer=None, max_batch_size: int | None = None, **unknown):
+        super().__init__()
+        if unknown:  # a typo in --model_args must not be silently ignored (max_batch_size: lm-eval always passes it)
+            raise ValueError(f"model_args: unknown argument(s) {sorted(unknown)} for the cartlab model; "
+                             f"allowed: {list(self.MODEL_ARGS)}")
+        if (checkpoint is None) == (model is None):
+            raise ValueError("cartlab model: give either checkpoint=PATH or an already built model and tokenizer")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("batch_size: 'auto' is not supported by the cartlab model; give an integer >= 1")
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        self._device = torch.device(device)
+        seq_len = None
+        if checkpoint is not None:
+            model, tokenizer, config = load_checkpoint(checkpoint, device)
+            seq_len = config.get("train", {}).get("seq_len")
+            self.run_id = config.get("run_id")
+        self.model, self.tokenizer_ = model.to(self._device).eval(), tokenizer
+        self.max_length = int(max_length or seq_len or 1024)
+        self.max_gen_toks = int(max_gen_toks)
+        self.forward_kw = {}
+        if n_loops not in (None, ""):
+            if not hasattr(self.model.config, "n_loops"):
+                raise ValueError(f"n_loops: only CART models loop; this checkpoint is {self.model.config.kind}")
+            if int(n_loops) < 1:
+                raise ValueError(f"n_loops: must be >= 1, got {n_loops}")
+            self.forward_kw["n_loops"] = int(n_loops)
+
+    # -- tokenizer ------------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer_.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer_.encode(string)  # cartlab tokenizers never add special tokens
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer_.decode(tokens)
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """log p(next token) for right-padded sequences: (B, T_max, V) in fp32."""
+        width = max(len(s) for s in seqs)
+        idx = torch.full((len(seqs), width), self.eot_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            idx[i, : len(s)] = torch.tensor(s)
+        logits, _ = self.model(idx.to(self._device), **self.forward_kw)
+        return F.log_softmax(logits.float(), dim=-1).cpu()
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether it is the greedy continuation; the
+        input is the last max_length tokens of context + continuation (minus the final one)."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            seqs, conts = [], []
+            for i in batch:
+                _, ctx, cont = requests[i]
+                if not cont:
+                    raise ValueError("continuation: empty after tokenization; nothing to score")
+                seqs.append((ctx + cont)[-(self.max_length + 1):][:-1])
+                conts.append(cont)
+            logp = self._logprobs(seqs)
+            for row, (i, seq, cont) in enumerate(zip(batch, seqs, conts)):
+                n = len(cont)
+                lp = logp[row, len(seq) - n: len(seq)]  # (n, V): predictions of the continuation
+                target = torch.tensor(cont)
+                results[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each whole string, scored in disjoint rolling windows of
+        max_length tokens (each token predicted once, with up to max_length - 1 tokens of context)."""
+        out = []
+        for (string,) in (req.args for req in requests):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding with the KV cache until an `until` string or max_gen_toks tokens."""
+        out = []
+        for context, gen_kwargs in (req.args for req in requests):
+            until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            ctx = self.tok_encode(context)[-max(1, self.max_length - budget):]
+            cache = KVCache()
+            logits, _ = self.model(torch.tensor([ctx], device=self._device), cache=cache, **self.forward_kw)
+            new: list[int] = []
+            text = ""
+            for _ in range(budget):
+                nxt = int(logits[0, -1].argmax())
+                if nxt == self.eot_token_id:
+                    break
+                new.append(nxt)
+                text = self.tok_decode(new)
+                if any(stop in text for stop in until):
+                    break
+                logits, _ = self.model(torch.tensor([[nxt]], device=self._device), cache=cache, **self.forward_kw)
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
