@@ -17,6 +17,17 @@ def notebooks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "notebooks"
 
 
+def work_from_project_root() -> Path:
+    """Give a notebook's relative paths (db, report_dir, out_dir, ...) the meaning they have for
+    `cartlab` commands, which run from the repository root. JupyterLab starts a kernel in the
+    notebook's own folder: when that is this repository's notebooks/, move to the repository
+    root. Anywhere else (papermill from the root, `cartlab ablate`/`report`) nothing changes.
+    Returns the working directory."""
+    if Path.cwd().resolve() == notebooks_dir():
+        os.chdir(notebooks_dir().parent)
+    return Path.cwd()
+
+
 def list_notebooks() -> list[str]:
     return sorted(p.stem for p in notebooks_dir().glob("*.ipynb"))
 

@@ -98,25 +98,53 @@ def _classify(text: str, story_words: set[str]) -> str:
     return "stories" if inside > 0.97 else "prose"
 
 
-def test_every_training_window_lies_in_one_domain(built):
-    out = Path(built["dir"])
-    tok = get_tokenizer(built)
+def assert_windows_in_one_domain(meta: dict, seq_len: int) -> None:
+    """Each chunk's text, judged on its own, is from the domain the build says it is, and every
+    window the loader reads sits inside one chunk, so inside one domain."""
+    out = Path(meta["dir"])
+    tok = get_tokenizer(meta)
     story_words = {w.strip('.,!?"\'').lower() for s in itertools.islice(story_documents(0), 3000)
                    for w in s.split()}
     labels = np.load(out / "train_chunk_domains.npy")
     train = open_bin(out / "train.bin")
     c = train.chunk_size
-    # Each chunk's text, judged on its own, is from the domain the build says it is.
     for i, label in enumerate(labels):
         text = tok.decode(train.tokens[i * c:(i + 1) * c].tolist())
-        assert _classify(text, story_words) == built["domains"][label], text[:200]
-    # Every window the loader reads sits inside one chunk, so inside one domain.
-    loader = BatchLoader(train, batch_size=8, seq_len=128)
-    assert loader.windows_per_chunk == 2
+        assert _classify(text, story_words) == meta["domains"][label], text[:200]
+    loader = BatchLoader(train, batch_size=8, seq_len=seq_len)
+    assert loader.windows_per_chunk == (c - 1) // seq_len
     for _ in range(loader.steps_per_epoch):
         loader.next_batch()
-        first, last = loader.last_offsets // c, (loader.last_offsets + 128) // c
+        first, last = loader.last_offsets // c, (loader.last_offsets + seq_len) // c
         assert (first == last).all()
+
+
+def test_every_training_window_lies_in_one_domain(built):
+    assert_windows_in_one_domain(built, seq_len=128)
+
+
+@pytest.mark.slow
+def test_the_shipped_embedded_recipe_builds_offline_the_same_bytes_twice(smoke_run, tmp_path):
+    """Acceptance 1 and 4 on data/recipes/embedded.yaml itself, built twice with the network
+    refused: on first use by `cartlab train --preset smoke` (the fixture), and by `cartlab data
+    build embedded` in a process with another hash seed and its own tokenizer training. The files
+    are byte-identical; shares are within 1% of the ratios; windows lie in one domain; the command
+    prints where it wrote what."""
+    from conftest import run_offline_cli
+
+    first = load_meta(smoke_run.data_root / "built" / "embedded", verify_sha256=True)
+    proc = run_offline_cli("data", "build", "embedded", "--no-progress", data_root=tmp_path, hash_seed="12345")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = load_meta(tmp_path / "built" / "embedded")
+    assert second["dir"] in proc.stdout
+    for name in second["files"]:
+        assert re.search(rf"{re.escape(name)}\s+[\d,]+ tokens", proc.stdout), (name, proc.stdout)
+    for name in ["meta.json", "tokenizer.json", "train_chunk_domains.npy", *first["files"]]:
+        assert file_sha256(Path(first["dir"]) / name) == file_sha256(Path(second["dir"]) / name), name
+    labels = np.load(Path(first["dir"]) / "train_chunk_domains.npy")
+    for i, d in enumerate(load_recipe("embedded").domains):
+        assert abs(float((labels == i).mean()) - d.ratio) < 0.01, d.name
+    assert_windows_in_one_domain(first, seq_len=256)
 
 
 def _whole_docs(ids: np.ndarray, eos: int) -> set[bytes]:

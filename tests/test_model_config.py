@@ -15,7 +15,10 @@ from cartlab.model.components import GATES, register
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(d_model=100, n_heads=3), r"d_model=100 is not divisible by n_heads=3; n_heads must divide d_model \(allowed: \[1, 2, 4, 5"),
+    (dict(d_model=100, n_heads=3), r"d_model=100 is not divisible by n_heads=3; n_heads must divide d_model .*\(allowed: \[1, 2, 5, 10, 25, 50\]\)"),
+    (dict(d_model=36, n_heads=4), r"n_heads=4 gives heads of odd width 9; .*\(allowed: \[1, 2, 3, 6, 9, 18\]\)"),
+    (dict(init_std=0.0), r"init_std=0.0 is not allowed; it must be a number > 0"),
+    (dict(rope_theta=-1.0), r"rope_theta=-1.0 is not allowed; it must be a number > 0"),
     (dict(prelude_layers=0), r"prelude_layers=0 is not allowed; it must be an integer >= 1"),
     (dict(n_loops=0), r"n_loops=0 is not allowed; it must be an integer >= 1"),
     (dict(vocab_size=1), r"vocab_size=1 is not allowed; it must be an integer >= 2"),

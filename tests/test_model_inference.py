@@ -59,10 +59,16 @@ def test_spectral_radius_below_one_even_after_huge_step():
 def test_gate_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     model = build_model(CARTConfig.tiny())
+    with torch.no_grad():
+        model.gate.logit.copy_(torch.linspace(2.0, 9.0, model.gate.logit.numel()))  # A close to 1
+    fp32 = model.gate.retention()
+    x, u = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.gate.retention().dtype == torch.float32
+        assert torch.equal(model.gate.retention(), fp32)  # bf16 would round 0.9999 to 1.0
+        assert torch.equal(model.gate(x, u), fp32 * x + u)
         logits, loss = model(torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6)))
     assert torch.isfinite(loss)
+    assert (fp32 < 1).all() and (fp32.bfloat16().float() == 1).any()  # the case bf16 gets wrong
 
 
 def test_no_lti_reports_identity_radius():

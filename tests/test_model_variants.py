@@ -39,11 +39,13 @@ def causal_leak(model, T=10, t=4, vocab=64) -> float:
     return (la[:, : t + 1] - lb[:, : t + 1]).abs().max().item()
 
 
-def cached_logits(model, idx, prefix=4):
+def cached_logits(model, idx, prefix=4, chunk=3):
+    """Logits of idx fed through one KVCache: a prefill of `prefix` tokens, a chunk of `chunk`
+    tokens against the non-empty cache, then one token at a time."""
     cache = KVCache()
     with torch.no_grad():
-        parts = [model(idx[:, :prefix], cache=cache)[0]]
-        for j in range(prefix, idx.size(1)):
+        parts = [model(idx[:, :prefix], cache=cache)[0], model(idx[:, prefix: prefix + chunk], cache=cache)[0]]
+        for j in range(prefix + chunk, idx.size(1)):
             parts.append(model(idx[:, j: j + 1], cache=cache)[0])
     return torch.cat(parts, dim=1)
 

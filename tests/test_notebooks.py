@@ -153,6 +153,8 @@ def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_st
         assert (out / "notebooks" / f"{name}.html").is_file()
     html = index.read_text()
     assert html.count("<img") >= len(figures)  # every figure embedded in the report
+    radius_nb = (out / "notebooks" / "spectral_radius.ipynb").read_text()
+    assert "widget-view" not in radius_nb  # the report's radius notebook is static
     assert "load_results(" not in html  # code hidden
     summary = (out / "summary.md").read_text()
     for needle in ("CART-Dense gap", "residual_framing", "lti_gate", "Seed noise"):
@@ -161,18 +163,21 @@ def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_st
     assert "signal" in decomposition or "within noise" in decomposition
 
 
-def test_spectral_radius_builds_its_run_picker_when_interactive(tiny_study, tmp_path):
-    from cartlab.notebooks import execute
+def test_spectral_radius_builds_its_run_picker_when_interactive(tiny_study, tmp_path, repo):
+    """As in JupyterLab: the kernel starts in notebooks/ and db is a path relative to the
+    repository root (where `cartlab` commands run), and the widgets are built."""
+    from cartlab.notebooks import execute, notebooks_dir
 
+    db = os.path.relpath(tiny_study["db"], repo)
     out = execute("spectral_radius", tmp_path / "sr.ipynb",
-                  {"study": str(tiny_study["study"]), "db": str(tiny_study["db"]), "interactive": True})
+                  {"study": str(tiny_study["study"]), "db": db, "interactive": True}, cwd=notebooks_dir())
     nb = nbformat.read(out, as_version=4)
     widget_outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                       if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(widget_outputs) == 2  # the run picker and the figure area it redraws
 
 
-def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path):
+def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path, repo):
     index = render("paper", tmp_path / "unused.db", tmp_path, log=lambda s: None)
     out = index.parent
     figures = {p.name for p in (out / "figures").glob("*.png")}
@@ -180,6 +185,13 @@ def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal
     sections = {s["notebook"]: s for s in (json.loads(p.read_text()) for p in (out / "sections").glob("*.json"))}
     notes = " ".join(i["text"] for i in sections["spectral_radius"]["items"] if i["kind"] == "note")
     assert "**stage2**: rho in [0.790, 0.830]; rises with width at every R: True; rises with R at every width: True" in notes
+    import pandas as pd  # the radius table of the report is Table 8, cell for cell
+
+    shown = pd.read_csv(out / "tables" / "spectral_radius-stage2-radius.csv").set_index("d_model")
+    table8 = pd.read_csv(repo / "data" / "paper" / "table8_spectral_radius.csv").pivot(
+        index="d_model", columns="n_loops", values="spectral_radius_3seed_mean_step30500")
+    shown.columns = shown.columns.astype(int)
+    pd.testing.assert_frame_equal(shown, table8, check_names=False, check_exact=False, atol=1e-9)
     scaling_notes = " ".join(i["text"] for i in sections["scaling_fit"]["items"] if i["kind"] == "note")
     assert "segment exponents -0.60, -0.42, -0.40" in scaling_notes
     reversal = " ".join(i["text"] for i in sections["screen_correlation"]["items"] if i["kind"] == "note")

@@ -5,7 +5,6 @@ capability (tested on CPU by describing other machines).
 Run: pytest tests/test_train_engine.py
 """
 import os
-import shutil
 import subprocess
 import sys
 
@@ -78,16 +77,14 @@ def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
     assert '"world_size": 2' in runs.hardware_json[0]
 
 
-def test_smoke_preset_trains_cart_and_dense_on_embedded_data(repo, tmp_path):
-    """`cartlab train --preset smoke` on a fresh data root: builds the embedded corpus, the loss
-    falls, and the spectral radius is logged at every log step (CART) and absent for Dense."""
-    root = tmp_path / "data"
-    shutil.copytree(repo / "data" / "recipes", root / "recipes")
-    env = {"CARTLAB_DATA_DIR": str(root)}
-    db = tmp_path / "results.db"
-    for extra in ([], ["dense_match=flops"]):
-        r = cli("train", "--preset", "smoke", "--quiet", f"results_db={db}", f"out_dir={tmp_path}", *extra, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+def test_smoke_preset_trains_cart_and_dense_on_embedded_data(smoke_run, tmp_path):
+    """`cartlab train --preset smoke` on a fresh data root (the fixture: it builds the embedded
+    corpus first) and its Dense twin: the loss falls, and the spectral radius is logged at every
+    log step (CART) and absent for Dense."""
+    db = smoke_run.db
+    r = cli("train", "--preset", "smoke", "--quiet", f"results_db={db}", f"out_dir={smoke_run.out}",
+            "dense_match=flops", env={"CARTLAB_DATA_DIR": str(smoke_run.data_root)})
+    assert r.returncode == 0, r.stderr[-3000:]
     runs = results.runs(db).set_index("model")
     assert set(runs.status) == {"completed"} and set(runs.index) == {"cart", "dense"}
     log = results.train_log(db)
@@ -128,6 +125,22 @@ def test_resume_with_changed_config_is_refused(tiny_data, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"cannot resume run {run_id!r}: its config changed (optim.lr" in err
     assert main(["train", "--resume", "no-such-run", "--db", db]) == 2
     assert "no such run" in capsys.readouterr().err
+
+
+def test_a_nan_loss_marks_the_run_diverged_and_exits_non_zero(tiny_data, tmp_path, capsys, monkeypatch):
+    import math
+
+    import cartlab.train.loop as loop
+
+    real = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda step, cfg: math.nan if step == 3 else real(step, cfg))
+    cfg = tiny_config(tiny_data, tmp_path, steps=8)
+    assert main(["train", *overrides(cfg)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "diverged: loss nan at step 5" in err and len(err.splitlines()) == 1, err  # NaN weights after step 4
+    run = results.runs(cfg.results_db).iloc[0]
+    assert run.status == "diverged"
+    assert list(results.train_log(cfg.results_db).step) == [1, 2, 3, 4]
 
 
 def test_lr_schedule_warmup_then_cosine():

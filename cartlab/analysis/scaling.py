@@ -38,12 +38,12 @@ class PowerLawFit:
     resid_var: float = field(repr=False, default=np.nan)  # s^2 = RSS / (n - 2)
 
     def predict(self, x) -> np.ndarray:
-        """a * x^b."""
+        """y = a * x^b (section 7.3, Table 11)."""
         return self.a * np.asarray(x, float) ** self.b
 
     def predict_band(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise `level` confidence band of the fitted curve: exp(log a + b log x -/+ t s_fit),
-        s_fit^2 = s^2 (1/n + (log x - mean log x)^2 / S_xx)."""
+        s_fit^2 = s^2 (1/n + (log x - mean log x)^2 / S_xx) (section 7.3)."""
         lx = np.log(np.asarray(x, float))
         s = np.sqrt(self.resid_var * (1.0 / self.n + (lx - self.log_x_mean) ** 2 / self.log_x_sxx))
         t = stats.t.ppf(0.5 + self.level / 2, self.n - 2)
@@ -187,7 +187,7 @@ class SaturatingFit:
     residuals: np.ndarray = field(repr=False)
 
     def predict(self, x) -> np.ndarray:
-        """E + A * x^-alpha."""
+        """y = E + A * x^-alpha (section 7.3)."""
         return self.E + self.A * np.asarray(x, float) ** -self.alpha
 
 
@@ -258,7 +258,7 @@ class RecurrenceFit:
     residuals: np.ndarray = field(repr=False)
 
     def predict(self, n_once, n_rec, n_loops) -> np.ndarray:
-        """E + A * (n_once + n_loops^phi * n_rec)^-alpha."""
+        """loss = E + A * (n_once + n_loops^phi * n_rec)^-alpha (Schwethelm et al.; section 9.2)."""
         n = np.asarray(n_once, float) + np.asarray(n_loops, float) ** self.phi * np.asarray(n_rec, float)
         return self.E + self.A * n ** -self.alpha
 

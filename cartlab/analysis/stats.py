@@ -29,15 +29,17 @@ class SeedBand:
 
     @property
     def half_width(self) -> float:
-        """k * sd."""
+        """half width = k * sd (section 4.4)."""
         return self.k * self.sd
 
     @property
     def lo(self) -> float:
+        """Lower edge of the band: lo = mean - k * sd (section 4.4)."""
         return self.mean - self.half_width
 
     @property
     def hi(self) -> float:
+        """Upper edge of the band: hi = mean + k * sd (section 4.4)."""
         return self.mean + self.half_width
 
 

@@ -111,18 +111,22 @@ def _dense_like(cfg: LMConfig, n_layers: int) -> DenseConfig:
 
 MATCH_ON = ("stored", "effective", "flops")
 ROUNDING = {"nearest": round, "up": math.ceil, "down": math.floor}
+PAPER_ROUNDING = {"stored": "nearest", "effective": "up", "flops": "nearest"}
 
 
-def matched_dense(cfg: CARTConfig, on: str = "stored", seq_len: int = 1024, rounding: str = "nearest") -> DenseConfig:
+def matched_dense(cfg: CARTConfig, on: str = "stored", seq_len: int = 1024, rounding: str | None = None) -> DenseConfig:
     """The Dense config of cfg's width whose layer count matches CART on stored parameters,
     effective parameters, or forward FLOPs (section 4.3), rounded to a whole layer.
 
-    At d=1024, P=6, R=6 nearest matching gives 7 layers on stored parameters (122.7M vs 125.1M:
-    the paper's Dense 7L), 11 on effective (174.0M vs 178.8M) and 12 on FLOPs (367 vs 355
-    GFLOPs). The paper's effective-matched Dense 12L (186.9M) is the next size *up*
-    (`rounding="up"`). Table 3 labels Dense 17L (520 GFLOPs) "FLOPs-eq.", but no CART row of
-    that table reaches it (R=10 is 460 GFLOPs, 15.0 layers), so we do not reproduce that label.
+    `rounding` None follows the paper's baselines (PAPER_ROUNDING): at d=1024, P=6, R=6 the
+    stored match is the nearest layer count, 7 (122.7M vs 125.1M: the paper's Dense 7L); the
+    effective match is the smallest Dense with at least CART's effective count, 12 (186.9M vs
+    178.8M: the paper's Dense 12L; the nearest would be 11 at 174.0M); the FLOPs match is the
+    nearest, 12 (367 vs 355 GFLOPs). Table 3 labels Dense 17L (520 GFLOPs) "FLOPs-eq.", but no
+    CART row of that table reaches it (R=10 is 460 GFLOPs, 15.0 layers), so we do not reproduce
+    that label. Pass "nearest", "up" or "down" to choose another rule.
     """
+    rounding = PAPER_ROUNDING.get(on) if rounding is None else rounding
     if on not in MATCH_ON:
         raise ConfigError(f"on={on!r} is not allowed; choose one of {list(MATCH_ON)}")
     if rounding not in ROUNDING:

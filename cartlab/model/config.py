@@ -68,14 +68,19 @@ class LMConfig:
         if self.n_heads is None:
             self.n_heads = max(1, self.d_model // HEAD_DIM)
         _check_min("n_heads", self.n_heads, 1)
-        if self.d_model % self.n_heads:
-            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            # RoPE rotates channel pairs, so every head needs an even width
+            allowed = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
+            problem = (f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}" if self.d_model % self.n_heads
+                       else f"n_heads={self.n_heads} gives heads of odd width {self.d_model // self.n_heads}")
             raise ConfigError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                f"n_heads must divide d_model (allowed: {divisors[:12]}{' ...' if len(divisors) > 12 else ''})"
+                f"{problem}; n_heads must divide d_model into heads of even width (RoPE rotates channel pairs) "
+                f"(allowed: {allowed[:12]}{' ...' if len(allowed) > 12 else ''})"
             )
-        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("init_std, norm_eps and rope_theta must be > 0")
+        for name in ("init_std", "norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name}={value!r} is not allowed; it must be a number > 0")
 
     @property
     def head_dim(self) -> int:

@@ -110,8 +110,10 @@ def resolve_data(cfg: TrainConfig, progress: bool) -> Path:
     return path
 
 
-def _val_bins(data_dir: Path) -> dict[str, Path]:
-    return {p.stem.removeprefix("val_"): p for p in sorted(data_dir.glob("val_*.bin"))}
+def _val_bins(meta: dict) -> dict[str, Path]:
+    """The validation bins the build recorded, by domain. load_meta has checked them against the
+    build's tokenizer; any other val_*.bin lying in the folder is never read."""
+    return {info["domain"]: Path(meta["dir"]) / name for name, info in meta["files"].items() if "domain" in info}
 
 
 @torch.no_grad()
@@ -228,7 +230,7 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
     loader = BatchLoader(train_bin, cfg.batch_size, cfg.seq_len, cfg.data.mode, seed=cfg.seed, rank=rank,
                          world_size=world)
 
-    val_bins = {split: open_bin(p) for split, p in _val_bins(data_dir).items()}
+    val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(device)
