@@ -74,3 +74,17 @@ def test_gate_is_fp32_under_bf16_autocast():
 def test_no_lti_reports_identity_radius():
     model = build_model(CARTConfig.tiny(hooks=("no_lti",)))
     assert model.spectral_radius() == {"max": 1.0, "mean": 1.0}
+
+
+def test_decoding_head_copy_follows_in_place_weight_updates():
+    """KVCache.head_t (the transposed LM head used for CPU decoding) is remade when the tied
+    embedding changes in place, e.g. by an optimiser step between two generations on one cache."""
+    from cartlab.model import KVCache
+
+    model = build_model(CARTConfig.tiny()).eval()
+    cache = KVCache()
+    first = cache.head_t(model.lm_head.weight)
+    assert torch.equal(first, model.wte.weight.t()) and cache.head_t(model.lm_head.weight) is first
+    with torch.no_grad():
+        model.wte.weight.mul_(2.0)
+    assert torch.equal(cache.head_t(model.lm_head.weight), model.wte.weight.t())

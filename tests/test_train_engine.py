@@ -5,8 +5,11 @@ capability (tested on CPU by describing other machines).
 Run: pytest tests/test_train_engine.py
 """
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +61,20 @@ def test_four_processes_share_one_database(tiny_data, tmp_path):
     assert len(ev) == 4 * 5 * 3  # 4 runs x steps 2,4,..,10 x 3 validation domains
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(*args: str, **kw):
+    """`torchrun --nproc_per_node 2 -m cartlab.cli ARGS` on a free loopback port (Popen kwargs)."""
+    return subprocess.Popen([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                             "--master_port", free_port(), "-m", "cartlab.cli", *args], text=True, **kw)
+
+
 def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
     one = tiny_config(tiny_data, tmp_path / "one", steps=6, batch_size=4, grad_accum=1, checkpoint_every=6,
                       name="ddp-check")
@@ -65,9 +82,9 @@ def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
                       name="ddp-check")
     r1 = cli("train", *overrides(one))
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                         "-m", "cartlab.cli", "train", *overrides(two)], capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    r2 = torchrun("train", *overrides(two), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = r2.communicate(timeout=300)
+    assert r2.returncode == 0, err[-3000:]
     a = results.train_log(tmp_path / "one" / "results.db")
     b = results.train_log(tmp_path / "two" / "results.db")
     assert len(a) == len(b) == 6
@@ -75,6 +92,51 @@ def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
     runs = results.runs(tmp_path / "two" / "results.db")
     assert len(runs) == 1 and runs.status[0] == "completed"
     assert '"world_size": 2' in runs.hardware_json[0]
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the worker processes that torchrun `launcher_pid` started (from /proc)."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            status = (proc / "status").read_text()
+            env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError):
+            continue
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if parent == launcher_pid and b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(proc.name)
+    return ranks
+
+
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tiny_data, tmp_path):
+    """A signal that reaches one rank only (a preempted worker) still stops the whole run cleanly:
+    the ranks agree on the step, checkpoint, and the run is marked interrupted, not left hanging."""
+    cfg = tiny_config(tiny_data, tmp_path, steps=2000, batch_size=2, grad_accum=1, log_every=1, eval_every=10_000,
+                      checkpoint_every=10_000, name="preempted")
+    launcher = torchrun("train", *overrides(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        start_new_session=True)
+    db = tmp_path / "results.db"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None:
+            if db.exists() and len(results.train_log(db)) >= 3:
+                break
+            time.sleep(0.2)
+        ranks = _rank_pids(launcher.pid)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)  # without agreement rank 0 would wait in all_reduce
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    run = results.runs(db).iloc[0]
+    assert run.status == "interrupted", (run.status, err[-2000:])
+    assert run.message.startswith("a signal to another rank at step ")
+    stopped = int(run.message.rsplit(" ", 1)[1])
+    assert 3 <= stopped < cfg.steps and run.step == stopped
+    assert (tmp_path / run.run_id / "checkpoints" / f"step_{stopped:08d}").is_dir()
 
 
 def test_smoke_preset_trains_cart_and_dense_on_embedded_data(smoke_run, tmp_path):

@@ -39,10 +39,15 @@ class CausalLM(nn.Module):
     def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device)
 
-    def head(self, x: torch.Tensor, targets: torch.Tensor | None):
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None = None):
         """logits (B, T, V) and the mean next-token cross-entropy (None without targets;
-        target -1 is ignored)."""
-        logits = self.lm_head(self.norm(x))
+        target -1 is ignored). Decoding on CPU without autograd reads the head through the
+        cache's transposed copy (`KVCache.head_t`), the faster layout for a few rows."""
+        h = self.norm(x)
+        if cache is not None and h.device.type == "cpu" and not torch.is_grad_enabled():
+            logits = h @ cache.head_t(self.lm_head.weight).type_as(h)
+        else:
+            logits = self.lm_head(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

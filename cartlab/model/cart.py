@@ -47,7 +47,7 @@ class CART(CausalLM):
         h = self.coda(h, rope, cache_site(cache, "coda"))
         if cache is not None:
             cache.pos += idx.size(1)
-        return self.head(h, targets)
+        return self.head(h, targets, cache)
 
     def encode(self, idx: torch.Tensor, cache: KVCache | None = None):
         """Embedding and prelude: the anchor's source e (B, T, d) and the rotary angles."""

@@ -24,7 +24,7 @@ class Dense(CausalLM):
             x = layer(x, rope, cache_site(cache, f"layer.{i}"))
         if cache is not None:
             cache.pos += idx.size(1)
-        return self.head(x, targets)
+        return self.head(x, targets, cache)
 
     def applications(self) -> list[tuple[str, nn.Module, int]]:
         return [("embedding", self.wte, 1), ("layers", self.layers, 1), ("norm", self.norm, 1)]

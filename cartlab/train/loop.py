@@ -11,9 +11,10 @@ What a run does, in order:
    `log_every` steps a train-log row (loss, grad norm, lr, spectral radius, HyperConnection
    weights, tokens/s, MFU, memory); every `eval_every` steps loss and perplexity on every
    validation bin; every `checkpoint_every` steps an atomic checkpoint;
-4. NaN/inf loss marks the run diverged and raises `TrainingDiverged`; SIGINT/SIGTERM finishes
-   the current step, checkpoints, marks the run interrupted and raises `TrainingInterrupted`;
-   any other error marks it failed.
+4. NaN/inf loss marks the run diverged and raises `TrainingDiverged`; SIGINT/SIGTERM (to any
+   one rank under torchrun: the ranks agree on it each step) finishes the current step,
+   checkpoints, marks the run interrupted and raises `TrainingInterrupted`; any other error
+   marks it failed.
 Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU), each
 rank reads its share of every global batch, and rank 0 alone writes results and checkpoints.
 """
@@ -73,12 +74,15 @@ def _dist_setup(device: str) -> tuple[int, int, int]:
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def _mean_across(value: float, world: int, device) -> float:
+def _reduce_step(loss: float, stopping: bool, world: int, device) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether any rank has been asked to stop, in one
+    all-reduce per step: every rank then stops after the same step (a rank that stopped alone
+    would leave the others waiting in their next collective)."""
     if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return loss, stopping
+    t = torch.tensor([loss, float(stopping)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / world
+    return t[0].item() / world, t[1].item() > 0
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
                         _, loss = step_model(x, y)
                     (loss / cfg.grad_accum).backward()
                     total += loss.item() / cfg.grad_accum
-                loss_value = _mean_across(total, world, device)
+                loss_value, stopping = _reduce_step(total, stop["signal"] is not None, world, device)
                 if not math.isfinite(loss_value):
                     if main:
                         db.set_status(run_id, "diverged", f"loss {loss_value} at step {step + 1}", step=step)
@@ -326,12 +330,13 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
                         db.log_eval(run_id, done, results)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     save(done)
-                if stop["signal"] is not None and done < cfg.steps:
+                if stopping and done < cfg.steps:
                     if done % cfg.checkpoint_every:
                         save(done)
+                    why = stop["signal"] or "a signal to another rank"
                     if main:
-                        db.set_status(run_id, "interrupted", f"{stop['signal']} at step {done}", step=done)
-                    raise TrainingInterrupted(f"run {run_id} interrupted by {stop['signal']} at step {done}; "
+                        db.set_status(run_id, "interrupted", f"{why} at step {done}", step=done)
+                    raise TrainingInterrupted(f"run {run_id} interrupted by {why} at step {done}; "
                                               f"resume with `cartlab train --resume {run_id}`")
         if main:
             db.set_status(run_id, "completed", step=cfg.steps)
