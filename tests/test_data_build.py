@@ -204,6 +204,27 @@ def test_interrupted_build_leaves_no_complete_looking_file(built, tmp_path, monk
     assert load_meta(old, verify_sha256=True)["files"] == built["files"]
 
 
+def test_two_builds_of_one_folder_at_once_build_it_once_and_clear_killed_staging(tmp_path):
+    """Two `cartlab data build` processes on one fresh folder (two first-use trainings): the
+    second waits for the first and finds its build; a killed build's staging folder is removed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    (out / ".staging-1").mkdir(parents=True)  # what a SIGKILLed build leaves
+    (out / ".staging-1" / "train.bin").write_bytes(b"\0" * 4096)
+    env = {**os.environ, "CARTLAB_DATA_DIR": str(tmp_path / "root")}
+    cmd = [sys.executable, "-m", "cartlab.cli", "data", "build", str(TINY), "--out", str(out), "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum(bool(re.search(r"^built '", log, re.M)) for log in logs) == 1, logs
+    assert sum("is already built from this recipe" in log for log in logs) == 1, logs
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    load_meta(out, verify_sha256=True)
+
+
 def test_metadata_mismatch_is_detected(built, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(built["dir"], out)

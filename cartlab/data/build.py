@@ -11,10 +11,13 @@ The steps, as in the paper (sections 4.1, 4.4, 11):
 
 Everything is written into a staging folder inside the output directory and moved into place at
 the end, meta.json last: an interrupted build leaves the previous build (or nothing) complete, and
-no file that looks complete.
+no file that looks complete. A build holds a lock on its output folder, so a second build of the
+same folder (two `cartlab train` runs on a fresh clone) waits and then finds the first one's
+result; the staging folders of killed builds are removed by the next build.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -147,6 +150,33 @@ def build(recipe: Recipe | str, out_dir: str | Path | None = None, *, progress: 
     recipe.validate()
     out = Path(out_dir) if out_dir is not None else paths.built_dir(recipe.name)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out, log):
+        return _build_locked(recipe, out, progress, force, log)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path, log: Callable[[str], None]):
+    """Hold an advisory lock on `out` (the file `.<name>.lock` beside it) for a whole build; the
+    OS releases it when the process dies. Staging folders found once the lock is held belong to
+    builds that were killed: removed. (Without fcntl, on Windows, builds of one folder must not
+    overlap.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{out}: another build of this folder is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in out.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def _build_locked(recipe: Recipe, out: Path, progress: bool, force: bool, log: Callable[[str], None]) -> dict:
     if (out / META_NAME).exists() and not force:
         old = json.loads((out / META_NAME).read_text(encoding="utf-8"))
         if old.get("recipe") == recipe.to_dict():
