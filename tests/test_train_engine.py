@@ -205,6 +205,27 @@ def test_a_nan_loss_marks_the_run_diverged_and_exits_non_zero(tiny_data, tmp_pat
     assert list(results.train_log(cfg.results_db).step) == [1, 2, 3, 4]
 
 
+def test_a_run_that_is_training_cannot_be_started_twice_but_resumes_once_its_process_dies(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(tiny_data, tmp_path, steps=60, log_every=1, eval_every=10_000, checkpoint_every=5)
+    first = subprocess.Popen([PY, "-m", "cartlab.cli", "train", *overrides(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            if Path(cfg.results_db).exists() and len(results.train_log(cfg.results_db)) >= 6:
+                break
+            time.sleep(0.1)
+        assert main(["train", *overrides(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is being trained by another process right now" in err and len(err.splitlines()) == 1, err
+    finally:
+        first.kill()  # SIGKILL: the run stays 'running' and releases nothing itself
+        first.wait()
+    assert main(["train", *overrides(cfg)]) == 0  # the dead process's lock is gone: it resumes
+    run = results.runs(cfg.results_db).iloc[0]
+    assert run.status == "completed" and len(results.train_log(cfg.results_db)) == 60
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = TrainConfig.from_preset("paper-stage2")
     assert lr_at(0, cfg) == pytest.approx(cfg.optim.lr / 100)

@@ -3,8 +3,9 @@
     run_id = train(TrainConfig.from_preset("smoke"))
 
 What a run does, in order:
-1. derive its name from the config; a completed run is not redone, a known unfinished run is
-   resumed from its newest checkpoint (log rows after that step are dropped and re-logged);
+1. derive its name from the config; a run another live process is training is refused, a
+   completed run is not redone, a known unfinished run is resumed from its newest checkpoint
+   (log rows after that step are dropped and re-logged);
 2. open the data build (the embedded recipe is built on first use, offline), check the
    tokenizer fits the model, build model and optimizer for the selected device;
 3. loop: lr from the schedule, micro-batches with gradient accumulation, clip, step; every
@@ -202,7 +203,36 @@ def check_same_identity(stored: dict, cfg: TrainConfig, run_id: str) -> None:
 def train(config: TrainConfig, resume: str | None = None) -> str:
     """Train `config` into its results database and return the run id. With `resume`, continue
     that run: its stored config is used, and `config` may only change operational fields."""
-    cfg = config
+    run_id = resume or config.run_name()
+    with _run_lock(config.results_db, run_id):
+        return _train(config, run_id, resume)
+
+
+@contextlib.contextmanager
+def _run_lock(results_db: str, run_id: str):
+    """One process at a time trains a run: an advisory lock on `<results_db>.locks/<run_id>`,
+    held by rank 0 for the whole run. The OS drops it when the process dies, so a killed run can
+    be resumed at once; a second launch of a live run is refused instead of writing its rows and
+    checkpoints twice. (Without fcntl, on Windows, nothing stops a second launch.)"""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = Path(f"{results_db}.locks") / run_id.replace(os.sep, "_")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"run {run_id!r} is being trained by another process right now ({path} is locked); "
+                             f"wait for it, or stop it and `cartlab train --resume {run_id}`") from None
+        yield
+
+
+def _train(cfg: TrainConfig, run_id: str, resume: str | None) -> str:
     selection = select(Capabilities.detect(), cfg.device, cfg.precision, cfg.optim.name, cfg.compile)
     rank, local_rank, world = _dist_setup(selection.device)
     main = rank == 0
@@ -210,7 +240,6 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
     if selection.device == "cuda":
         torch.cuda.set_device(device)
     db = ResultsDB(cfg.results_db)
-    run_id = resume or cfg.run_name()
     existing = db.get_run(run_id)
     if resume and existing is None:
         raise ValueError(f"cannot resume run {resume!r}: no such run in {cfg.results_db}")
