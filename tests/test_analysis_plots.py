@@ -52,7 +52,10 @@ def test_scaling_fit_plot(res):
     ax, axr = fig.axes
     assert len(_fills(ax)) == 1  # CI band
     assert len(axr.lines[-1].get_xdata()) == 4  # one residual per width
-    assert "b = -0.51" in ax.get_legend().get_texts()[1].get_text()
+    # the legend's exponent is the log-log least-squares slope of Table 7's R=6 column, by numpy
+    t7 = pd.read_csv(published.paper_dir() / "table7_stage2_ppl_wiki_by_R.csv").query("n_loops == 6")
+    slope = np.polyfit(np.log(t7.d_model), np.log(t7.ppl_wiki_3seed_mean), 1)[0]
+    assert f"b = {slope:.2f}" in ax.get_legend().get_texts()[1].get_text()
     fig = plots.plot_scaling_fit(res.runs, res.eval_log, x="effective_params",
                                  where={"stage": "stage2", "prelude_layers": 6, "n_loops": 6})
     assert fig.axes[1].get_xlabel() == "effective_params"

@@ -109,7 +109,7 @@ def _build_domain(domain: DomainConfig, tok: Tokenizer, recipe: Recipe, train_qu
         if n_train < train_quota:
             raise ValueError(f"domain {domain.name!r} ran out of documents: {n_train} training tokens "
                              f"available, the recipe asks for {train_quota} (lower train_tokens or "
-                             f"domains[].ratio of {domain.name!r})")
+                             f"recipe.domains[].ratio of {domain.name!r})")
     return {"train_tokens": n_train, "val_tokens": n_val}
 
 

@@ -76,17 +76,17 @@ class Recipe:
         if not 1 <= len(self.domains) <= 255:
             raise ValueError(f"recipe.domains must list 1 to 255 domains, got {len(self.domains)}")
         for i, d in enumerate(self.domains):
-            d.validate(f"domains[{i}]")
+            d.validate(f"recipe.domains[{i}]")
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
-            raise ValueError(f"domains[].name must be unique, got {names}")
+            raise ValueError(f"recipe.domains[].name must be unique, got {names}")
         if self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be >= 2, got {self.chunk_size}")
+            raise ValueError(f"recipe.chunk_size must be >= 2, got {self.chunk_size}")
         if self.train_tokens < self.chunk_size * len(self.domains):
-            raise ValueError(f"train_tokens must be at least chunk_size x number of domains "
+            raise ValueError(f"recipe.train_tokens must be at least chunk_size x number of domains "
                              f"({self.chunk_size * len(self.domains)}), got {self.train_tokens}")
         if self.encode_batch_docs < 1:
-            raise ValueError(f"encode_batch_docs must be >= 1, got {self.encode_batch_docs}")
+            raise ValueError(f"recipe.encode_batch_docs must be >= 1, got {self.encode_batch_docs}")
         self.tokenizer.validate()
 
     def to_dict(self) -> dict:
