@@ -87,9 +87,11 @@ def test_gap_waterfall_plot():
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["shared_weights", "residual_framing", "total"]  # only measured components
-    assert len(ax.containers) == len(labels)  # one bar per component and the total
+    assert len(ax.containers) == len(labels) + 1  # one bar per component and the total, and the error bars
+    errorbars = ax.containers[-1]
+    assert len(errorbars.lines[2][0].get_segments()) == len(labels)  # one noise bar each
     fig = plots.plot_gap_waterfall(runs, ev, cart=CART, path="stored")
-    assert len(fig.axes[0].containers) == 3
+    assert len(fig.axes[0].containers) == 4
 
 
 def test_variable_r_profile_plot(res):

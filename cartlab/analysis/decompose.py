@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cartlab.analysis.schema import final_eval, format_hooks
-from cartlab.analysis.stats import compare_to_band, seed_band
+from cartlab.analysis.stats import seed_band
 
 # (component, hooks of the run "without" it, hooks of the run "with" it), section 8.
 # The shared-baseline components are measured against the baseline and assumed additive.
@@ -124,8 +124,15 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
         cart_at_R1_vs_dense  = m(single_loop) - m(D_s)
     So each path's components sum exactly to its `total` row (m(B) - m(D)); the remainder rows
     also absorb any component whose ablation is missing (named in `note`). `rel` = value / m(D).
-    Each component is labelled "signal" if |value| > k * sd of the baseline's seeds, else
-    "within noise" (section 8's criterion; the baseline needs >= 2 seeds).
+
+    Noise: every component is a combination c = sum_j w_j m(x_j) of configuration means, m(x_j)
+    averaging n_j seeds. With sd the baseline's seed sd (every configuration taken to be as
+    noisy as the baseline), sd(c) = sd * sqrt(sum_j w_j^2 / n_j), reported as `noise` = k * sd(c);
+    c is "signal" if |c| > noise, else "within noise". For a single-seed ablation against the
+    baseline this is section 8's band criterion widened by sqrt(1 + 1/n_B) for the baseline
+    mean's own error; a difference of two single-seed runs (attention_type) gets sqrt(2), and the
+    remainders, which collect every measurement of their path, get the most. The baseline needs
+    >= 2 seeds.
     """
     fe = _final(runs, eval_log, metric)
     fe = fe[fe["split"] == split]
@@ -138,21 +145,25 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
     d, P, R, stage = (base[c].iloc[0] for c in ("d_model", "prelude_layers", "n_loops", "stage"))
     family = fe[(fe["model"] == "cart") & (fe["d_model"] == d) & (fe["prelude_layers"] == P) & (fe["stage"] == stage)]
 
+    seeds = {"": band.n}  # configuration -> number of seeds its mean averages
+
     def mean_of(hooks: str) -> float:
         if hooks == "":
             return band.mean
         rows = family[family["hooks"] == format_hooks(hooks)]
         if "single_loop" not in hooks:
             rows = rows[rows["n_loops"] == R]
+        seeds[hooks] = len(rows)
         return float(rows[metric].mean()) if len(rows) else np.nan
 
     out = []
 
-    def add(path, component, value, ref, with_, without, note=""):
-        label = compare_to_band(band.mean + value, band).label if np.isfinite(value) else "missing"
+    def add(path, component, value, ref, with_, without, weights, note=""):
+        noise = band.k * band.sd * float(np.sqrt(sum(w * w / seeds[x] for x, w in weights.items() if w)))
+        label = ("signal" if abs(value) > noise else "within noise") if np.isfinite(value) else "missing"
         out.append({"path": path, "component": component, "with": with_, "without": without,
                     "value": value, "rel": value / ref if np.isfinite(ref) else np.nan,
-                    "label": label, "note": note})
+                    "noise": noise, "label": label, "note": note})
 
     for path, dense_params, comps, remainder in (
         ("effective", base["effective_params"].mean(), EFFECTIVE_PATH, "residual_framing"),
@@ -160,23 +171,30 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
     ):
         dense = _matched(fe, dense_params, tolerance, stage)
         ref = float(dense[metric].mean()) if dense is not None else np.nan
-        total = band.mean - ref
-        measured, missing = 0.0, []
+        seeds["dense"] = 1 if dense is None else len(dense)
+        total, total_w = band.mean - ref, {"": 1.0, "dense": -1.0}
+        measured, rest_w, missing = 0.0, dict(total_w), []
         for name, without, with_ in comps:
             value = mean_of(with_) - mean_of(without)
             if np.isfinite(value):
+                weights = {with_: 1.0, without: -1.0}
                 measured += value
-                add(path, name, value, ref, with_ or "baseline", without)
+                for x, w in weights.items():
+                    rest_w[x] = rest_w.get(x, 0.0) - w
+                add(path, name, value, ref, with_ or "baseline", without, weights)
             else:
                 missing.append(name)
         note = f"absorbs unmeasured: {', '.join(missing)}" if missing else ""
         if path == "effective":
-            add(path, remainder, total - measured, ref, "self_attn_core,unshare_core", "dense", note)
+            add(path, remainder, total - measured, ref, "self_attn_core,unshare_core", "dense", rest_w, note)
         else:  # recurrence is measured; the rest is single_loop vs Dense
-            add(path, remainder, total - measured, ref, "single_loop", "dense", note)
-        add(path, "total", total, ref, "baseline", "dense" if dense is None else dense["name"].iloc[0])
+            add(path, remainder, total - measured, ref, "single_loop", "dense", rest_w, note)
+        add(path, "total", total, ref, "baseline", "dense" if dense is None else dense["name"].iloc[0], total_w)
     frame = pd.DataFrame(out)
     frame.attrs["band"] = band
-    frame.attrs["caveat"] = compare_to_band(band.mean, band).caveat
+    frame.attrs["caveat"] = (f"noise = {band.k:g} sd x sqrt(sum w^2/n) over the configurations a component combines, "
+                             f"sd from the baseline's n={band.n} seeds (every configuration taken to be as noisy "
+                             f"as the baseline; single-seed ablations' own noise is not measured)"
+                             + (f"; with n={band.n} the sd is itself uncertain" if band.n < 5 else ""))
     return frame
 

@@ -79,7 +79,8 @@ def plot_gap_waterfall(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict
                        metric: str = "ppl", path: str = "effective", k: float = 2.0,
                        tolerance: float = 0.15) -> Figure:
     """Waterfall of the CART-Dense gap's components (section 8; see decompose.decompose_gap):
-    one bar per component from the running sum, the total last; hatched bars are within noise."""
+    one bar per component from the running sum, the total last; hatched bars are within noise,
+    and each bar's error bar is its noise, k * sd(c) = k * sd * sqrt(sum w^2 / n)."""
     if path not in ("effective", "stored"):
         raise ValueError(f"path: {path!r} not allowed; allowed: ['effective', 'stored']")
     dec = decompose_gap(runs, eval_log, cart=cart, split=split, metric=metric, k=k, tolerance=tolerance)
@@ -87,15 +88,17 @@ def plot_gap_waterfall(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict
     parts, total = dec[dec["component"] != "total"], dec[dec["component"] == "total"].iloc[0]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    start = 0.0
+    start, tops = 0.0, []
     for i, row in enumerate(parts.itertuples()):
         color = "tab:red" if row.value > 0 else "tab:green"
         ax.bar(i, row.value, bottom=start, color=color, hatch=None if row.label == "signal" else "//",
                edgecolor="k")
         start += row.value
-    ax.bar(len(parts), total["value"], color="tab:grey", edgecolor="k")
-    band = dec.attrs["band"]
-    ax.axhspan(-band.half_width, band.half_width, color="grey", alpha=0.15, label=f"baseline +/- {k:g} sd")
+        tops.append(start)
+    ax.bar(len(parts), total["value"], color="tab:grey", edgecolor="k",
+           hatch=None if total["label"] == "signal" else "//")
+    ax.errorbar(range(len(parts) + 1), tops + [total["value"]], yerr=list(parts["noise"]) + [total["noise"]],
+                fmt="none", ecolor="k", capsize=3, label=f"noise: {k:g} sd of each component")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(parts) + 1), list(parts["component"]) + ["total"], rotation=30, ha="right")
     ax.set(ylabel=f"{metric} ({split}): CART - Dense", title=f"gap to {path}-matched Dense")
