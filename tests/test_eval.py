@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ def test_a_uniform_model_scores_the_perplexity_the_maths_says(tiny_run):
 
 def test_cartlab_eval_writes_one_row_per_metric_and_loop_count(tiny_run, capsys):
     args = ["eval", str(tiny_run["ckpt"]), "--tasks", "cartlab_mc", "--n-loops", "1,3,6", "--db",
-            str(tiny_run["db"]), "--limit", "4", "--batch-size", "4"]
+            str(tiny_run["db"]), "--batch-size", "4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "0-shot R=1" in printed and "0-shot R=3" in printed and "0-shot R=6" in printed
@@ -158,6 +159,42 @@ def test_lm_evals_own_cli_runs_the_cartlab_model(tiny_run, repo):
     assert re.search(r"cartlab_mc\s*\|.*\|\s*acc\s*\|", proc.stdout), proc.stdout
 
 
+def test_partial_or_earlier_evaluations_are_printed_but_never_stored(tiny_run, capsys):
+    """The downstream table means the run's final weights on whole tasks: a --limit run and an
+    older checkpoint must not overwrite those rows."""
+    ckpts = sorted((tiny_run["ckpt"] / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 2
+    before = results.downstream(tiny_run["db"])
+    for args, why in (([str(tiny_run["ckpt"]), "--limit", "3"], "--limit 3 evaluates part of each task"),
+                      ([str(ckpts[0])], f"{ckpts[0].name} is not the run's newest checkpoint")):
+        assert main(["eval", *args, "--tasks", "cartlab_mc", "--n-loops", "2", "--db", str(tiny_run["db"])]) == 0
+        out = capsys.readouterr().out
+        assert why in out and "0-shot R=2" in out and "metric rows ->" not in out
+    pd.testing.assert_frame_equal(results.downstream(tiny_run["db"]), before)
+
+
+def test_empty_and_overlong_continuations(tiny_run):
+    lm = CartlabLM(checkpoint=str(tiny_run["ckpt"]), max_length=8)
+    assert lm._loglikelihood_tokens([(None, [5, 6], [])]) == [(0.0, True)]
+    with pytest.raises(ValueError, match="continuation: 9 tokens, longer than max_length=8"):
+        lm._loglikelihood_tokens([(None, [5], list(range(10, 19)))])
+
+
+def test_a_long_generation_budget_keeps_half_the_context(tiny_run):
+    from lm_eval.api.instance import Instance
+
+    lm = CartlabLM(checkpoint=str(tiny_run["ckpt"]), max_length=16)
+    model, tok, _ = load_checkpoint(tiny_run["ckpt"])
+    context = "Once upon a time there was a little fox who lived at the edge of a quiet forest"
+    ids = tok.encode(context)
+    assert len(ids) > 16
+    new = model.generate(torch.tensor([ids[-8:]]), 20, temperature=0, use_cache=False)[0, 8:].tolist()
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    request = Instance("generate_until", doc={}, arguments=(context, {"until": ["\u2603"], "max_gen_toks": 20}), idx=0)
+    assert lm.generate_until([request]) == [tok.decode(new)]
+
+
 def test_a_misspelt_model_arg_is_refused_not_ignored(tiny_run):
     with pytest.raises(ValueError, match=r"model_args: unknown argument\(s\) \['n_loop'\] .*allowed: \['checkpoint', 'n_loops'"):
         lm_eval.simple_evaluate(model="cartlab", model_args=f"checkpoint={tiny_run['ckpt']},n_loop=4",
@@ -167,7 +204,8 @@ def test_a_misspelt_model_arg_is_refused_not_ignored(tiny_run):
 @pytest.mark.parametrize("args, message", [
     (["eval", "/no/such/ckpt", "--tasks", "cartlab_mc"], "checkpoint: /no/such/ckpt does not exist"),
     (["eval", "CKPT", "--tasks", "no_such_task_xyz"], "--tasks: unknown task 'no_such_task_xyz'"),
-    (["eval", "CKPT", "--tasks", "cartlab_mc", "--n-loops", "0,2"], "--n-loops: every value must be >= 1"),
+    (["eval", "CKPT", "--tasks", "cartlab_mc", "--n-loops", "0,2"], "--n-loops: every value must be an integer >= 1"),
+    (["eval", "CKPT", "--tasks", "cartlab_mc", "--db", "/no/such/results.db"], "--db: /no/such/results.db does not exist"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_run, capsys, args, message):
     args = [str(tiny_run["ckpt"]) if a == "CKPT" else a for a in args]

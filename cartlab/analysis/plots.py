@@ -134,7 +134,7 @@ def plot_variable_r_profile(downstream: pd.DataFrame, runs: pd.DataFrame | None 
         ax.errorbar(g["n_loops"], g["value"], yerr=g["stderr"].fillna(0), marker="o")
         if trained is not None:
             ax.axvline(trained, ls="--", color="grey")
-        ax.set(title=f"{task} {metric}", xlabel="inference R", yscale="log" if metric == "perplexity" else "linear")
+        ax.set(title=f"{task} {metric}", xlabel="inference R", yscale="log" if "perplexity" in metric else "linear")
     fig.tight_layout()
     return fig
 

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-loops", type=_ints, default=None,
                    help="comma-separated inference loop counts for CART (default: the trained R)")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (printed, not stored)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -45,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
                     n_loops=args.n_loops or [None], db=args.db, limit=args.limit, batch_size=args.batch_size,
                     device=args.device)
     print(format_table(rows))
-    print(f"cartlab: {len(rows)} metric rows -> {args.db}")
+    if rows.attrs["stored"]:
+        print(f"cartlab: {len(rows)} metric rows -> {args.db}")
     return 0

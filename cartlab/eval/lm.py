@@ -39,7 +39,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, checkpoint config dict) of a cartlab checkpoint."""
+    """(model in eval mode on `device`, tokenizer, checkpoint config dict) of a cartlab checkpoint."""
     from cartlab.model import LMConfig, build_model
     from cartlab.train import checkpoint
 
@@ -83,13 +83,27 @@ class CartlabLM(TemplateLM):
         self.model, self.tokenizer_ = model.to(self._device).eval(), tokenizer
         self.max_length = int(max_length or seq_len or 1024)
         self.max_gen_toks = int(max_gen_toks)
+        self.set_loops(n_loops)
+
+    @property
+    def loops(self) -> bool:
+        """Whether the model has a loop count to vary (CART)."""
+        return hasattr(self.model.config, "n_loops")
+
+    def set_loops(self, n_loops: int | str | None) -> None:
+        """Score with `n_loops` iterations of the core (section 7.4); None or "" means the trained R."""
         self.forward_kw = {}
-        if n_loops not in (None, ""):
-            if not hasattr(self.model.config, "n_loops"):
-                raise ValueError(f"n_loops: only CART models loop; this checkpoint is {self.model.config.kind}")
-            if int(n_loops) < 1:
-                raise ValueError(f"n_loops: must be >= 1, got {n_loops}")
-            self.forward_kw["n_loops"] = int(n_loops)
+        if n_loops in (None, ""):
+            return
+        if not self.loops:
+            raise ValueError(f"n_loops: only CART models loop; this checkpoint is {self.model.config.kind}")
+        try:
+            r = int(n_loops)
+        except ValueError:
+            raise ValueError(f"n_loops: must be an integer >= 1, got {n_loops!r}") from None
+        if r < 1:
+            raise ValueError(f"n_loops: must be an integer >= 1, got {n_loops!r}")
+        self.forward_kw["n_loops"] = r
 
     # -- tokenizer ------------------------------------------------------------------------------
     @property
@@ -104,40 +118,45 @@ class CartlabLM(TemplateLM):
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
-        """log p(next token) for right-padded sequences: (B, T_max, V) in fp32."""
+    def _logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Logits of right-padded sequences: (B, T_max, V). Padding after a row's end cannot
+        change its positions: the model is causal."""
         width = max(len(s) for s in seqs)
         idx = torch.full((len(seqs), width), self.eot_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             idx[i, : len(s)] = torch.tensor(s)
-        logits, _ = self.model(idx.to(self._device), **self.forward_kw)
-        return F.log_softmax(logits.float(), dim=-1).cpu()
+        return self.model(idx.to(self._device), **self.forward_kw)[0]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation | context) and whether it is the greedy continuation; the
-        input is the last max_length tokens of context + continuation (minus the final one)."""
+        """Sum of log p(continuation | context) and whether it is the greedy continuation. The
+        model reads the last max_length + 1 tokens of context + continuation, minus the final
+        one; an empty continuation scores (0.0, True), as in the harness's HF model."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for i in order:
+            if not requests[i][2]:
+                results[i] = (0.0, True)
+            elif len(requests[i][2]) > self.max_length:
+                raise ValueError(f"continuation: {len(requests[i][2])} tokens, longer than max_length="
+                                 f"{self.max_length}; pass a larger max_length in --model_args")
+        order = [i for i in order if results[i] is None]
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
-            seqs, conts = [], []
-            for i in batch:
-                _, ctx, cont = requests[i]
-                if not cont:
-                    raise ValueError("continuation: empty after tokenization; nothing to score")
-                seqs.append((ctx + cont)[-(self.max_length + 1):][:-1])
-                conts.append(cont)
-            logp = self._logprobs(seqs)
-            for row, (i, seq, cont) in enumerate(zip(batch, seqs, conts)):
+            seqs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+            logits = self._logits(seqs)
+            for row, (i, seq) in enumerate(zip(batch, seqs)):
+                cont = requests[i][2]
                 n = len(cont)
-                lp = logp[row, len(seq) - n: len(seq)]  # (n, V): predictions of the continuation
+                # only the continuation's predictions go through log_softmax and to the CPU: (n, V)
+                lp = F.log_softmax(logits[row, len(seq) - n: len(seq)].float(), dim=-1).cpu()
                 target = torch.tensor(cont)
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Total log-likelihood of each whole string, scored in disjoint rolling windows of
-        max_length tokens (each token predicted once, with up to max_length - 1 tokens of context)."""
+        """Total log-likelihood of each whole string, scored in the harness's disjoint rolling
+        windows of max_length predicted tokens: each token is predicted once, from a window of at
+        most max_length input tokens (the first window starts with the end-of-text prefix)."""
         out = []
         for (string,) in (req.args for req in requests):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
@@ -149,13 +168,18 @@ class CartlabLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding with the KV cache until an `until` string or max_gen_toks tokens."""
+        """Greedy decoding with the KV cache until an `until` string, the end token or
+        `max_gen_toks` tokens (sampling arguments such as do_sample/temperature are not used:
+        decoding is always greedy). The context keeps its last max_length - max_gen_toks tokens,
+        and at least half of max_length: CART and Dense have no position limit, so a long answer
+        may run past the trained length rather than lose its prompt."""
         out = []
         for context, gen_kwargs in (req.args for req in requests):
             until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
             budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ctx = self.tok_encode(context)[-max(1, self.max_length - budget):]
+            ctx = self.tok_encode(context)[-max(self.max_length - budget, self.max_length // 2, 1):]
+            ctx = ctx or [self.eot_token_id]
             cache = KVCache()
             logits, _ = self.model(torch.tensor([ctx], device=self._device), cache=cache, **self.forward_kw)
             new: list[int] = []

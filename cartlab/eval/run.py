@@ -68,31 +68,46 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
              device: str = "cpu", log=print) -> pd.DataFrame:
     """Run lm_eval.simple_evaluate for every (num_fewshot, n_loops) and store the metrics as
     downstream rows of the checkpoint's run in `db`. n_loops None means the trained R (stored as
-    the trained value). Returns the rows as a DataFrame."""
+    the trained value; 0 for Dense). Returns the rows as a DataFrame.
+
+    The downstream table holds one value per (run, task, metric, shots, R): the run's final
+    weights on whole tasks. So `limit` (a quick look at the first documents) and a checkpoint
+    that is not the run's newest are evaluated and returned but never stored (said in `log`)."""
     import lm_eval
 
-    from cartlab.eval.lm import CartlabLM
+    from cartlab.eval.lm import CartlabLM, resolve_checkpoint
     from cartlab.results.db import ResultsDB
+    from cartlab.train.checkpoint import latest
 
     for r in n_loops:
-        if r is not None and int(r) < 1:
-            raise ValueError(f"--n-loops: every value must be >= 1, got {r}")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"--n-loops: every value must be an integer >= 1, got {r!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {limit}")
+    ckpt = resolve_checkpoint(checkpoint)
     task_list = resolve_tasks(list(tasks))
-    lm = CartlabLM(checkpoint=str(checkpoint), batch_size=batch_size, device=device)
+    if db is not None and not Path(db).is_file():
+        raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
+    lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device)
+    if any(r is not None for r in n_loops) and not lm.loops:
+        raise ValueError("--n-loops: only CART checkpoints loop; this one is Dense")
     trained_r = getattr(lm.model.config, "n_loops", 0)
     store = None
     if db is not None:
-        store = ResultsDB(db)
-        if store.get_run(lm.run_id) is None:
-            store.close()
-            raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
-                             f"give the database it was trained into")
+        if limit is not None:
+            log(f"cartlab eval: --limit {limit} evaluates part of each task; the metrics are printed, not stored")
+        elif ckpt.resolve() != (latest(ckpt.parent) or ckpt).resolve():
+            log(f"cartlab eval: {ckpt.name} is not the run's newest checkpoint; the metrics are printed, not stored")
+        else:
+            store = ResultsDB(db)
+            if store.get_run(lm.run_id) is None:
+                store.close()
+                raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
+                                 f"give the database it was trained into")
     rows = []
     try:
         for r in n_loops:
-            if r is not None and trained_r == 0:
-                raise ValueError("--n-loops: only CART checkpoints loop; this one is Dense")
-            lm.forward_kw = {} if r is None else {"n_loops": int(r)}
+            lm.set_loops(r)
             for k in num_fewshot:
                 log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)}")
                 res = lm_eval.simple_evaluate(model=lm, tasks=task_list, num_fewshot=int(k), limit=limit,
@@ -105,7 +120,9 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     finally:
         if store is not None:
             store.close()
-    return pd.DataFrame(rows, columns=["task", "metric", "value", "stderr", "num_fewshot", "n_loops"])
+    frame = pd.DataFrame(rows, columns=["task", "metric", "value", "stderr", "num_fewshot", "n_loops"])
+    frame.attrs["stored"] = store is not None
+    return frame
 
 
 def format_table(rows: pd.DataFrame) -> str:
@@ -116,5 +133,5 @@ def format_table(rows: pd.DataFrame) -> str:
                               for v, s in zip(rows.value, rows.stderr)])
     table = cells.pivot_table(index=["task", "metric"], columns=["num_fewshot", "n_loops"], values="cell",
                               aggfunc="first")
-    table.columns = [f"{k}-shot R={r}" for k, r in table.columns]
+    table.columns = [f"{k}-shot R={r}" if r else f"{k}-shot" for k, r in table.columns]  # R=0: Dense
     return table.to_string()

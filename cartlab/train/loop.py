@@ -218,7 +218,7 @@ def _run_lock(results_db: str, run_id: str):
         import fcntl
     except ImportError:
         fcntl = None
-    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0 or str(results_db) == ":memory:":
         yield
         return
     path = Path(f"{results_db}.locks") / run_id.replace(os.sep, "_")
