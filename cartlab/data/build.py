@@ -37,6 +37,7 @@ from cartlab.data.meta import META_FORMAT, META_NAME, load_meta, write_json_atom
 from cartlab.data.recipe import DomainConfig, Recipe, load_recipe
 from cartlab.data.sources import iter_documents, split_bucket
 from cartlab.data.tokenizer import Tokenizer, get_tokenizer
+from cartlab.filelock import file_lock
 
 CHUNK_DOMAINS = "train_chunk_domains.npy"  # uint8 per chunk of train.bin: index into meta["domains"]
 
@@ -156,21 +157,10 @@ def build(recipe: Recipe | str, out_dir: str | Path | None = None, *, progress: 
 
 @contextlib.contextmanager
 def _exclusive(out: Path, log: Callable[[str], None]):
-    """Hold an advisory lock on `out` (the file `.<name>.lock` beside it) for a whole build; the
-    OS releases it when the process dies. Staging folders found once the lock is held belong to
-    builds that were killed: removed. (Without fcntl, on Windows, builds of one folder must not
-    overlap.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"{out}: another build of this folder is running; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    """Hold the lock `.<name>.lock` beside `out` for a whole build (a second build waits for
+    it). Staging folders found once the lock is held belong to builds that were killed: removed."""
+    with file_lock(out.parent / f".{out.name}.lock",
+                   busy=lambda _: log(f"{out}: another build of this folder is running; waiting for it")):
         for stale in out.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
         yield

@@ -5,7 +5,9 @@
         --num-fewshot 0,5 --n-loops 2,4,6,8,10,12,14,16                    # the paper's Table 12 (online)
 
 Every metric and its stderr goes to the downstream table of the results database (one row per
-task, metric, few-shot setting and inference R), which the variable_R notebook reads.
+task, metric, few-shot setting and inference R), which the variable_R notebook reads. That table
+holds the run's final weights on whole tasks: with --limit, or on a checkpoint that is not the
+run's newest, the metrics are printed and not stored.
 """
 from __future__ import annotations
 
@@ -35,12 +37,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cartlab.eval.run import evaluate, format_table
 
-    if not Path(args.checkpoint).exists():
-        raise ValueError(f"checkpoint: {args.checkpoint} does not exist")
     rows = evaluate(args.checkpoint, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
                     n_loops=args.n_loops or [None], db=args.db, limit=args.limit, batch_size=args.batch_size,
                     device=args.device)

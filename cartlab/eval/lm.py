@@ -28,6 +28,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     from cartlab.train import checkpoint
 
     p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint: {path} does not exist")
     for candidate in (p, p / "checkpoints"):
         if (candidate / "model.safetensors").is_file():
             return candidate

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import cartlab
+from cartlab.filelock import file_lock
 from cartlab.model import CARTConfig, account, build_model
 from cartlab.results.db import ResultsDB
 from cartlab.train import checkpoint
@@ -210,25 +211,19 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
 
 @contextlib.contextmanager
 def _run_lock(results_db: str, run_id: str):
-    """One process at a time trains a run: an advisory lock on `<results_db>.locks/<run_id>`,
-    held by rank 0 for the whole run. The OS drops it when the process dies, so a killed run can
-    be resumed at once; a second launch of a live run is refused instead of writing its rows and
-    checkpoints twice. (Without fcntl, on Windows, nothing stops a second launch.)"""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is None or int(os.environ.get("RANK", "0")) != 0 or str(results_db) == ":memory:":
+    """One process at a time trains a run: the lock `<results_db>.locks/<run_id>`, held by rank 0
+    for the whole run (`cartlab.filelock`). The OS drops it when the process dies, so a killed
+    run can be resumed at once; a second launch of a live run is refused instead of writing its
+    rows and checkpoints twice. (On Windows nothing stops a second launch.)"""
+    if int(os.environ.get("RANK", "0")) != 0 or str(results_db) == ":memory:":
         yield
         return
-    path = Path(f"{results_db}.locks") / run_id.replace(os.sep, "_")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"run {run_id!r} is being trained by another process right now ({path} is locked); "
-                             f"wait for it, or stop it and `cartlab train --resume {run_id}`") from None
+
+    def refuse(path: Path) -> None:
+        raise ValueError(f"run {run_id!r} is being trained by another process right now ({path} is locked); "
+                         f"wait for it, or stop it and `cartlab train --resume {run_id}`")
+
+    with file_lock(Path(f"{results_db}.locks") / run_id.replace(os.sep, "_"), busy=refuse):
         yield
 
 
