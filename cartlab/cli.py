@@ -4,13 +4,17 @@ Each subcommand lives next to the code it drives, in a module with a
 `register(subparsers)` function that adds its parser and sets `func` to a callable taking the
 parsed arguments and returning an exit code. This file only lists those modules.
 
-User errors (a `ValueError` raised by the library, e.g. a bad config field) are printed as one
-line, `cartlab: error: ...`, with exit code 2; anything else is a bug and keeps its traceback.
+Errors meet one boundary (`run_guarded`, also used by `python -m cartlab.eval`): a user error (a
+bad config field, a file that is missing or not what it should be, an unwritable folder) is
+printed as one line, `cartlab: error: ...`, with exit code 2; anything else as one line naming
+the exception, with exit code 1. `--debug` (or CARTLAB_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sqlite3
 import sys
 
 SUBCOMMAND_MODULES = (
@@ -28,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cartlab",
         description="Train, ablate and analyse depth-recurrent language models (CART, Dense).",
+        epilog="--debug (anywhere, or CARTLAB_DEBUG=1) shows a traceback instead of a one-line error.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
@@ -36,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    return run_guarded(lambda: _dispatch(argv), debug=debug)
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # FIELD=VALUE overrides may come after options: `cartlab train --quiet seed=2`
@@ -43,11 +56,35 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args) or 0)
+
+
+USER_ERRORS = (ValueError, OSError, sqlite3.Error)
+"""What a user can cause and fix: bad values (ConfigError is a ValueError), missing or unreadable
+files, full disks, unwritable folders, files that are not databases."""
+
+
+def run_guarded(fn, *, debug: bool = False, prog: str = "cartlab") -> int:
+    """Call `fn()` -> exit code; turn an exception into one line on stderr and an exit code."""
+    if debug or os.environ.get("CARTLAB_DEBUG", "") not in ("", "0"):
+        return int(fn() or 0)
     try:
-        return int(args.func(args) or 0)
-    except ValueError as err:
-        print(f"cartlab: error: {err}", file=sys.stderr)
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: say what and where to look, without a wall of frames
+        print(f"{prog}: internal error: {type(err).__name__}: {one_line(err)} "
+              f"(run again with --debug or CARTLAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_noncausal_cross_attention_leak_is_detected(hooks):
 
 
 def test_noncausal_needs_a_cross_attention_core():
-    with pytest.raises(ConfigError, match="causal_cross_attn=False needs a cross-attention core"):
+    with pytest.raises(ConfigError, match="causal_cross_attn=false is not allowed: an unmasked cross-attention needs a cross-attention core"):
         CARTConfig.tiny(hooks=("self_attn_core", "noncausal_cross_attn"))
 
 

@@ -70,11 +70,11 @@ def test_overrides_reach_every_run():
 
 
 @pytest.mark.parametrize("body, message", [
-    ("preset: smoke\nruns: [{label: a}]\nseeds: [1]\nbogus: 1\n", "unknown study field(s) ['bogus']"),
-    ("runs: [{label: a}]\n", "needs a preset"),
+    ("preset: smoke\nruns: [{label: a}]\nseeds: [1]\nbogus: 1\n", "bogus is not a field"),
+    ("runs: [{label: a}]\n", "preset is missing"),
     ("preset: smoke\nruns: []\n", "at least one entry"),
     ("preset: smoke\nruns: [{label: a}, {label: a}]\n", "labels must be unique"),
-    ("preset: smoke\nruns: [{label: a, hook: [no_lti]}]\n", "runs[0] has unknown field(s) ['hook']"),
+    ("preset: smoke\nruns: [{label: a, hook: [no_lti]}]\n", "runs[0].hook is not a field: did you mean 'hooks'?"),
     ("preset: smoke\nruns: [{label: a, hooks: [no_such_hook]}]\n", "no_such_hook"),
     ("preset: nope\nruns: [{label: a}]\n", "preset='nope' is not allowed"),
 ])

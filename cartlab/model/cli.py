@@ -9,20 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
 from cartlab.model.config import CONFIG_KINDS, ConfigError
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """['d_model=256', 'share_core=false'] -> {'d_model': 256, 'share_core': False} (YAML typing)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form field=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def register(subparsers) -> None:
@@ -42,17 +29,17 @@ def register(subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from cartlab.model.accounting import account, matched_dense
 
-    fields = parse_overrides(args.overrides)
+    overrides = list(args.overrides)
     if args.hooks:
         if args.kind != "cart":
-            raise ConfigError("--hooks applies to kind 'cart' only")
-        fields["hooks"] = tuple(h.strip() for h in args.hooks.split(",") if h.strip())
-    cfg = CONFIG_KINDS[args.kind].from_dict({"kind": args.kind, **fields})
+            raise ConfigError(f"--hooks={args.hooks} is not allowed: hooks apply to kind 'cart' only")
+        overrides.append(f"hooks={args.hooks}")
+    cfg = CONFIG_KINDS[args.kind].from_dict({"kind": args.kind}, overrides)
     acc = account(cfg, args.seq_len)
     report = {"config": cfg.to_dict(), "accounting": acc.to_dict()}
     if args.match_dense:
         if args.kind != "cart":
-            raise ConfigError("--match-dense applies to kind 'cart' only")
+            raise ConfigError(f"--match-dense={args.match_dense} is not allowed: it applies to kind 'cart' only")
         dense = matched_dense(cfg, on=args.match_dense, seq_len=args.seq_len)
         report["matched_dense"] = {"on": args.match_dense, "n_layers": dense.n_layers,
                                    "accounting": account(dense, args.seq_len).to_dict()}

@@ -11,12 +11,11 @@ Defaults are the paper's binding configuration: d=1024, P=6, R=6, Llama-2 vocabu
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
+from cartlab.config import Config, ConfigError, field, load_yaml
 from cartlab.model import hooks as _hooks
 from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS
 
@@ -24,63 +23,41 @@ HEAD_DIM = 64  # paper widths 256..1024 use 64-dim heads (4, 8, 12, 16 heads)
 MIN_VOCAB = 2
 
 
-class ConfigError(ValueError):
-    """A config field has a value the model cannot be built with; the message names the field."""
-
-
-def _check_choice(field_name: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{field_name}={value!r} is not allowed; choose one of {sorted(allowed)}")
-
-
-def _check_min(field_name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{field_name}={value!r} is not allowed; it must be an integer >= {minimum}")
-
-
 @dataclass
-class LMConfig:
+class LMConfig(Config):
     """Fields shared by every language model in cartlab (CART and Dense)."""
 
-    vocab_size: int = 32000
+    vocab_size: int = field(32000, ge=MIN_VOCAB)
     """Vocabulary size; 32,000 is the Llama-2 tokenizer used by the paper (section 4.1)."""
-    d_model: int = 1024
+    d_model: int = field(1024, ge=1)
     """Residual width d. The paper sweeps 256, 512, 768, 1024."""
-    n_heads: int | None = None
+    n_heads: int | None = field(None, ge=1, none="null for d_model // 64")
     """Attention heads; None means d_model // 64 (64-dim heads)."""
-    ffn_multiple_of: int = 256
+    ffn_multiple_of: int = field(256, ge=1)
     """SwiGLU hidden size is 8/3 * d_model rounded up to a multiple of this (Llama convention);
     with 256 the parameter counts of Table 1 are reproduced."""
-    rope_theta: float = 10000.0
+    rope_theta: float = field(10000.0, gt=0)
     """RoPE base frequency."""
-    norm_eps: float = 1e-5
+    norm_eps: float = field(1e-5, gt=0)
     """RMSNorm epsilon."""
-    init_std: float = 0.02
+    init_std: float = field(0.02, gt=0)
     """Std of the normal init of embeddings and linear weights (residual outputs are scaled down
     by 1/sqrt(2 * effective layers), as in GPT-2)."""
 
     kind: ClassVar[str] = "lm"
+    tag: ClassVar[str] = "kind"
 
-    def __post_init__(self) -> None:
-        _check_min("vocab_size", self.vocab_size, MIN_VOCAB)
-        _check_min("d_model", self.d_model, 1)
-        _check_min("ffn_multiple_of", self.ffn_multiple_of, 1)
+    def validate(self) -> None:
         if self.n_heads is None:
             self.n_heads = max(1, self.d_model // HEAD_DIM)
-        _check_min("n_heads", self.n_heads, 1)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             # RoPE rotates channel pairs, so every head needs an even width
             allowed = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
-            problem = (f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}" if self.d_model % self.n_heads
-                       else f"n_heads={self.n_heads} gives heads of odd width {self.d_model // self.n_heads}")
-            raise ConfigError(
-                f"{problem}; n_heads must divide d_model into heads of even width (RoPE rotates channel pairs) "
-                f"(allowed: {allowed[:12]}{' ...' if len(allowed) > 12 else ''})"
-            )
-        for name in ("init_std", "norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name}={value!r} is not allowed; it must be a number > 0")
+            problem = (f"does not divide d_model={self.d_model}" if self.d_model % self.n_heads
+                       else f"gives heads of odd width {self.d_model // self.n_heads}")
+            raise ConfigError.value("n_heads", self.n_heads, (
+                f"it {problem}; n_heads must divide d_model into heads of even width (RoPE rotates channel "
+                f"pairs): {allowed[:12]}{' ...' if len(allowed) > 12 else ''}"))
 
     @property
     def head_dim(self) -> int:
@@ -93,32 +70,21 @@ class LMConfig:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if "hooks" in out:
-            out["hooks"] = list(out["hooks"])
-        return {"kind": self.kind, **out}
+        return {"kind": self.kind, **super().to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
-        """Rebuild a config from `to_dict()` output; unknown fields are an error, not ignored."""
-        d = dict(d)
-        kind = d.pop("kind", cls.kind)
-        target = CONFIG_KINDS.get(kind)
+    def concrete(cls, d: Mapping) -> type:
+        kind = d.get("kind", cls.kind if cls is not LMConfig else "cart")
+        target = CONFIG_KINDS.get(kind) if isinstance(kind, str) else None
         if target is None:
-            raise ConfigError(f"kind={kind!r} is not allowed; choose one of {sorted(CONFIG_KINDS)}")
+            raise ConfigError.value("kind", kind, f"choose one of {', '.join(sorted(CONFIG_KINDS))}")
         if cls is not LMConfig and target is not cls:
-            raise ConfigError(f"kind={kind!r} does not describe a {cls.__name__}")
-        names = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown {target.__name__} field(s) {unknown}; allowed: {sorted(names)}")
-        if "hooks" in d:
-            d["hooks"] = tuple(d["hooks"])
-        return target(**d)
+            raise ConfigError.value("kind", kind, f"a {cls.__name__} has kind {cls.kind!r}")
+        return target
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LMConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(load_yaml(path, "model config"))  # JSON is YAML
 
 
 @dataclass
@@ -130,55 +96,45 @@ class CARTConfig(LMConfig):
     rewrite; set them through `hooks=(...)` rather than by hand so the variant has its paper name.
     """
 
-    prelude_layers: int = 6
+    prelude_layers: int = field(6, ge=1)
     """P: unique MLA self-attention layers before the loop (section 3.1)."""
-    n_loops: int = 6
+    n_loops: int = field(6, ge=1)
     """R: applications of the core block during training (section 3.2). Can be overridden at
     inference time (`model(idx, n_loops=...)`, section 7.4)."""
-    kv_latent_dim: int | None = None
+    kv_latent_dim: int | None = field(None, ge=1, none="null for d_model // 4")
     """MLA latent width d_c of every KV projection; None means d_model // 4, which reproduces
     the stored parameter counts of Table 1 (the paper's value was lost in extraction)."""
-    core_attention: str = "anchor"
+    core_attention: str = field("anchor", choices=lambda: CORE_ATTENTION)
     """How the core attends: 'anchor' (cross-attention to K,V computed once from the prelude),
     'recomputed' (the anchor's KV projection re-applied to the state every loop) or 'self'
     (MLA self-attention with RoPE; no anchor)."""
     causal_cross_attn: bool = True
     """Causal mask on the core's cross-attention. False reproduces the leak of section 3.4."""
-    state_mixer: str = "hyper"
+    state_mixer: str = field("hyper", choices=lambda: MIXERS)
     """'hyper': HyperConnection blend of the last 3 loop states; 'last': the latest state only."""
-    state_gate: str = "lti"
+    state_gate: str = field("lti", choices=lambda: GATES)
     """'lti': sigmoid LTI gate h <- A*h + u with spectral radius < 1; 'residual': h <- h + u."""
-    loop_embedding: str = "sinusoidal"
+    loop_embedding: str = field("sinusoidal", choices=lambda: LOOP_EMBEDDINGS)
     """'sinusoidal': loop-index embedding added to the core input; 'none'."""
     share_core: bool = True
     """True: one core block applied R times. False: R distinct core blocks (section 8.3)."""
-    gate_init: float = 0.9
+    gate_init: float = field(0.9, gt=0, lt=1)
     """Initial per-channel retention sigmoid(lambda) of the LTI gate."""
     hooks: tuple[str, ...] = ()
     """Ablation hooks applied to this config (names from `cartlab.model.hooks.HOOKS`)."""
 
     kind: ClassVar[str] = "cart"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_min("prelude_layers", self.prelude_layers, 1)
-        _check_min("n_loops", self.n_loops, 1)
+    def validate(self) -> None:
+        super().validate()
         _hooks.apply_hooks(self)
         if self.kv_latent_dim is None:
             self.kv_latent_dim = max(1, self.d_model // 4)
-        _check_min("kv_latent_dim", self.kv_latent_dim, 1)
-        _check_choice("core_attention", self.core_attention, CORE_ATTENTION)
-        _check_choice("state_mixer", self.state_mixer, MIXERS)
-        _check_choice("state_gate", self.state_gate, GATES)
-        _check_choice("loop_embedding", self.loop_embedding, LOOP_EMBEDDINGS)
-        if not 0.0 < self.gate_init < 1.0:
-            raise ConfigError(f"gate_init={self.gate_init!r} is not allowed; it must lie in (0, 1)")
         if not self.causal_cross_attn and not CORE_ATTENTION[self.core_attention].cross:
             crosses = sorted(k for k, v in CORE_ATTENTION.items() if v.cross)
-            raise ConfigError(
-                f"causal_cross_attn=False needs a cross-attention core (core_attention in {crosses}), "
-                f"got core_attention={self.core_attention!r}: there is no cross-attention to un-mask"
-            )
+            raise self.reject("causal_cross_attn", (
+                f"an unmasked cross-attention needs a cross-attention core (core_attention in {crosses}), got "
+                f"core_attention={self.core_attention!r}: there is no cross-attention to un-mask"))
 
     @property
     def n_core_blocks(self) -> int:
@@ -206,14 +162,10 @@ class CARTConfig(LMConfig):
 class DenseConfig(LMConfig):
     """Dense baseline (section 4.3): n_layers standard MHA + SwiGLU + RoPE layers, tied embeddings."""
 
-    n_layers: int = 12
+    n_layers: int = field(12, ge=1)
     """Number of transformer layers (the paper trains 7 and 12 at d=1024)."""
 
     kind: ClassVar[str] = "dense"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_min("n_layers", self.n_layers, 1)
 
     @property
     def effective_depth(self) -> int:
@@ -226,3 +178,24 @@ class DenseConfig(LMConfig):
 
 
 CONFIG_KINDS: dict[str, type[LMConfig]] = {"cart": CARTConfig, "dense": DenseConfig}
+
+
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "ffn_multiple_of", "prelude_layers", "n_loops", "n_layers", "hooks")
+"""The fields a model's label states; every other field is the family default or the hooks' value
+unless `model_overrides` says otherwise."""
+
+
+def model_overrides(cfg: LMConfig) -> dict[str, Any]:
+    """The fields of `cfg` set by hand: those that differ from the config the family's defaults
+    and its hooks give at the same shape. `CARTConfig(state_gate="residual")` -> {"state_gate":
+    "residual"}: the no-LTI model, but not the `no_lti` variant's name, so it is never taken
+    for a baseline."""
+    shape = {k: v for k, v in cfg.to_dict().items() if k in SHAPE_FIELDS}
+    reference = type(cfg).from_dict(shape).to_dict()
+    return {k: v for k, v in cfg.to_dict().items() if k not in SHAPE_FIELDS and v != reference.get(k)}
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    """{"state_gate": "residual", "gate_init": 0.5} -> "gate_init=0.5,state_gate=residual" ("" for none)."""
+    return ",".join(f"{k}={v if not isinstance(v, bool) else str(v).lower()}" for k, v in sorted(overrides.items()))
+

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from cartlab.config import ConfigError
+
 if TYPE_CHECKING:
     from cartlab.model.config import CARTConfig
 
@@ -60,15 +62,13 @@ def register_hook(name: str, section: str):
 
 
 def apply_hooks(cfg: "CARTConfig") -> None:
-    """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.__post_init__`)."""
-    from cartlab.model.config import ConfigError
-
+    """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.validate`)."""
     names = list(cfg.hooks)
     unknown = [n for n in names if n not in HOOKS]
     if unknown:
-        raise ConfigError(f"hooks: unknown hook(s) {unknown}; allowed: {sorted(HOOKS)}")
+        raise ConfigError.value("hooks", names, f"unknown hook(s) {unknown}; choose from {', '.join(HOOKS)}")
     if len(set(names)) != len(names):
-        raise ConfigError(f"hooks: {names} names a hook twice; each hook may appear once")
+        raise ConfigError.value("hooks", names, "names a hook twice; each hook may appear once")
     ordered = [n for n in HOOKS if n in names]
     setters: dict[str, tuple[str, Any]] = {}
     for name in ordered:
@@ -77,11 +77,10 @@ def apply_hooks(cfg: "CARTConfig") -> None:
                 raise ConfigError(f"hooks: {name!r} sets {fld!r}, which is not a {type(cfg).__name__} field")
             if fld in setters and setters[fld][1] != value:
                 other = setters[fld][0]
-                raise ConfigError(
-                    f"hooks: {other!r} and {name!r} cannot be combined: both set {fld} "
+                raise ConfigError.value("hooks", names, (
+                    f"{other!r} and {name!r} cannot be combined: both set {fld} "
                     f"({setters[fld][1]!r} vs {value!r}). {other}: {HOOKS[other].summary} "
-                    f"{name}: {HOOKS[name].summary}"
-                )
+                    f"{name}: {HOOKS[name].summary}"))
             setters[fld] = (name, value)
     for fld, (_, value) in setters.items():
         setattr(cfg, fld, value)

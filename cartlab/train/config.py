@@ -14,63 +14,76 @@ import copy
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cartlab.config import Config, ConfigError, field, load_yaml
 from cartlab.model import CARTConfig, LMConfig, matched_dense
-from cartlab.model.config import ConfigError
+from cartlab.model.config import format_overrides, model_overrides
+from cartlab.train.device import DEVICES, OPTIMIZERS, PRECISIONS
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     recipe: str = "embedded"
     """Data recipe (data/recipes/NAME.yaml); its build lives in <data root>/built/NAME."""
     dir: str | None = None
     """An explicit build folder (train.bin, val_*.bin, meta.json) instead of the recipe's."""
-    mode: str = "sequential"
+    mode: str = field("sequential", choices=("sequential", "random"))
     """'sequential' reads train.bin in order (the paper's single pass); 'random' samples windows."""
 
+    def validate(self) -> None:
+        from cartlab.data.recipe import list_recipes
+
+        if self.dir is None and self.recipe not in list_recipes():
+            raise self.reject("recipe", f"choose one of {', '.join(list_recipes())}, or set data.dir to a build folder")
+
 
 @dataclass
-class OptimConfig:
-    name: str = "auto"
+class OptimConfig(Config):
+    name: str = field("auto", choices=OPTIMIZERS)
     """'auto' (AdamW8bit on CUDA with bitsandbytes, torch AdamW otherwise), 'adamw', 'adamw8bit'."""
-    lr: float = 6e-4
+    lr: float = field(6e-4, gt=0)
     """Peak learning rate. The paper's value was lost in extraction; 6e-4 is GPT-3 small's
     (125M), the size of the paper's largest model, and trains every width here stably."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = field(0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio (the paper's floor was lost; 10% is the usual)."""
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    warmup_steps: int = field(100, ge=0)
+    """Linear warmup from lr / warmup_steps to lr."""
+    weight_decay: float = field(0.1, ge=0)
+    """AdamW decoupled weight decay."""
+    beta1: float = field(0.9, ge=0, lt=1)
+    beta2: float = field(0.95, ge=0, lt=1)
+    eps: float = field(1e-8, gt=0)
+    grad_clip: float | None = field(1.0, gt=0, none="null to disable clipping")
+    """Clip the global gradient norm to this; null: no clipping (the norm is still logged)."""
 
 
 @dataclass
-class TrainConfig:
-    model: dict = field(default_factory=lambda: {"kind": "cart"})
-    """The model config as a dict (`CARTConfig`/`DenseConfig.to_dict()` fields, plus `kind`)."""
-    dense_match: str | None = None
+class TrainConfig(Config):
+    model: LMConfig = dataclasses.field(default_factory=CARTConfig)
+    """The model: a `CARTConfig` or `DenseConfig` (as a dict: its fields plus `kind`)."""
+    dense_match: str | None = field(None, choices=(None, "stored", "effective", "flops"))
     """Train the Dense baseline matched to `model` (a CART) on 'stored', 'effective' or 'flops'."""
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 1000
-    batch_size: int = 8
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    steps: int = field(1000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = field(8, ge=1)
     """Sequences per micro-batch per process."""
-    grad_accum: int = 1
-    seq_len: int = 512
-    seed: int = 1
+    grad_accum: int = field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    seq_len: int = field(512, ge=1)
+    """Tokens per training window."""
+    seed: int = field(1, ge=0)
+    """Seeds the model init and the data order."""
     stage: str = ""
     """Free label stored with the run (e.g. 'stage1', 'stage2', 'demo')."""
-    eval_every: int = 500
-    eval_batches: int = 50
+    eval_every: int = field(500, ge=1)
+    eval_batches: int = field(50, ge=1)
     """Validation: this many batches of `eval_batch_size` from the start of every val bin (section 11)."""
-    eval_batch_size: int = 1
+    eval_batch_size: int = field(1, ge=1)
     # -- operational: not part of the run's identity --------------------------------------------------
     name: str | None = None
     """Run name; default derived from the non-default fields."""
@@ -79,42 +92,28 @@ class TrainConfig:
     results_db: str = "runs/results.db"
     out_dir: str = "runs"
     """Checkpoints go to <out_dir>/<run name>/checkpoints."""
-    device: str = "auto"
-    precision: str = "auto"
+    device: str = field("auto", choices=DEVICES)
+    precision: str = field("auto", choices=PRECISIONS)
     compile: bool = False
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    log_every: int = field(10, ge=1)
+    checkpoint_every: int = field(500, ge=1)
+    keep_checkpoints: int = field(2, ge=1)
     quiet: bool = False
 
     # ------------------------------------------------------------------------------------------------
-    def __post_init__(self) -> None:
-        if isinstance(self.data, dict):
-            self.data = _from_dict(DataConfig, self.data, "data")
-        if isinstance(self.optim, dict):
-            self.optim = _from_dict(OptimConfig, self.optim, "optim")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "eval_batch_size",
-                     "log_every", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
-        if self.dense_match not in (None, "stored", "effective", "flops"):
-            raise ConfigError(f"dense_match={self.dense_match!r} is not allowed; choose one of "
-                              f"[None, 'stored', 'effective', 'flops']")
-        if self.data.mode not in ("sequential", "random"):
-            raise ConfigError(f"data.mode={self.data.mode!r} is not allowed; choose one of ['sequential', 'random']")
-        if self.optim.lr <= 0 or not 0 <= self.optim.min_lr_ratio <= 1:
-            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
-        self.model_config()  # validate the model section now, not at step 0
+    def validate(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise self.reject("preset", f"choose one of {', '.join(sorted(PRESETS))}")
+        if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
+            raise self.reject("name", "must be a non-empty run name without '/'")
+        if self.dense_match and not isinstance(self.model, CARTConfig):
+            raise self.reject("dense_match", f"needs model.kind='cart' (the CART to match), got {self.model.kind!r}")
+        self._resolved = matched_dense(self.model, on=self.dense_match, seq_len=self.seq_len) \
+            if self.dense_match else self.model
 
     def model_config(self) -> LMConfig:
         """The model to train: `model`, or the Dense matched to it when `dense_match` is set."""
-        cfg = LMConfig.from_dict(self.model)
-        if self.dense_match:
-            if not isinstance(cfg, CARTConfig):
-                raise ConfigError("dense_match needs model.kind='cart' (the CART to match)")
-            cfg = matched_dense(cfg, on=self.dense_match, seq_len=self.seq_len)
-        return cfg
+        return self._resolved
 
     @property
     def tokens_per_step(self) -> int:
@@ -131,6 +130,30 @@ class TrainConfig:
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
+    def variant(self) -> str:
+        """What makes this run differ from others except its seed: a hash of the identity without
+        `seed`. Runs with equal variants are seeds of one configuration (the analyses group by it)."""
+        d = self.identity()
+        d.pop("seed")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def variant_fields(self) -> dict[str, str]:
+        """What the results database records of the variant: `variant` (the key above),
+        `overrides` (model fields set by hand, not through hooks; "" for none) and
+        `variant_label` ("cart d=128 P=2 R=4 [no_lti] {gate_init=0.5}"; a Dense matched to a CART
+        says on what)."""
+        m = self.model_config()
+        overrides = format_overrides(model_overrides(m))
+        if m.kind == "cart":
+            label = f"cart d={m.d_model} P={m.prelude_layers} R={m.n_loops}"
+        else:
+            label = f"dense d={m.d_model} L={m.n_layers}" + (f" ({self.dense_match}-matched)" if self.dense_match else "")
+        if getattr(m, "hooks", ()):
+            label += f" [{','.join(sorted(m.hooks))}]"
+        if overrides:
+            label += f" {{{overrides}}}"
+        return {"variant": self.variant(), "overrides": overrides, "variant_label": label}
 
     def run_name(self) -> str:
         """`cart-d256-P6-R6-no_lti-s1-lr0.001-3f2a9c1e`: the architecture's key fields, hooks, seed,
@@ -152,34 +175,31 @@ class TrainConfig:
         return "-".join(parts) + "-" + self.identity_hash()
 
     # -- I/O -------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict, overrides: list[str] | None = None) -> "TrainConfig":
-        d = copy.deepcopy(d)
-        for item in overrides or []:
-            apply_override(d, item)
-        return _from_dict(cls, d, "")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        d = yaml.safe_load(path.read_text()) or {}
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """A YAML file of TrainConfig fields; `preset: NAME` in it starts from that preset."""
+        d = load_yaml(path, "training config")
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: a training config must be a mapping of field: value, got {type(d).__name__}")
         base = d.pop("preset", None)
-        start = TrainConfig.from_preset(base).to_dict() if base else {}
-        return cls.from_dict(_merge(start, d), overrides)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        try:
+            return cls.from_dict(_merge(preset_dict(base), d) if base else d, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}", err.path, err.tail) from None
 
     @classmethod
-    def from_preset(cls, name: str, overrides: list[str] | None = None) -> "TrainConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"preset={name!r} is not allowed; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**copy.deepcopy(PRESETS[name]), "preset": name}, overrides)
+    def from_preset(cls, name: str, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        return cls.from_dict(preset_dict(name), overrides)
+
+
+def preset_dict(name: str) -> dict:
+    """The preset `name` as the dict it is written as (a model section is not resolved yet, so
+    an override of model.d_model still derives n_heads and the latent width from the new width)."""
+    if name not in PRESETS:
+        raise ConfigError.value("preset", name, f"choose one of {', '.join(sorted(PRESETS))}")
+    return {**copy.deepcopy(PRESETS[name]), "preset": name}
 
 
 OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "log_every",
@@ -207,44 +227,6 @@ def _merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model" else v
     return out
-
-
-def apply_override(d: dict, item: str) -> None:
-    """Apply 'a.b.c=value' (value parsed as YAML) to the nested dict d, in place."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form field=value (e.g. model.n_loops=8)")
-    path = key.strip().split(".")
-    node = d
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            pass
-    if path[:1] == ["model"] and path[-1] == "hooks" and isinstance(value, str):
-        value = [h for h in value.split(",") if h]
-    node[path[-1]] = value
-
-
-def _from_dict(cls, d: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown field(s) {[prefix + u for u in unknown]}; allowed: "
-                          f"{sorted(prefix + n for n in names)}")
-    for f in dataclasses.fields(cls):
-        if f.type == "float" and f.name in d:
-            value = d[f.name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where + '.' if where else ''}{f.name}={value!r} is not allowed; it must be a number")
-            d[f.name] = float(value)
-    return cls(**d)
 
 
 _PAPER_MODEL = {"kind": "cart", "d_model": 256, "prelude_layers": 6, "n_loops": 6}
