@@ -10,7 +10,7 @@ Importing this package is cheap (no torch, no matplotlib): submodules load on fi
 import importlib
 
 _SUBMODULES = (
-    "schema", "published", "scaling", "stats", "decompose", "spectral", "accounting", "plots", "synthetic",
+    "schema", "published", "scaling", "laws", "stats", "decompose", "spectral", "accounting", "plots", "synthetic",
 )
 __all__ = list(_SUBMODULES)
 
