@@ -8,6 +8,15 @@ component is counted exactly as built, and `applications()` says how often each 
                  (CART: stored + (R-1) * core block, + (R-1) * anchor KV under unfreeze_kv)
     fwd FLOPs  = sum over parts of applications * (2 T * matmul weights + 4 T^2 * attn width)
 
+LRT (Dense with `lrt_kv`/`lrt_residual`, `cartlab.model.memory`): the memory projection(s) are
+stored parameters applied once per token; `lrt_kv` re-applies each injection layer's K/V
+projection to the memory (counted in effective parameters and FLOPs, like CART's unfrozen
+anchor) and adds 4 T d per injection layer for the private slots. Its training forward is not its
+inference forward: the interleaved schedule adds a memory-free initialisation pass of every
+layer, so `train_forward_flops` (from `train_applications()`) is about 2x `forward_flops`, and
+`train_flops_per_token` is 3x that (the backward runs through both passes). `memory_overhead`
+compares an LRT config with its Dense backbone.
+
 FLOPs follow the paper's Table 3 convention, which we reproduce to <1%: per sequence of length
 T, matmuls at 2 FLOPs per weight per token, attention scores and values at 4 T^2 d per attention
 application (no causal halving), LM head excluded (`lm_head_flops` has it separately).
@@ -41,6 +50,9 @@ class Accounting:
     lm_head_flops: float
     effective_layers: float
     """forward_flops / forward FLOPs of one Dense layer of the same width (Table 3)."""
+    train_forward_flops: float
+    """FLOPs of one training forward per sequence, LM head excluded: forward_flops, except for
+    LRT, whose interleaved schedule adds an initialisation pass (about 2x)."""
 
     @property
     def non_embedding_stored(self) -> int:
@@ -56,8 +68,9 @@ class Accounting:
         return self.effective_params / self.stored_params
 
     def train_flops_per_token(self, include_lm_head: bool = True) -> float:
-        """3x forward (backward = 2x forward, section 4.5) per token."""
-        fwd = self.forward_flops + (self.lm_head_flops if include_lm_head else 0.0)
+        """3x the training forward (backward = 2x forward, section 4.5) per token; the LM head
+        runs once per token in every model."""
+        fwd = self.train_forward_flops + (self.lm_head_flops if include_lm_head else 0.0)
         return 3.0 * fwd / self.seq_len
 
     def to_dict(self) -> dict:
@@ -74,7 +87,8 @@ def build_meta(cfg: LMConfig) -> nn.Module:
 def _part_flops(part: nn.Module, T: int) -> float:
     weights = sum(m.weight.numel() for m in part.modules() if isinstance(m, nn.Linear))
     attention = sum(m.attn_dim for m in part.modules() if isinstance(m, Attention))
-    return 2.0 * T * weights + 4.0 * T * T * attention
+    extra = sum(m.extra_flops(T) for m in part.modules() if hasattr(m, "extra_flops"))
+    return 2.0 * T * weights + 4.0 * T * T * attention + extra
 
 
 def account(cfg: LMConfig, seq_len: int = 1024) -> Accounting:
@@ -86,6 +100,7 @@ def account(cfg: LMConfig, seq_len: int = 1024) -> Accounting:
     embedding = model.wte.weight.numel()
     effective = sum(sum(p.numel() for p in part.parameters()) * k for _, part, k in parts)
     flops = sum(_part_flops(part, seq_len) * k for name, part, k in parts if name != "embedding")
+    train = sum(_part_flops(part, seq_len) * k for name, part, k in model.train_applications() if name != "embedding")
     return Accounting(
         stored_params=model.num_params(),
         effective_params=effective,
@@ -94,7 +109,28 @@ def account(cfg: LMConfig, seq_len: int = 1024) -> Accounting:
         forward_flops=flops,
         lm_head_flops=2.0 * seq_len * cfg.d_model * cfg.vocab_size,
         effective_layers=flops / dense_layer_flops(cfg, seq_len),
+        train_forward_flops=train,
     )
+
+
+def memory_backbone(cfg: DenseConfig) -> DenseConfig:
+    """The Dense config `cfg` is built on: the same fields without the LRT hooks and memory fields."""
+    keep = {k: v for k, v in cfg.to_dict().items() if k != "hooks" and not k.startswith("memory_")}
+    return DenseConfig.from_dict(keep)
+
+
+def memory_overhead(cfg: DenseConfig, seq_len: int = 1024) -> dict:
+    """What LRT's memory costs over its Dense backbone: extra stored parameters (absolute and in %
+    of the backbone's), inference forward FLOPs in %, and the training-compute ratio (train FLOPs
+    per token, LM head included)."""
+    lrt, base = account(cfg, seq_len), account(memory_backbone(cfg), seq_len)
+    extra = lrt.stored_params - base.stored_params
+    return {
+        "params": extra,
+        "params_pct": 100.0 * extra / base.stored_params,
+        "inference_flops_pct": 100.0 * (lrt.forward_flops / base.forward_flops - 1.0),
+        "train_flops_ratio": lrt.train_flops_per_token() / base.train_flops_per_token(),
+    }
 
 
 def dense_layer_flops(cfg: LMConfig, seq_len: int) -> float:

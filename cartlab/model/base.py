@@ -1,6 +1,7 @@
 """What CART and Dense share: tied token embeddings, rotary angles, the LM head and loss, weight
 init, and KV-cached sampling. Subclasses define `forward(idx, targets=None, cache=None, ...)`
-and `applications()` (which module runs how many times per forward, for the accounting)."""
+and `applications()` (which module runs how many times per forward, for the accounting;
+`train_applications()` when a training forward runs more)."""
 from __future__ import annotations
 
 import math
@@ -56,6 +57,11 @@ class CausalLM(nn.Module):
     def diagnostics(self) -> dict:
         """Scalars worth logging during training (CART: spectral radius, HyperConnection weights)."""
         return {}
+
+    def train_applications(self) -> list[tuple[str, nn.Module, int]]:
+        """What one training forward runs, as `applications()` (which it is unless the training
+        forward differs from inference, as LRT's interleaved schedule does)."""
+        return self.applications()
 
     def num_params(self) -> int:
         """Stored parameters (the tied embedding counted once)."""

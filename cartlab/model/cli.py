@@ -3,6 +3,7 @@
     cartlab model info cart d_model=256 --hooks no_lti,unshare_core
     cartlab model info dense d_model=1024 n_layers=7 --seq-len 1024
     cartlab model info cart --match-dense effective
+    cartlab model info dense d_model=512 n_layers=12 --hooks lrt_kv,lrt_residual   # LRT: prints its overhead
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
     info = sub.add_parser("info", help="stored/effective parameters, forward FLOPs, effective layers")
     info.add_argument("kind", choices=sorted(CONFIG_KINDS), help="model family")
     info.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="config fields, e.g. d_model=256")
-    info.add_argument("--hooks", default="", help="comma-separated ablation hooks (CART only)")
+    info.add_argument("--hooks", default="", help="comma-separated hooks of the model family "
+                                                  "(CART ablations; lrt_kv, lrt_residual for Dense)")
     info.add_argument("--seq-len", type=int, default=1024, help="sequence length for FLOPs (default 1024)")
     info.add_argument("--match-dense", choices=["stored", "effective", "flops"],
                       help="also print the matched Dense config (CART only)")
@@ -27,16 +29,16 @@ def register(subparsers) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from cartlab.model.accounting import account, matched_dense
+    from cartlab.model.accounting import account, matched_dense, memory_overhead
 
     overrides = list(args.overrides)
     if args.hooks:
-        if args.kind != "cart":
-            raise ConfigError(f"--hooks={args.hooks} is not allowed: hooks apply to kind 'cart' only")
         overrides.append(f"hooks={args.hooks}")
     cfg = CONFIG_KINDS[args.kind].from_dict({"kind": args.kind}, overrides)
     acc = account(cfg, args.seq_len)
     report = {"config": cfg.to_dict(), "accounting": acc.to_dict()}
+    if getattr(cfg, "has_memory", False):
+        report["memory_overhead"] = memory_overhead(cfg, args.seq_len)
     if args.match_dense:
         if args.kind != "cart":
             raise ConfigError(f"--match-dense={args.match_dense} is not allowed: it applies to kind 'cart' only")
@@ -52,6 +54,15 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  effective params   {acc.effective_params / 1e6:10.2f} M  (leverage {acc.leverage:.2f})")
     print(f"  forward GFLOPs     {acc.forward_flops / 1e9:10.1f}    per sequence of {acc.seq_len} (LM head excluded)")
     print(f"  effective layers   {acc.effective_layers:10.2f}")
+    print(f"  train GFLOPs/token {acc.train_flops_per_token() / 1e9:10.3f}    (3x training forward, LM head included)")
+    if "memory_overhead" in report:
+        o = report["memory_overhead"]
+        shared = "shared" if cfg.memory_shared else "unshared"
+        print(f"  LRT memory         {o['params'] / 1e6:10.3f} M  (+{o['params_pct']:.2f}% parameters over the Dense "
+              f"backbone; {shared} projection, source layer {cfg.memory_source_layer}, injection layers "
+              f"{list(cfg.memory_injection_layers)})")
+        print(f"  LRT compute        inference FLOPs +{o['inference_flops_pct']:.1f}%, training FLOPs "
+              f"x{o['train_flops_ratio']:.2f} the backbone's (S={cfg.memory_subsets})")
     if args.match_dense:
         m = report["matched_dense"]
         print(f"  matched Dense on {m['on']}: {m['n_layers']} layers, "

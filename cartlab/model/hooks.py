@@ -1,9 +1,13 @@
-"""Ablation hooks: named, composable rewrites of a CART config (section 8).
+"""Hooks: named, composable rewrites of a model config (CART's section-8 ablations, LRT on Dense).
 
-A hook is a pure function `config -> {field: value}` registered with `@register_hook`. Hooks
-are applied when a `CARTConfig` is made (`CARTConfig(hooks=("no_lti", "unshare_core"))`), in
-registration order whatever order they were given in, and the applied names stay in
-`config.hooks`, so `CARTConfig.from_dict(config.to_dict())` rebuilds the same variant.
+A hook is a pure function `config -> {field: value}` registered with `@register_hook` for one
+model family (`family="cart"` or `"dense"`, the config's `kind`). Hooks are applied when a
+config is made (`CARTConfig(hooks=("no_lti", "unshare_core"))`,
+`DenseConfig(hooks=("lrt_kv", "lrt_residual"))`), in registration order whatever order they
+were given in, and the applied names stay in `config.hooks`, so
+`LMConfig.from_dict(config.to_dict())` rebuilds the same variant. A hook of one family named
+on a config of the other is refused (`hooks=['lrt_kv'] is not allowed: 'lrt_kv' is a dense
+hook (its hooks apply to kind 'dense' only) ...`).
 
 Adding a variant touches neither `cart.py` nor this file: register a component in
 `cartlab.model.components` (or your own module) and a hook that selects it:
@@ -20,7 +24,8 @@ Refused combinations are kept minimal and follow from two rules, not from a hand
    `self_attn_core` both decide where the core's K, V come from);
 2. the resulting config must be valid (e.g. `noncausal_cross_attn` needs a cross-attention
    core, so it is refused together with `self_attn_core`).
-Every other combination of the seven paper ablations builds, trains and evaluates.
+Every other combination of the seven paper ablations builds, trains and evaluates, and so does
+every combination of the two LRT hooks (with shared or unshared memory projections).
 """
 from __future__ import annotations
 
@@ -30,14 +35,19 @@ from typing import TYPE_CHECKING, Any, Callable
 from cartlab.config import ConfigError
 
 if TYPE_CHECKING:
-    from cartlab.model.config import CARTConfig
+    from cartlab.model.config import LMConfig
+
+FAMILIES = ("cart", "dense")
+"""Model families a hook can rewrite: the `kind` of CARTConfig and DenseConfig."""
 
 
 @dataclass(frozen=True)
 class Hook:
     name: str
     section: str
-    fn: Callable[["CARTConfig"], dict[str, Any]]
+    fn: Callable[["LMConfig"], dict[str, Any]]
+    family: str = "cart"
+    """The `kind` of config this hook rewrites."""
 
     @property
     def summary(self) -> str:
@@ -47,26 +57,42 @@ class Hook:
 HOOKS: dict[str, Hook] = {}
 
 
-def register_hook(name: str, section: str):
-    """Register `fn(config) -> {field: value}` as the hook `name` reproducing paper `section`."""
+def register_hook(name: str, section: str, family: str = "cart"):
+    """Register `fn(config) -> {field: value}` as the hook `name` reproducing paper `section`,
+    applicable to configs of kind `family` ('cart' or 'dense')."""
+    if family not in FAMILIES:
+        raise ValueError(f"hook {name!r}: family={family!r} is not a model family; choose one of {FAMILIES}")
 
     def wrap(fn):
         if name in HOOKS:
             raise ValueError(f"hook {name!r} is already registered")
         if not fn.__doc__:
             raise ValueError(f"hook {name!r} needs a docstring saying what it changes")
-        HOOKS[name] = Hook(name, section, fn)
+        HOOKS[name] = Hook(name, section, fn, family)
         return fn
 
     return wrap
 
 
-def apply_hooks(cfg: "CARTConfig") -> None:
-    """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.validate`)."""
+def hooks_for(family: str) -> list[str]:
+    """Names of the hooks that apply to configs of kind `family`, in registration order."""
+    return [n for n, h in HOOKS.items() if h.family == family]
+
+
+def apply_hooks(cfg: "LMConfig") -> None:
+    """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.validate` and
+    `DenseConfig.validate`)."""
     names = list(cfg.hooks)
+    mine = hooks_for(cfg.kind)
     unknown = [n for n in names if n not in HOOKS]
     if unknown:
-        raise ConfigError.value("hooks", names, f"unknown hook(s) {unknown}; choose from {', '.join(HOOKS)}")
+        raise ConfigError.value("hooks", names, f"unknown hook(s) {unknown}; choose from {', '.join(mine)}")
+    foreign = [n for n in names if HOOKS[n].family != cfg.kind]
+    if foreign:
+        n = foreign[0]
+        raise ConfigError.value("hooks", names, (
+            f"{n!r} is a {HOOKS[n].family} hook (its hooks apply to kind {HOOKS[n].family!r} only); "
+            f"{cfg.kind} hooks: {', '.join(mine) or 'none'}"))
     if len(set(names)) != len(names):
         raise ConfigError.value("hooks", names, "names a hook twice; each hook may appear once")
     ordered = [n for n in HOOKS if n in names]
@@ -138,3 +164,22 @@ def noncausal_cross_attn(cfg):
 
 
 PAPER_ABLATIONS = ("unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie")
+
+
+# -- LRT, the Latent Recurrent Transformer (2026), on the Dense model ---------------------------------------
+# The memory itself (projections, injection, interleaved training, exact reference) is
+# `cartlab.model.memory`; these hooks only switch its two injection paths on. Both together is
+# the paper's default; `memory_shared` (default true) picks the low-parameter shared projection.
+@register_hook("lrt_kv", section="LRT (2026): KVProjection", family="dense")
+def lrt_kv(cfg):
+    """LRT memory as an extra private key/value entry per token at the injection layers."""
+    return {"memory_kv": True}
+
+
+@register_hook("lrt_residual", section="LRT (2026): ResidualInjection", family="dense")
+def lrt_residual(cfg):
+    """LRT memory projected and added to the residual stream at the injection layers."""
+    return {"memory_residual": True}
+
+
+LRT_HOOKS = ("lrt_kv", "lrt_residual")

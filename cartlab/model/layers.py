@@ -8,7 +8,7 @@ H heads, hd head dim, d_c MLA latent width.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -109,6 +109,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class PrivateKV(NamedTuple):
+    """One extra key/value entry per query that only that query sees (LRT's memory slot,
+    `cartlab.model.memory`). The attention layer projects `source` (B, T, d) with its own K/V
+    projection and rotates the key to the query's own position, so the slot's score does not
+    depend on where the token sits. `present` (T,) bool marks the queries that have a slot
+    (position 0 has no previous token); None means all of them."""
+
+    source: torch.Tensor
+    present: torch.Tensor | None = None
+
+
+def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
+    (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
+    `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
+    sees key t of the slot when present[t] (all when present is None)."""
+    T, S = q.size(-2), k.size(-2)
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if slot is not None:
+        k_slot, v_slot, present = slot
+        own = torch.eye(T, dtype=torch.bool, device=q.device)
+        if present is not None:
+            own = own & present[:, None]
+        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
+        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
+    if T == 1 and bool(visible.all()):
+        return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
 class Attention(nn.Module):
     """Base of every attention module: query and output projections. `attn_dim` and `causal` are
     read by the FLOP accounting (4 * T * S * attn_dim per application)."""
@@ -129,14 +161,26 @@ class SelfAttention(Attention):
         super().__init__(cfg, causal=True)
         self.kv = kv
 
-    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None,
+                slot: PrivateKV | None = None) -> torch.Tensor:
         q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
         k, v = self.kv(x)
         k = apply_rope(split_heads(k, self.n_heads), rope)
         v = split_heads(v, self.n_heads)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, S, hd)
-        return self.proj(merge_heads(attend(q, k, v, causal=True)))
+        visible = None if cache is None else cache.visible(q.size(-2), k.size(-2))
+        if slot is None and visible is None:
+            return self.proj(merge_heads(attend(q, k, v, causal=True)))
+        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(slot, rope))))
+
+    def private_kv(self, slot: PrivateKV | None, rope):
+        """The slot's keys and values (B, H, T, hd) from this layer's own K/V projection, keys
+        rotated to the query's position (relative offset 0), and its `present` mask."""
+        if slot is None:
+            return None
+        k, v = self.kv(slot.source)
+        return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads), slot.present
 
 
 class CrossAttention(Attention):
@@ -173,8 +217,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None,
+                slot: PrivateKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, slot)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -203,6 +248,12 @@ class LayerKV:
         self.length += T
         return self.k[..., : self.length, :], self.v[..., : self.length, :]
 
+    def visible(self, T: int, S: int) -> torch.Tensor | None:
+        """Which of the S keys each of the T new queries sees, (T, S) bool; None is the causal
+        rule of `attend` (the last T keys are the queries' own). LRT's interleaved training
+        buffer (`cartlab.model.memory.BufferKV`) writes scattered positions and overrides this."""
+        return None
+
 
 class KVCache:
     """All attention caches of one model, by site name ('prelude.0', 'anchor', 'loop.3', ...),
@@ -212,6 +263,9 @@ class KVCache:
     def __init__(self):
         self.sites: dict[str, LayerKV] = defaultdict(LayerKV)
         self.pos = 0
+        self.states: dict[str, torch.Tensor] = {}
+        """Per-sequence recurrent state carried from one call to the next (LRT keeps m_{t-1}
+        here under 'memory': the source layer's output at the last position processed)."""
         self._head_t: torch.Tensor | None = None
         self._head_key: tuple[int, int] | None = None
 

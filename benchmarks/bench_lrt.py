@@ -1,0 +1,87 @@
+"""LRT's training cost on this machine, next to what the FLOP accounting predicts.
+
+    python benchmarks/bench_lrt.py            # d=256, 6 layers, seq 256, batch 4 (a few minutes on 2 CPU cores)
+    python benchmarks/bench_lrt.py --quick    # d=128, 4 layers, seq 128, for a smoke run
+
+Prints, for Dense and for LRT (lrt_kv + lrt_residual, shared projection) on the same backbone at
+S = 2, 4, 8 interleaved subsets:
+1. train-step time (forward + backward + AdamW) relative to Dense, next to the ratio of their
+   training FLOPs per token (`account(...).train_flops_per_token`, LM head included); the LRT
+   summary's target is about 2x whatever S;
+2. the measured cost of the interleaved forward alone: its wall time over its initialisation
+   pass (`model.diagnostics()["lrt_forward_cost"]`, median over the rounds; ~2 when the
+   refinements cost one pass).
+Steps of all models are interleaved over several rounds and each keeps its best time, so load
+from other processes on a shared machine affects them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cartlab.model import DenseConfig, account, build_model
+
+
+def step_seconds(model, x, y, opt) -> float:
+    start = time.perf_counter()
+    _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per model (best one kept)")
+    p.add_argument("--subsets", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--quick", action="store_true", help="d=128, 4 layers, seq 128, 3 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.d_model, args.n_layers, args.seq_len, args.rounds = 128, 4, 128, 3
+    T, B, V = args.seq_len, args.batch_size, args.vocab_size
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B} x seq {T}, vocab {V}, "
+          f"d={args.d_model}, {args.n_layers} layers")
+
+    base = dict(d_model=args.d_model, n_layers=args.n_layers, vocab_size=V)
+    configs = {"dense": DenseConfig(**base)}
+    for S in args.subsets:
+        configs[f"lrt S={S}"] = DenseConfig(**base, hooks=("lrt_kv", "lrt_residual"), memory_subsets=S)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    runs = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        step_seconds(model, x, y, runs[name][1])  # warm-up
+    best = {name: float("inf") for name in runs}
+    costs: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (model, opt) in runs.items():
+            best[name] = min(best[name], step_seconds(model, x, y, opt))
+            costs[name].append(model.diagnostics().get("lrt_forward_cost", 1.0))
+    cost = {name: sorted(c)[len(c) // 2] for name, c in costs.items()}  # median
+
+    flops = {name: account(cfg, T).train_flops_per_token(include_lm_head=True) for name, cfg in configs.items()}
+    acc = account(configs[f"lrt S={args.subsets[0]}"], T)
+    print(f"LRT memory: +{acc.stored_params - account(configs['dense'], T).stored_params:,} parameters; "
+          f"source layer {configs[f'lrt S={args.subsets[0]}'].memory_source_layer}, "
+          f"injection layers {list(configs[f'lrt S={args.subsets[0]}'].memory_injection_layers)}")
+    print(f"\n{'model':10s} {'step (s)':>9s} {'measured vs Dense':>18s} {'FLOPs predict':>14s} {'fwd / init pass':>16s}")
+    for name in runs:
+        ratio = best[name] / best["dense"]
+        predicted = flops[name] / flops["dense"]
+        fwd = f"{cost[name]:.2f}" if name != "dense" else "-"
+        print(f"{name:10s} {best[name]:9.3f} {ratio:17.2f}x {predicted:13.2f}x {fwd:>16s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""LRT, the Latent Recurrent Transformer (2026), as a recurrent memory of the Dense model.
+
+The previous token's state at a high source layer s is fed back into the current token:
+
+    m_{t-1} = h^s_{t-1}                      layer s's output at position t-1 (the memory)
+    c_t     = W RMSNorm(m_{t-1})             memory projection: one W shared by every injection
+                                             layer (memory_shared, the default) or one per layer
+    at each injection layer i, on token t's input x_t:
+      lrt_residual:  x_t <- x_t + g_i * c_t                     g_i (d,), zero at init
+      lrt_kv:        t also attends to one extra entry (K_i c_t, V_i c_t): layer i's own key/value
+                     projection of c_t, key rotated to t's position, seen by t only (`PrivateKV`)
+
+Position 0 has no m_{-1}: it gets no residual term and no slot, so it is computed exactly as in
+Dense. Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
+Dense backbone (same weights, same logits); an `lrt_kv` slot takes attention mass from the start.
+
+Parameters (d = d_model, n = injection layers): shared d^2 + d, unshared n (d^2 + d), plus n d
+gains with `lrt_residual`. `lrt_kv` adds no weights (it re-applies each layer's K/V projection).
+
+Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` picks one):
+
+  sequential     positions one at a time through a KVCache that also carries m_{t-1}
+                 (`cache.states["memory"]`). Exact. Used for cached decoding (one new token is one
+                 step, no extra forward pass), for prompts of several tokens (prefill: T steps of
+                 one token, the price of a recurrence across positions), and for the eval-mode
+                 forward without a cache (lm-eval, validation loss).
+  interleaved    training (train-mode forward). One full-sequence initialisation pass without
+                 memory fills a buffer (`Buffer`) of every layer's keys/values and the source
+                 states; then the positions {t : t % S == k} for k = 0..S-1 are refined in turn:
+                 each subset runs through all layers reading m_{t-1} from the buffer, attends to
+                 the buffer's keys/values of the other positions and its own fresh ones, and
+                 writes its keys/values and source states back. Every token is supervised from its
+                 refined state. The S refinements together cost about one full pass, so the
+                 forward costs about 2 plain forwards whatever S (the LRT summary's "roughly 2x").
+                 S = 1 is one refinement on init-pass memories; S >= T is the exact recurrence
+                 (subset k = {k} reads the exact m_{k-1} and exact keys of positions < k).
+                 Gradients flow through the buffer (nothing is detached): the source layers learn
+                 what to store, and the backward pass costs 2x a plain backward, so a training
+                 step costs about 2x Dense's (accounting: `Dense.train_applications`).
+  exact_reference  a slow loop with no cache at all: for each t the whole prefix is recomputed,
+                 each position reading the memory found for it so far. O(T^2) work; for tests.
+
+Refusals: `subsets` on a model without memory, a cache filled by a model without memory.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from cartlab.model.components import register
+from cartlab.model.layers import KVCache, LayerKV, PrivateKV, RMSNorm
+
+if TYPE_CHECKING:
+    from cartlab.model.config import DenseConfig
+    from cartlab.model.dense import Dense
+
+MEMORIES: dict[str, type[nn.Module]] = {}
+"""Memory components of the Dense model by `DenseConfig.memory_kind`: 'none' (plain Dense) and
+'lrt'."""
+
+STATE = "memory"
+"""Key of m_{t-1} (B, 1, d) in `KVCache.states`."""
+
+
+def register_memory(name: str):
+    """Register a memory component class under `name` (the registry helper CART's components use)."""
+    return register(MEMORIES, name)
+
+
+class Recall(NamedTuple):
+    """What the positions of one pass read from the memory: the projected memory c_t of each
+    projection (one tensor (B, T, d) if shared, one per injection layer if not) and which positions
+    have a previous token ((T,) bool; None: all)."""
+
+    c: list[torch.Tensor]
+    present: torch.Tensor | None
+
+
+class MemoryProjection(nn.Module):
+    """c = W RMSNorm(m): the source state is a residual stream whose scale grows with depth, so it
+    is normalised before the (d, d) projection."""
+
+    def __init__(self, cfg: "DenseConfig"):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        nn.init.normal_(self.proj.weight, 0.0, cfg.init_std)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(m))  # (B, T, d)
+
+
+# -- plain Dense: no memory ----------------------------------------------------------------------------
+@register_memory("none")
+class NoMemory(nn.Module):
+    """Plain Dense: every call is one pass of the layers over the new positions."""
+
+    source = -1  # no layer's output is kept
+    train_passes = 1
+
+    def __init__(self, cfg: "DenseConfig"):
+        super().__init__()
+
+    def schedule(self, model: "Dense", x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
+        if subsets is not None:
+            raise ValueError(f"subsets={subsets!r} is not allowed: it is the interleaved training schedule of the "
+                             f"LRT memory, and this model has none (hooks lrt_kv / lrt_residual)")
+        return model.run(x, cache)[0]
+
+    def inject(self, i: int, x: torch.Tensor, recall: Recall | None):
+        return x, None
+
+    def recall(self, m: torch.Tensor, present: torch.Tensor | None) -> None:
+        return None
+
+    def applications(self, layers: nn.ModuleList) -> list:
+        return []
+
+    def init_pass(self, layers: nn.ModuleList) -> list:
+        return []
+
+    def diagnostics(self) -> dict:
+        return {}
+
+
+# -- LRT ---------------------------------------------------------------------------------------------------------
+@register_memory("lrt")
+class LatentMemory(nn.Module):
+    """LRT's memory (see the module docstring): the projection(s), the per-layer residual gains,
+    the injection at the injection layers, and the three schedules."""
+
+    def __init__(self, cfg: "DenseConfig"):
+        super().__init__()
+        self.source = cfg.memory_source_layer
+        self.layers = cfg.memory_injection_layers
+        self.index = {layer: j for j, layer in enumerate(self.layers)}
+        self.subsets = cfg.memory_subsets
+        self.kv, self.residual = cfg.memory_kv, cfg.memory_residual
+        self.d_model = cfg.d_model
+        n_proj = 1 if cfg.memory_shared else len(self.layers)
+        self.read = nn.ModuleList(MemoryProjection(cfg) for _ in range(n_proj))
+        self.gain = nn.Parameter(torch.zeros(len(self.layers), cfg.d_model)) if self.residual else None
+        self.last_cost: float | None = None  # wall time of the last interleaved forward / its init pass
+
+    # -- what one pass reads ------------------------------------------------------------------------------
+    def recall(self, m: torch.Tensor, present: torch.Tensor | None) -> Recall:
+        """m (B, T, d): m_{t-1} for each position of a pass (zeros where there is none, as marked
+        by `present`)."""
+        return Recall([read(m) for read in self.read], present)
+
+    def inject(self, i: int, x: torch.Tensor, recall: Recall | None):
+        """Layer i's input x (B, T, d) with the residual term added, and its private slot (or None)."""
+        j = self.index.get(i)
+        if recall is None or j is None:
+            return x, None
+        c = recall.c[j % len(recall.c)]  # (B, T, d)
+        if self.residual:
+            x = x + self.gain[j] * c
+        return x, (PrivateKV(c, recall.present) if self.kv else None)
+
+    # -- schedules ---------------------------------------------------------------------------------------------
+    def schedule(self, model: "Dense", x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
+        """Outputs (B, T, d) of the embedded tokens x: sequential with a cache; interleaved in
+        training or when `subsets` is given; otherwise exact (sequential on a private cache, or
+        interleaved with S = T when gradients are wanted: the same values, differentiable)."""
+        if cache is not None:
+            if subsets is not None:
+                raise ValueError(f"subsets={subsets!r} is not allowed with a cache: cached calls run the exact "
+                                 f"recurrence one position at a time")
+            return self.sequential(model, x, cache)
+        if subsets is not None or self.training:
+            return self.interleaved(model, x, self.subsets if subsets is None else subsets)
+        if torch.is_grad_enabled():
+            return self.interleaved(model, x, x.size(1))
+        return self.sequential(model, x, KVCache())
+
+    def sequential(self, model: "Dense", x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The exact recurrence, one position at a time on `cache` (which carries m_{t-1})."""
+        outs = []
+        for j in range(x.size(1)):
+            if cache.pos == 0:
+                recall = None
+            elif STATE in cache.states:
+                recall = self.recall(cache.states[STATE], None)
+            else:
+                raise ValueError(f"this cache holds {cache.pos} positions but no LRT memory: it was filled by a "
+                                 f"model without memory; start LRT decoding from a new KVCache()")
+            out, source = model.run(x[:, j: j + 1], cache, recall)  # (B, 1, d) each
+            cache.states[STATE] = source
+            outs.append(out)
+        return torch.cat(outs, dim=1)
+
+    def interleaved(self, model: "Dense", x: torch.Tensor, subsets: int) -> torch.Tensor:
+        """Interleaved parallel training (module docstring) with S = `subsets` (>= 1; S >= T is
+        exact). Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
+        if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
+            raise ValueError(f"subsets={subsets!r} is not allowed; it must be an integer >= 1")
+        T = x.size(1)
+        rope = model.rope(0, T, x.device)
+        buffer = Buffer()
+        start = time.perf_counter()
+        out, source = model.stack(x, rope, buffer)  # initialisation pass, no memory: (B, T, d) each
+        init = time.perf_counter() - start
+        for k in range(min(subsets, T)):
+            rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
+            present = rows > 0
+            m = source[:, (rows - 1).clamp(min=0)] * present[:, None].to(source.dtype)  # m_{t-1}: (B, n, d)
+            buffer.rows = rows
+            out_k, source_k = model.stack(x[:, rows], (rope[0][rows], rope[1][rows]), buffer,
+                                          self.recall(m, present))
+            out = out.index_copy(1, rows, out_k)
+            source = source.index_copy(1, rows, source_k)
+        self.last_cost = (time.perf_counter() - start) / max(init, 1e-9)
+        return out
+
+    # -- accounting ----------------------------------------------------------------------------------------------
+    @property
+    def train_passes(self) -> int:
+        return 2
+
+    def applications(self, layers: nn.ModuleList) -> list:
+        """Per forward: the projection(s) once per token, and with `lrt_kv` each injection layer's
+        K/V projection once more (on c_t)."""
+        parts = [("memory", self, 1)]
+        if self.kv:
+            parts.append(("memory_kv", nn.ModuleList(layers[i].attn.kv for i in self.layers), 1))
+        return parts
+
+    def init_pass(self, layers: nn.ModuleList) -> list:
+        """What the interleaved training forward runs besides one LRT forward: the memory-free
+        initialisation pass of every layer."""
+        return [("init_pass", layers, 1)]
+
+    def extra_flops(self, T: int) -> float:
+        """The private slots' scores and values: 4 T d per `lrt_kv` injection layer."""
+        return 4.0 * T * self.d_model * len(self.layers) if self.kv else 0.0
+
+    def diagnostics(self) -> dict:
+        return {} if self.last_cost is None else {"lrt_forward_cost": self.last_cost}
+
+
+class BufferKV(LayerKV):
+    """One layer's keys and values (B, H, T, hd) at every position of a training sequence. While
+    `owner.rows` is None a pass writes all positions; otherwise the pass computes the positions
+    `rows` only, writes them (out of place, so autograd keeps every version) and each of its
+    queries sees the keys at positions <= its own."""
+
+    def __init__(self, owner: "Buffer"):
+        super().__init__()
+        self.owner = owner
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.owner.rows
+        if rows is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = self.k.index_copy(2, rows, k), self.v.index_copy(2, rows, v)
+        self.length = self.k.size(2)
+        return self.k, self.v
+
+    def visible(self, T: int, S: int) -> torch.Tensor | None:
+        rows = self.owner.rows
+        if rows is None:
+            return None
+        return rows[:, None] >= torch.arange(S, device=rows.device)[None, :]  # (T, S)
+
+
+class Buffer(KVCache):
+    """The interleaved schedule's buffer: a `BufferKV` per layer, and the positions being refined."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = _Sites(self)
+        self.rows: torch.Tensor | None = None
+
+
+class _Sites(dict):
+    def __init__(self, owner: Buffer):
+        super().__init__()
+        self.owner = owner
+
+    def __missing__(self, site: str) -> BufferKV:
+        self[site] = BufferKV(self.owner)
+        return self[site]
+
+
+def exact_reference(model: "Dense", idx: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of the exact recurrence computed the slow way, with no cache: for each t
+    the prefix 0..t runs through the layers in one pass in which position j reads m_{j-1} as found
+    when j was the newest position; m_t and the logits at t are read off that pass. O(T^2) work.
+    Differentiable (nothing is written in place): wrap it in `torch.no_grad()` for values only."""
+    B, T = idx.shape
+    x = model.wte(idx)  # (B, T, d)
+    memories = [torch.zeros_like(x[:, 0])]  # memories[t] = m_{t-1}: (B, d)
+    logits = []
+    for t in range(T):
+        present = torch.arange(t + 1, device=idx.device) > 0
+        recall = model.memory.recall(torch.stack(memories, dim=1), present)
+        out, source = model.stack(x[:, : t + 1], model.rope(0, t + 1, idx.device), None, recall)
+        memories.append(torch.zeros_like(x[:, 0]) if source is None else source[:, t])
+        logits.append(model.head(out[:, t: t + 1], None)[0])
+    return torch.cat(logits, dim=1)
