@@ -65,13 +65,18 @@ class CART(CausalLM):
         memory = self.anchor.begin(e, cache)  # K, V source for every loop
         history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
         for r in range(n_loops):
-            x = self.mixer(history)
-            u = self.core[r % len(self.core)](self.loop_embedding(x, r), LoopContext(r, rope, cache, memory))
-            h = self.gate(x, u)
+            h = self.step(history, LoopContext(r, rope, cache, memory))
             if observe is not None:
                 observe(r, h, history[0])
             history = [h] + history[:-1]
         return history[0]
+
+    def step(self, history: list[torch.Tensor], loop: LoopContext) -> torch.Tensor:
+        """One loop step (section 3.2): h_{r+1} (B, T, d) from the history [h_r, h_{r-1}, ...]
+        (`mixer.depth` states, newest first). `cartlab.model.probes` differentiates this map."""
+        x = self.mixer(history)  # (B, T, d)
+        u = self.core[loop.r % len(self.core)](self.loop_embedding(x, loop.r), loop)
+        return self.gate(x, u)
 
     def check_loops(self, n_loops: int | None) -> int:
         n = self.config.n_loops if n_loops is None else n_loops
