@@ -28,8 +28,15 @@ SUBCOMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that points at --help (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cartlab",
         description="Train, ablate and analyse depth-recurrent language models (CART, Dense).",
         epilog="--debug (anywhere, or CARTLAB_DEBUG=1) shows a traceback instead of a one-line error.",
@@ -50,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # FIELD=VALUE overrides may come after options: `cartlab train --quiet seed=2`
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # FIELD=VALUE overrides may come after options: `cartlab train --quiet seed=2`
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = list(args.overrides) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help, --version or a usage error (already printed)
+        return done.code if isinstance(done.code, int) else 2
     return int(args.func(args) or 0)
 
 

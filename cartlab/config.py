@@ -81,11 +81,14 @@ def show(value: Any) -> str:
 
 def field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
-          choices: Any = None, none: str | None = None) -> Any:
+          choices: Any = None, none: str | None = None, elide_default: bool = False) -> Any:
     """A dataclass field with its constraints. `choices` is a collection or a callable returning
     one (for registries filled at import time); `none` says what null means when the field
-    is optional (shown in the error, e.g. "null to disable clipping")."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "none": none}
+    is optional (shown in the error, e.g. "null to disable clipping"). `elide_default`: `to_dict`
+    leaves the field out while it holds its default, so configs written before the field
+    existed keep their identity (run names and hashes derive from `to_dict`)."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "none": none,
+            "elide_default": elide_default or None}
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={k: v for k, v in meta.items() if v is not None})
 
@@ -197,7 +200,10 @@ class Config:
         path, value = parse_override(item)
         node, owner = d, cls
         for i, part in enumerate(path):
-            owner = owner.concrete(node) if isinstance(node, Mapping) else owner
+            try:
+                owner = owner.concrete(node) if isinstance(node, Mapping) else owner
+            except ConfigError as err:
+                raise (err.within(".".join(path[:i])) if i else err) from None
             fields = {f.name: f for f in dataclasses.fields(owner) if f.init}
             if part == owner.tag and i == len(path) - 1:
                 node[part] = value
@@ -206,8 +212,8 @@ class Config:
                 raise unknown_key(".".join(path[: i + 1]), [".".join(path[:i] + [n]) for n in fields])
             tp = _strip_optional(_hints(owner)[part])
             if i == len(path) - 1:
-                if isinstance(value, str) and typing.get_origin(tp) in (list, tuple):
-                    value = [v.strip() for v in value.split(",") if v.strip()]
+                if isinstance(value, (str, int)) and typing.get_origin(tp) in (list, tuple):
+                    value = [_scalar(v) for v in str(value).split(",") if v.strip()]
                 node[part] = value
                 return
             if not (isinstance(tp, type) and issubclass(tp, Config)):
@@ -220,7 +226,8 @@ class Config:
             node, owner = child, tp
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.metadata.get("elide_default") and getattr(self, f.name) == _default(f))}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -228,6 +235,14 @@ class Config:
     def replace(self, **changes):
         """A copy with `changes`, checked like any new config."""
         return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def _scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+    return value if isinstance(value, (int, float, str)) else text.strip()
 
 
 def unknown_key(path: str, allowed: list[str]) -> ConfigError:
@@ -385,6 +400,12 @@ def _type_name(tp: Any) -> str:
 
 def _kind(value: Any) -> str:
     return {list: "a list", tuple: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return _plain(f.default_factory())
+    return f.default
 
 
 def _plain(value: Any) -> Any:

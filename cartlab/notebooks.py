@@ -4,9 +4,19 @@ Notebooks hold narration and plots; the logic they call lives in tested library 
 one cell tagged `parameters` with typed, commented defaults (`papermill --help-notebook
 notebooks/NAME.ipynb` lists them). Executed copies are outputs, written under reports/ and
 never committed.
+
+A parameter the notebook does not declare is refused before any work, where papermill itself
+only warns and runs the defaults: `execute` checks the names before it starts a kernel, and
+every notebook's first cell after its parameters calls `check_parameters(globals())`, which
+catches the plain `papermill` command line too. papermill executes the cell it injects (tagged
+`injected-parameters`, its source opening with `# Parameters`) right after the `parameters`
+cell, so the kernel's input history holds both: the names assigned in the first must be among
+those assigned in the second.
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 from pathlib import Path
 
@@ -39,6 +49,51 @@ def notebook_path(name: str) -> Path:
     return path
 
 
+def assigned_names(source: str) -> list[str]:
+    """The names a cell assigns at its top level (`x = 1`, `x: int = 1`), in order."""
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
+
+
+def declared_parameters(name: str) -> list[str]:
+    """The parameters notebooks/NAME.ipynb declares in its cell tagged `parameters`."""
+    import nbformat
+
+    nb = nbformat.read(notebook_path(name), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    return assigned_names(cells[0].source) if cells else []
+
+
+def refuse_unknown(given, declared, where: str = "this notebook") -> None:
+    """Raise one ValueError line naming the first parameter of `given` not in `declared`."""
+    unknown = [n for n in given if n not in declared]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], declared, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        others = f" (also unknown: {', '.join(unknown[1:])})" if unknown[1:] else ""
+        raise ValueError(f"notebook parameter {unknown[0]!r} is not one {where} takes{hint}{others}; "
+                         f"allowed: {', '.join(sorted(declared)) or 'none'}")
+
+
+INJECTED_COMMENT = "# Parameters"
+"""How papermill's Python translator opens the cell of injected parameters."""
+
+
+def check_parameters(namespace: dict) -> None:
+    """Call as `check_parameters(globals())` first thing in the cell after `parameters`: under
+    papermill, refuse a parameter that the `parameters` cell does not declare (one ValueError
+    line with the allowed names). Run by hand (nothing injected) it does nothing."""
+    history = list(namespace.get("_ih") or [])
+    if len(history) < 2 or not history[-2].lstrip().startswith(INJECTED_COMMENT):
+        return  # not run by papermill, or run without parameters
+    declared = assigned_names(history[-3]) if len(history) >= 3 else []
+    refuse_unknown(assigned_names(history[-2]), declared)
+
+
 def _remove_stale_partials(output: Path) -> None:
     """Delete half-written copies of `output` left by processes that were killed."""
     for old in output.parent.glob(f".{output.stem}.partial-*.ipynb"):
@@ -57,6 +112,7 @@ def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | o
     leaves `<output>.failed.ipynb` with the error for inspection. Raises on a failing cell."""
     import papermill as pm
 
+    refuse_unknown(parameters, declared_parameters(name), f"notebooks/{name}.ipynb")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(output)

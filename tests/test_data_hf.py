@@ -8,6 +8,7 @@ Run: PYTHONPATH=. .venv/bin/pytest tests/test_data_hf.py -q
 """
 import os
 import socket
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -132,6 +133,75 @@ def test_llama2_offline_without_a_file_fails_fast():
         get_tokenizer("llama2")
     with pytest.raises(ValueError, match="tokenizer.path .* does not exist"):
         get_tokenizer({"name": "llama2", "path": "/nonexistent/tokenizer.json"})
+
+
+def test_llama2_offline_error_is_one_line_and_fast():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        get_tokenizer({"name": "llama2"})
+    assert time.perf_counter() - t0 < 2
+    message = str(err.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message
+    assert "tokenizer: {name: llama2, path: " in message  # what to set instead
+
+
+def _online(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_unreachable_hub_is_tried_once_and_said_in_one_line(monkeypatch):
+    import huggingface_hub
+
+    _online(monkeypatch)
+    calls = []
+
+    def unreachable(url, timeout=None, **kw):
+        calls.append(timeout)
+        raise ConnectionError("[Errno -2] Name or service not known\n(and a long story after it)")
+
+    def never(*a, **k):
+        raise AssertionError("hf_hub_download retries an unreachable hub for half a minute; not to be called")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    with pytest.raises(ValueError) as err:
+        get_tokenizer("llama2")
+    message = str(err.value)
+    assert len(calls) == 1 and calls[0] <= 10  # one short try
+    assert "\n" not in message and "could not fetch tokenizer.json of NousResearch/Llama-2-7b-hf" in message
+    assert "Name or service not known" in message and "long story" not in message
+    assert "tokenizer: {name: llama2, path: " in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_a_failing_download_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    _online(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout=None, **kw: None)
+
+    def fails(repo, filename, **kw):
+        raise OSError("Read timed out.\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fails)
+    with pytest.raises(ValueError) as err:
+        get_tokenizer("llama2")
+    assert "\n" not in str(err.value) and "OSError: Read timed out." in str(err.value)
+
+
+def test_a_fetched_tokenizer_json_is_cached_and_loaded(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    _online(monkeypatch)
+    file = _tiny_llama_json(tmp_path / "fetched.json")
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout=None, **kw: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(file))
+    tok = get_tokenizer("llama2")
+    assert tok.name == "llama2" and tok.eos_id == 2
+    cached = Path(os.environ["CARTLAB_DATA_DIR"]) / "cache" / "tokenizers" / "llama2" / "tokenizer.json"
+    assert cached.read_bytes() == file.read_bytes()
 
 
 def test_build_from_hf_sources_with_the_llama2_loader(hub_like, tmp_path):

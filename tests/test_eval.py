@@ -202,9 +202,9 @@ def test_a_misspelt_model_arg_is_refused_not_ignored(tiny_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["eval", "/no/such/ckpt", "--tasks", "cartlab_mc"], "checkpoint: /no/such/ckpt does not exist"),
+    (["eval", "/no/such/ckpt", "--tasks", "cartlab_mc"], "checkpoint='/no/such/ckpt' is not allowed: no such checkpoint or run folder"),
     (["eval", "CKPT", "--tasks", "no_such_task_xyz"], "--tasks: unknown task 'no_such_task_xyz'"),
-    (["eval", "CKPT", "--tasks", "cartlab_mc", "--n-loops", "0,2"], "--n-loops: every value must be an integer >= 1"),
+    (["eval", "CKPT", "--tasks", "cartlab_mc", "--n-loops", "0,2"], "n_loops[0]=0 is not allowed: must be >= 1"),
     (["eval", "CKPT", "--tasks", "cartlab_mc", "--db", "/no/such/results.db"], "--db: /no/such/results.db does not exist"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_run, capsys, args, message):

@@ -64,12 +64,69 @@ def test_help_notebook_lists_every_parameter_with_its_help(name):
         assert comment in entries[var], f"{name}: help of {var} lost: {entries[var]!r}"
 
 
+@pytest.mark.parametrize("name", sorted(ALL_NOTEBOOKS))
+def test_every_notebook_checks_its_parameters_before_any_work(name):
+    """The first code cell after `parameters` calls check_parameters(globals()) before anything
+    but its own import (papermill runs its injected cell in between)."""
+    nb, cell = _parameters_cell(name)
+    after = nb.cells[nb.cells.index(cell) + 1:]
+    first = next(c for c in after if c.cell_type == "code").source.splitlines()
+    assert first[0] == "from cartlab.notebooks import check_parameters, work_from_project_root", first[0]
+    assert first[1].startswith("check_parameters(globals())"), first[1]
+
+
+def test_check_parameters_reads_what_papermill_injected():
+    from cartlab.notebooks import check_parameters
+
+    params = 'config_yaml: str = ""  # yaml\noverrides: str = ""  # extra\n'
+    check_parameters({"_ih": ["", params, "check_parameters(globals())"]})  # nothing injected
+    check_parameters({"_ih": ["", params, '# Parameters\noverrides = "steps=2"\n', "check..."]})
+    with pytest.raises(ValueError) as err:
+        check_parameters({"_ih": ["", params, '# Parameters\noverides = "steps=2"\nlabel = 1\n', "check..."]})
+    assert str(err.value) == ("notebook parameter 'overides' is not one this notebook takes (did you mean "
+                              "'overrides'?) (also unknown: label); allowed: config_yaml, overrides")
+    check_parameters({})  # run by hand outside IPython: nothing to check
+
+
+def test_execute_refuses_an_unknown_parameter_before_a_kernel_starts(tmp_path):
+    from cartlab.notebooks import execute
+
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"^notebook parameter 'overides' is not one notebooks/train_variant.ipynb "
+                                         r"takes \(did you mean 'overrides'\?\); allowed: config_yaml, label, "
+                                         r"overrides, study$"):
+        execute("train_variant", tmp_path / "out.ipynb", {"overides": "steps=2"})
+    assert time.time() - t0 < 5 and list(tmp_path.iterdir()) == []
+
+
+def test_plain_papermill_refuses_an_unknown_parameter_before_training(tmp_path):
+    """`papermill notebooks/train_variant.ipynb out.ipynb -p overides ...` only warns by itself
+    and would train the default run; the notebook's own check stops it in its first cell."""
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(notebook_path("train_variant")), "out.ipynb",
+                           "-p", "overides", "steps=2", "-k", "python3"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode != 0
+    assert ("ValueError: notebook parameter 'overides' is not one this notebook takes (did you mean "
+            "'overrides'?); allowed: config_yaml, label, overrides, study") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    ran = [c for c in out.cells if c.cell_type == "code" and c.get("execution_count")]
+    assert len(ran) == 3  # parameters, injected parameters, the check
+
+
 def _db_rows(db: Path, sql: str):
     con = sqlite3.connect(db)
     try:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def _completed(db: Path) -> int:
+    try:
+        return _db_rows(db, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0]
+    except sqlite3.OperationalError:  # the file exists a moment before its tables do
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +155,7 @@ def tiny_study(tmp_path_factory, tiny_data):
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _db_rows(db, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0] >= 1:
+        if db.exists() and _completed(db) >= 1:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study

@@ -18,7 +18,7 @@ def test_schema_version_and_newer_database_refused(tmp_path):
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     db.close()
-    with pytest.raises(ValueError, match=r"schema_version=2 is newer than this cartlab"):
+    with pytest.raises(ValueError, match=rf"r.db: schema_version={SCHEMA_VERSION + 1} is newer than this cartlab"):
         ResultsDB(tmp_path / "r.db")
 
 

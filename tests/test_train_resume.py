@@ -79,6 +79,9 @@ def test_checkpoints_keep_last_n_and_are_registered(uninterrupted):
     assert kept == ["step_00000008", "step_00000012"]
     arts = results.artifacts(cfg.results_db, [run_id])
     assert set(arts.kind) == {"checkpoint"}
+    # pruned checkpoints leave the table with their folders: the rows name exactly the kept ones
+    assert sorted(Path(p).name for p in arts.path) == kept
+    assert sorted(arts.step) == [8, 12]
 
 
 def test_checkpoint_carries_its_tokenizer(uninterrupted, tiny_data):

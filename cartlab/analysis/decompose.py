@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cartlab.analysis.schema import final_eval, format_hooks
+from cartlab.analysis.schema import describe_variants, final_eval, format_hooks, is_baseline
 from cartlab.analysis.stats import seed_band
 
 # (component, hooks of the run "without" it, hooks of the run "with" it), section 8.
@@ -52,36 +52,42 @@ def _select(frame: pd.DataFrame, where: dict) -> pd.DataFrame:
     return frame[mask]
 
 
+def _one_variant(rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    """`rows` if they are seeds of one variant, else a ValueError naming the variants (they are
+    different configurations: pooling them would count one as seeds of the other)."""
+    keys = rows["variant"].unique()
+    if len(keys) > 1:
+        raise ValueError(f"{what} matches {len(keys)} different variants, which are not seeds of one "
+                         f"configuration: {describe_variants(rows, keys)}; select one")
+    return rows
+
+
 def _baseline(fe: pd.DataFrame, cart: dict) -> pd.DataFrame:
-    base = _select(fe[(fe["model"] == "cart") & (fe["hooks"].fillna("") == "")], cart)
+    base = _select(fe[is_baseline(fe)], cart)
     if base.empty:
-        raise ValueError(f"cart: no CART baseline run (hooks='') matches {cart}")
-    keys = ["d_model", "prelude_layers", "n_loops", "stage"]
-    if base[keys].drop_duplicates().shape[0] > 1:
-        raise ValueError(f"cart: {cart} matches several baseline configs; add d_model, n_loops, prelude_layers or stage")
-    return base
+        raise ValueError(f"cart: no CART baseline run (hooks='' and no overrides) matches {cart}")
+    return _one_variant(base, f"cart: {cart}")
 
 
 def _matched(fe: pd.DataFrame, target: float, tolerance: float, stage):
-    """Dense config (d_model, n_layers) of the same `stage` (training budget) whose stored params
-    are closest to `target` (relative)."""
-    dense = fe[(fe["model"] == "dense") & (fe["stage"] == stage)]
+    """Dense variant of the same `stage` (training budget), without fields set by hand, whose
+    stored params are closest to `target` (relative); two variants equally close are refused."""
+    dense = fe[(fe["model"] == "dense") & (fe["stage"] == stage) & (fe["overrides"].fillna("") == "")]
     if dense.empty or not np.isfinite(target):
         return None
-    cfg = dense.groupby(["d_model", "n_layers"])["stored_params"].mean()
-    mis = (cfg - target).abs() / target
-    if mis.min() > tolerance:
+    mis = (dense.groupby("variant")["stored_params"].mean() - target).abs() / target
+    if not mis.min() <= tolerance:
         return None
-    d, L = mis.idxmin()
-    return dense[(dense["d_model"] == d) & (dense["n_layers"] == L)]
+    best = mis.index[np.isclose(mis, mis.min(), rtol=0, atol=1e-12)]
+    return _one_variant(dense[dense["variant"].isin(best)], f"the Dense nearest {target:.4g} stored params")
 
 
 def dense_gaps(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, metric: str = "ppl",
                tolerance: float = 0.15) -> pd.DataFrame:
     """Relative gaps of a CART config to its stored- and effective-matched Dense, per split (sec. 7.6).
 
-    gap_stored = (m_CART - m_Dense_s) / m_Dense_s, with Dense_s the Dense config of the same stage
-    (training budget) whose parameters are nearest CART's stored_params; gap_effective likewise against CART's effective_params.
+    gap_stored = (m_CART - m_Dense_s) / m_Dense_s, with Dense_s the Dense variant of the same stage
+    (training budget, no overrides) whose parameters are nearest CART's stored_params; gap_effective likewise against CART's effective_params.
     m = seed mean of the final `metric`. A match further than `tolerance` (relative parameter
     mismatch) is absent and its columns are NaN. Columns: split, cart, cart_sd, cart_n,
     dense_stored, dense_stored_run, gap_stored, dense_effective, dense_effective_run, gap_effective.
@@ -110,8 +116,10 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
                   metric: str = "ppl", k: float = 2.0, tolerance: float = 0.15) -> pd.DataFrame:
     """Decompose the CART-Dense gap with the section 8 ablations, each judged against seed noise.
 
-    m(x) = mean final `metric` on `split` of config x; B = CART baseline (hooks ''), ablations
-    are runs at the baseline's d_model, prelude_layers and stage with the named hooks.
+    m(x) = mean final `metric` on `split` over the seeds of variant x; B = the CART baseline
+    variant (hooks '' and no overrides) `cart` selects, ablations are the runs at the baseline's
+    d_model, prelude_layers and stage with the named hooks and no overrides. A selection that
+    matches several variants (e.g. two learning rates) is refused, never pooled.
     Effective path (to the effective-matched Dense D_e), with components c = m(with) - m(without):
         shared_weights       = m(B) - m(unshare_core)
         attention_type       = m(unshare_core) - m(unshare_core + self_attn_core)
@@ -143,7 +151,8 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
         raise ValueError(f"cart: the baseline needs >= 2 seeds for a noise band, found {len(base)} run(s)")
     band = seed_band(base[metric].to_numpy(), k=k)
     d, P, R, stage = (base[c].iloc[0] for c in ("d_model", "prelude_layers", "n_loops", "stage"))
-    family = fe[(fe["model"] == "cart") & (fe["d_model"] == d) & (fe["prelude_layers"] == P) & (fe["stage"] == stage)]
+    family = fe[(fe["model"] == "cart") & (fe["d_model"] == d) & (fe["prelude_layers"] == P) & (fe["stage"] == stage)
+                & (fe["overrides"].fillna("") == "")]
 
     seeds = {"": band.n}  # configuration -> number of seeds its mean averages
 
@@ -153,6 +162,7 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
         rows = family[family["hooks"] == format_hooks(hooks)]
         if "single_loop" not in hooks:
             rows = rows[rows["n_loops"] == R]
+        _one_variant(rows, f"ablation hooks={hooks!r}")
         seeds[hooks] = len(rows)
         return float(rows[metric].mean()) if len(rows) else np.nan
 

@@ -12,7 +12,11 @@ from matplotlib.figure import Figure  # figures outside pyplot: no global state,
 
 from cartlab.analysis.decompose import decompose_gap
 from cartlab.analysis.scaling import fit_power_law
-from cartlab.analysis.schema import CONFIG_COLUMNS, RUNS_COLUMNS, config_label, final_eval, validate
+from cartlab.analysis.schema import (
+    RUNS_COLUMNS, config_label, describe_variants,  # config_label: used by the notebooks
+    display_labels, final_eval, is_baseline, validate,
+    with_variants,
+)
 from cartlab.analysis.spectral import radius_trajectories
 
 SCALING_AXES = ("d_model", "stored_params", "effective_params", "tokens", "flops")
@@ -20,6 +24,7 @@ SCALING_AXES = ("d_model", "stored_params", "effective_params", "tokens", "flops
 
 def _where(runs: pd.DataFrame, where: dict | None) -> pd.DataFrame:
     validate(runs, "runs")
+    runs = with_variants(runs)  # so `where` can name variant, overrides or variant_label
     for col, val in (where or {}).items():
         if col not in runs.columns:
             raise ValueError(f"where: unknown runs column {col!r}; allowed: {list(runs.columns)}")
@@ -29,16 +34,31 @@ def _where(runs: pd.DataFrame, where: dict | None) -> pd.DataFrame:
     return runs
 
 
+def _one_variant_per(frame: pd.DataFrame, keys: list[str], what: str) -> None:
+    """Refuse to average rows of different variants into one point (they are not seeds of one
+    configuration): name the first cell of `keys` that holds several."""
+    counts = frame.groupby(keys, dropna=False)["variant"].nunique()
+    if (counts > 1).any():
+        cell = counts.index[counts > 1][0]
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        rows = frame[(frame[keys] == pd.Series(dict(zip(keys, cell)))).all(axis=1)]
+        where = ", ".join(f"{k}={v}" for k, v in zip(keys, cell))
+        raise ValueError(f"{what}: {where} holds several variants, not seeds of one configuration: "
+                         f"{describe_variants(rows, rows['variant'])}; narrow `where` (e.g. overrides='')")
+
+
 def plot_scaling_fit(runs: pd.DataFrame, eval_log: pd.DataFrame, *, x: str = "d_model", split: str = "wiki",
                      metric: str = "ppl", where: dict | None = None, level: float = 0.95) -> Figure:
     """Power-law fit y = a x^b of the final `metric` on `split` with its `level` band, and log
-    residuals (section 7.3). x is a runs column or "flops" = 6 * effective_params * tokens."""
+    residuals (section 7.3). x is a runs column or "flops" = 6 * effective_params * tokens. Each
+    point is the seed mean of one variant; `where` must leave one variant per x."""
     if x not in SCALING_AXES:
         raise ValueError(f"x: {x!r} not allowed; allowed: {list(SCALING_AXES)}")
     fe = final_eval(_where(runs, where), eval_log)
     fe = fe[fe["split"] == split]
     if x == "flops":
         fe = fe.assign(flops=6.0 * fe["effective_params"] * fe["tokens"])
+    _one_variant_per(fe, [x], "where")
     pts = fe.groupby(x)[metric].agg(["mean", "std"]).reset_index().dropna(subset=[x])
     fit = fit_power_law(pts[x], pts["mean"], level=level, n_boot=0)
     fig = Figure(figsize=(5, 5))
@@ -59,14 +79,15 @@ def plot_scaling_fit(runs: pd.DataFrame, eval_log: pd.DataFrame, *, x: str = "d_
 
 def plot_radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: str = "rho_max",
                              where: dict | None = None) -> Figure:
-    """Spectral radius over training per configuration, seed mean with a 1-sd band (section 6)."""
+    """Spectral radius over training per variant, seed mean with a 1-sd band (section 6)."""
     traj = radius_trajectories(_where(runs, where), train_log, column=column)
+    traj = traj.assign(config=display_labels(traj))
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    palette = sns.color_palette(n_colors=traj.groupby(list(CONFIG_COLUMNS), dropna=False).ngroups)
-    for color, (_, g) in zip(palette, traj.groupby(list(CONFIG_COLUMNS), dropna=False)):
+    palette = sns.color_palette(n_colors=traj["variant"].nunique())
+    for color, (_, g) in zip(palette, traj.groupby("variant")):
         g = g.sort_values("step")
-        ax.plot(g["step"], g["mean"], color=color, label=config_label(g.iloc[0]))
+        ax.plot(g["step"], g["mean"], color=color, label=g["config"].iloc[0])
         sd = g["sd"].fillna(0)
         ax.fill_between(g["step"], g["mean"] - sd, g["mean"] + sd, color=color, alpha=0.2)
     ax.set(xlabel="step", ylabel=f"spectral radius ({column})")
@@ -141,7 +162,7 @@ def plot_variable_r_profile(downstream: pd.DataFrame, runs: pd.DataFrame | None 
 
 def plot_loss_curves(runs: pd.DataFrame, log: pd.DataFrame, *, value: str = "loss", split: str | None = None,
                      where: dict | None = None) -> Figure:
-    """`value` against step per configuration, seed mean with a 1-sd band (section 5.4).
+    """`value` against step per variant, seed mean with a 1-sd band (section 5.4).
 
     `log` is a train_log, or an eval_log together with `split`."""
     is_eval = "split" in log.columns
@@ -156,7 +177,7 @@ def plot_loss_curves(runs: pd.DataFrame, log: pd.DataFrame, *, value: str = "los
     df = runs[list(RUNS_COLUMNS)].merge(log[["run_id", "step", value]].dropna(subset=[value]), on="run_id")
     if df.empty:
         raise ValueError(f"log: no {value} values for the selected runs")
-    df["config"] = df.apply(config_label, axis=1)
+    df["config"] = display_labels(df)  # one hue per variant, never two variants under one label
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     sns.lineplot(data=df, x="step", y=value, hue="config", errorbar="sd", ax=ax)
@@ -171,14 +192,15 @@ def plot_r_reversal(runs: pd.DataFrame, eval_log: pd.DataFrame, *, split: str = 
 
     One panel per d_model: each stage's seed-mean final `metric` relative to that stage's best R
     at that width (m / min_R m - 1, in %), against R; a star marks each stage's best. Lines that
-    bottom out at different R are the screen-vs-full reversal. CART runs without hooks only.
+    bottom out at different R are the screen-vs-full reversal. CART baselines only (no hooks, no
+    overrides); each cell must hold one variant (narrow `where`, e.g. by prelude_layers).
     """
     fe = final_eval(_where(runs, where), eval_log)
-    fe = fe[(fe["split"] == split) & (fe["model"] == "cart") & (fe["hooks"].fillna("") == "")
-            & fe["stage"].isin(stages)]
+    fe = fe[(fe["split"] == split) & is_baseline(fe) & fe["stage"].isin(stages)]
     if fe["stage"].nunique() < 2:
         raise ValueError(f"stages: need CART baseline runs at two stages of {list(stages)} on {split!r}, "
                          f"found {sorted(fe['stage'].unique())}")
+    _one_variant_per(fe, ["stage", "d_model", "n_loops"], "where")
     cells = fe.groupby(["stage", "d_model", "n_loops"])[metric].mean().reset_index()
     widths = sorted(cells["d_model"].unique())
     fig = Figure(figsize=(3 * len(widths), 3.2))

@@ -4,7 +4,8 @@
     res = load_published()            # Results(runs, train_log, eval_log, downstream)
     t7 = load_table("table7")         # the raw CSV
 
-Every run is marked source="published" with seed NaN (the paper reports seed means).
+Every run is marked source="published" with seed NaN (the paper reports seed means); its
+variant is a hash of its configuration columns (`schema.config_variant`), overrides "".
 Mapping (paper section -> frames):
     Tables 1, 4 (sec. 3.5, 4.6) -> runs.stored_params / effective_params; train_log.tokens_per_s, mfu
     Table 6, 5 (sec. 5)         -> Stage-1 runs, eval_log at step 3,000 (wiki; Table 5 adds the
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cartlab.analysis.schema import (
-    DOWNSTREAM_COLUMNS, EVAL_LOG_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_COLUMNS, Results, validate,
+    DOWNSTREAM_COLUMNS, EVAL_LOG_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_COLUMNS, Results, validate, with_variants,
 )
 
 STAGE1_STEPS, STAGE1_TOKENS_PER_STEP = 3_000, 16_384  # section 4.2
@@ -165,7 +166,7 @@ def load_published() -> Results:
     down = down.drop_duplicates(["run_id", "task", "metric", "num_fewshot", "n_loops"], keep="first")
 
     res = Results(
-        runs=pd.DataFrame(runs, columns=list(RUNS_COLUMNS)),
+        runs=with_variants(pd.DataFrame(runs, columns=list(RUNS_COLUMNS))),  # variant: its configuration columns
         train_log=pd.DataFrame(trains).reindex(columns=list(TRAIN_LOG_COLUMNS)).astype({"step": int}),
         eval_log=pd.DataFrame(evals, columns=list(EVAL_LOG_COLUMNS)),
         downstream=down.reset_index(drop=True),

@@ -25,6 +25,16 @@ runs
     tokens            float  training tokens
     status            str    running | completed | interrupted | diverged | failed | published
                              (cartlab.results.db.STATUSES; paper rows are "published")
+    variant           str    what makes the run differ from others except its seed: runs with one
+                             variant are seeds of one configuration, and every analysis groups by
+                             it. Local runs: `TrainConfig.variant()`, a hash of the whole resolved
+                             config minus `seed`; published and synthetic rows: a hash of their
+                             configuration columns (`config_variant`)
+    overrides         str    model fields set by hand rather than through hooks, "state_gate=residual"
+                             ("" for none); a CART baseline has hooks "" AND overrides ""
+    variant_label     str    what users see: "cart d=128 P=2 R=4 [no_lti] {state_gate=residual}"
+    The three variant columns are optional in a frame: `with_variants` fills them from the
+    configuration columns when a frame predates them (the paper's tables, synthetic frames).
 
 train_log: run_id, step, loss, grad_norm, lr, rho_max, rho_mean, tokens_per_s, mfu
     rho_max / rho_mean are the LTI gate's spectral radius and mean |eigenvalue| (section 6).
@@ -36,6 +46,8 @@ downstream: run_id, task, metric, value, stderr, num_fewshot, n_loops
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -44,7 +56,10 @@ import pandas as pd
 RUNS_COLUMNS = (
     "run_id", "name", "source", "model", "d_model", "prelude_layers", "n_loops", "n_layers",
     "hooks", "seed", "n_seeds", "stage", "stored_params", "effective_params", "tokens", "status",
+    "variant", "overrides", "variant_label",
 )
+VARIANT_COLUMNS = ("variant", "overrides", "variant_label")
+"""Optional in `validate` (frames that predate them); `with_variants` fills them."""
 TRAIN_LOG_COLUMNS = (
     "run_id", "step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "tokens_per_s", "mfu",
 )
@@ -64,8 +79,13 @@ PAPER_HOOKS = (
     "unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie",
 )
 
-# Columns that identify a configuration: runs equal on these differ only by seed.
+# The columns that describe a configuration. They do NOT identify one (a learning rate or a component
+# field set by hand is in none of them): runs are seeds of one configuration iff their `variant` is
+# equal. For rows without a variant of their own (the paper's tables, synthetic frames) the variant
+# is a hash of these columns and `overrides` (`config_variant`).
 CONFIG_COLUMNS = ("source", "model", "d_model", "prelude_layers", "n_loops", "n_layers", "hooks", "stage")
+DESCRIBE_COLUMNS = ("variant_label", *CONFIG_COLUMNS, "overrides")
+"""What the analyses carry along with a variant to describe it (all equal within one variant)."""
 
 
 class Results(NamedTuple):
@@ -92,7 +112,7 @@ def validate(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     columns = _columns(table)
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"{table}: expected a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in columns if c not in frame.columns]
+    missing = [c for c in columns if c not in frame.columns and not (table == "runs" and c in VARIANT_COLUMNS)]
     if missing:
         raise ValueError(f"{table}: missing columns {missing}; the schema needs {list(columns)}")
     if table == "runs":
@@ -109,7 +129,92 @@ def validate(frame: pd.DataFrame, table: str) -> pd.DataFrame:
         if frame["run_id"].duplicated().any():
             dup = sorted(frame.loc[frame["run_id"].duplicated(), "run_id"].unique())
             raise ValueError(f"runs.run_id: duplicated ids {dup[:5]}")
+        if "variant" in frame.columns and frame["variant"].notna().any():
+            described = [c for c in (*CONFIG_COLUMNS, "overrides") if c in frame.columns]
+            keyed = frame[frame["variant"].notna()]
+            spread = keyed[described].astype(str).groupby(keyed["variant"]).nunique()
+            if (spread > 1).any().any():
+                key = spread.index[(spread > 1).any(axis=1)][0]
+                cols = list(spread.columns[spread.loc[key] > 1])
+                raise ValueError(f"runs.variant: {key!r} covers rows that differ in {cols}; the rows of one "
+                                 f"variant are seeds of one configuration")
     return frame
+
+
+# -- variants ------------------------------------------------------------------------------------------
+def _plain(value):
+    """A cell as a JSON value: None for NaN/None, an int for an integral number."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def config_variant(row) -> str:
+    """The variant key of a row that has no variant of its own (the paper's tables of sections 5-7,
+    synthetic frames): a 12-hex sha256 of its configuration columns (CONFIG_COLUMNS, hooks
+    canonical) plus `overrides` when it is not "". Two such rows are seeds of one configuration
+    iff every one of those columns is equal (NaN = NaN)."""
+    key = {c: _plain(row.get(c)) for c in CONFIG_COLUMNS}
+    key["hooks"] = format_hooks(key["hooks"] or "")
+    overrides = _plain(row.get("overrides")) or ""
+    if overrides:
+        key["overrides"] = overrides
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def with_variants(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` (a copy) with the variant columns of section 4.4's seed grouping filled where missing:
+    `overrides` "" and `variant` = config_variant(row) for rows without one, `variant_label` =
+    config_label(row). Rows that have a variant (a results database's) keep it."""
+    out = runs.copy()
+    for c in VARIANT_COLUMNS:
+        if c not in out.columns:
+            out[c] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    out["overrides"] = out["overrides"].astype(object).where(out["overrides"].notna(), "")
+    if len(out):
+        records = out.to_dict("records")
+        todo = out["variant"].isna().to_numpy()
+        if todo.any():
+            out["variant"] = out["variant"].astype(object)
+            out.loc[todo, "variant"] = [config_variant(r) for r, t in zip(records, todo) if t]
+        todo = out["variant_label"].isna().to_numpy()
+        if todo.any():
+            out["variant_label"] = out["variant_label"].astype(object)
+            out.loc[todo, "variant_label"] = [_column_label(r) for r, t in zip(records, todo) if t]
+    return out
+
+
+def is_baseline(runs: pd.DataFrame) -> pd.Series:
+    """Boolean mask of CART baseline rows (section 8's reference): model "cart", hooks "" AND
+    overrides "" (a component field set by hand, e.g. state_gate=residual, is a variant, never a
+    baseline seed). A frame without `overrides` is taken to have none."""
+    overrides = runs["overrides"] if "overrides" in runs.columns else pd.Series("", index=runs.index)
+    return ((runs["model"] == "cart") & (runs["hooks"].fillna("") == "")
+            & (overrides.fillna("") == "")).astype(bool)
+
+
+def display_labels(runs: pd.DataFrame) -> pd.Series:
+    """The label users see for each row's variant (section 4.4): `variant_label` (config_label
+    when missing), with " #<variant[:6]>" appended where one label names several variants (e.g.
+    two learning rates), so no two variants ever share a legend entry or a table row name."""
+    runs = with_variants(runs) if len(runs) else runs
+    if not len(runs):
+        return pd.Series([], index=runs.index, dtype=object)
+    labels = runs["variant_label"].astype(str)
+    clash = runs.groupby(labels)["variant"].transform("nunique") > 1
+    return labels.where(~clash, labels + " #" + runs["variant"].astype(str).str[:6])
+
+
+def describe_variants(runs: pd.DataFrame, keys) -> str:
+    """'cart d=128 P=2 R=4 (variant 1a2b3c4d5e6f), ...': the variants `keys` as an error message
+    names them (section 4.4's seed grouping refuses to pool two)."""
+    runs = with_variants(runs)
+    labels = runs.drop_duplicates("variant").set_index("variant")["variant_label"]
+    return ", ".join(f"{labels.get(k, '?')} (variant {k})" for k in sorted(set(keys)))
 
 
 def parse_hooks(hooks: str) -> tuple[str, ...]:
@@ -133,12 +238,30 @@ def format_hooks(hooks: Iterable[str]) -> str:
 
 
 def config_label(row) -> str:
-    """Short label of a configuration (section 3.5 notation, section 8 hooks):
-    "cart d=1024 P=6 R=6 [no_lti]" or "dense d=1024 L=7"."""
-    if row["model"] == "dense":
-        s = f"dense d={int(row['d_model'])} L={int(row['n_layers'])}"
+    """Short label of a configuration (section 3.5 notation, section 8 hooks): the row's
+    `variant_label` when it has one, else "cart d=1024 P=6 R=6 [no_lti]" or "dense d=1024 L=7",
+    with " {state_gate=residual}" for fields set by hand (`overrides`)."""
+    label = row.get("variant_label") if hasattr(row, "get") else None
+    if isinstance(label, str) and label:
+        return label
+    return _column_label(row)
+
+
+def _column_label(row) -> str:
+    overrides = row.get("overrides") if hasattr(row, "get") else None
+    tail = f" {{{overrides}}}" if isinstance(overrides, str) and overrides else ""
+    return _shape_label(row) + tail
+
+
+def _shape_label(row) -> str:
+    def num(key):
+        value = _plain(row.get(key))
+        return "?" if value is None else str(value)
+
+    if row.get("model") == "dense":
+        s = f"dense d={num('d_model')} L={num('n_layers')}"
     else:
-        s = f"cart d={int(row['d_model'])} P={int(row['prelude_layers'])} R={int(row['n_loops'])}"
+        s = f"{row.get('model') or 'cart'} d={num('d_model')} P={num('prelude_layers')} R={num('n_loops')}"
     return s + (f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else "")
 
 
@@ -146,10 +269,12 @@ def final_eval(runs: pd.DataFrame, eval_log: pd.DataFrame, *, step: int | None =
     """Each run's evaluation at its last logged step (or at `step`), joined to its run row: the
     "final perplexity" of sections 5 and 7 (step = max logged step per run and split).
 
-    Returns one row per (run, split): the `runs` columns plus `step`, `split`, `loss`, `ppl`.
+    Returns one row per (run, split): the `runs` columns (variant columns filled, `with_variants`)
+    plus `step`, `split`, `loss`, `ppl`.
     """
     validate(runs, "runs")
     validate(eval_log, "eval_log")
+    runs = with_variants(runs)
     ev = eval_log if step is None else eval_log[eval_log["step"] == step]
     if len(ev):
         last = ev.groupby(["run_id", "split"])["step"].transform("max")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cartlab.analysis.schema import CONFIG_COLUMNS, RUNS_COLUMNS, validate
+from cartlab.analysis.schema import DESCRIBE_COLUMNS, RUNS_COLUMNS, describe_variants, validate, with_variants
 
 RADIUS_COLUMNS = ("rho_max", "rho_mean")
 
@@ -27,11 +27,14 @@ def radius_table(runs: pd.DataFrame, train_log: pd.DataFrame, *, step: int | Non
     (section 6, Table 8).
 
     rho(d, R) = mean over runs of `column` at `step` (default: each run's last step logging it).
-    `where` filters runs first (e.g. {"stage": "stage2", "prelude_layers": 6, "hooks": ""}).
+    `where` filters runs first (e.g. {"stage": "stage2", "prelude_layers": 6, "hooks": "",
+    "overrides": ""}); it must leave one variant per cell (runs of two variants are not seeds of
+    one configuration, so a cell that holds two is refused, never averaged).
     """
     _check_column(column)
     validate(runs, "runs")
     validate(train_log, "train_log")
+    runs = with_variants(runs)
     sel = runs
     for col, val in (where or {}).items():
         if col not in runs.columns:
@@ -44,6 +47,13 @@ def radius_table(runs: pd.DataFrame, train_log: pd.DataFrame, *, step: int | Non
     merged = sel[sel["model"] == "cart"].merge(log[["run_id", column]], on="run_id")
     if merged.empty:
         raise ValueError(f"train_log.{column}: no CART radius values for the selected runs at step={step}")
+    counts = merged.groupby(["d_model", "n_loops"])["variant"].nunique()
+    if (counts > 1).any():
+        d, r = counts.index[counts > 1][0]
+        cell = merged[(merged["d_model"] == d) & (merged["n_loops"] == r)]
+        raise ValueError(f"where: the cell d_model={d:g}, n_loops={r:g} holds several variants, not seeds of one "
+                         f"configuration: {describe_variants(cell, cell['variant'])}; narrow `where` "
+                         f"(e.g. hooks='', overrides='')")
     tab = merged.pivot_table(index="d_model", columns="n_loops", values=column, aggfunc="mean")
     tab.columns = tab.columns.astype(int)
     return tab
@@ -107,17 +117,20 @@ def persistence(rho, n_loops=None):
     return float(out) if out.ndim == 0 else out
 
 
-def radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: str = "rho_max",
-                        by=CONFIG_COLUMNS) -> pd.DataFrame:
-    """Radius over training per configuration: mean, sd (ddof=1; NaN for one seed), n per step (sec. 6).
+def radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: str = "rho_max") -> pd.DataFrame:
+    """Radius over training per variant: mean, sd (ddof=1; NaN for one seed), n per step (sec. 6).
 
-    Returns long form: the `by` columns, step, mean, sd, n.
+    The seeds of a variant are its runs (`schema.with_variants`). Returns long form: variant,
+    variant_label, the CONFIG_COLUMNS, overrides, step, mean, sd, n.
     """
     _check_column(column)
     validate(runs, "runs")
     validate(train_log, "train_log")
+    runs = with_variants(runs)
     merged = runs[list(RUNS_COLUMNS)].merge(train_log[["run_id", "step", column]].dropna(subset=[column]), on="run_id")
     if merged.empty:
         raise ValueError(f"train_log.{column}: no values for the given runs")
-    g = merged.groupby(list(by) + ["step"], dropna=False)[column]
-    return g.agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()
+    g = merged.groupby(["variant", "step"])
+    out = g[column].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size")
+    out = g[list(DESCRIBE_COLUMNS)].first().join(out).reset_index()
+    return out[["variant", *DESCRIBE_COLUMNS, "step", "mean", "sd", "n"]]

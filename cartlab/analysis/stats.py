@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from cartlab.analysis.schema import CONFIG_COLUMNS, config_label, final_eval
+from cartlab.analysis.schema import DESCRIBE_COLUMNS, display_labels, final_eval, is_baseline
 
 
 @dataclass(frozen=True)
@@ -94,51 +94,58 @@ def compare_to_band(value: float, band: SeedBand, *, n_variant: int = 1) -> Delt
 
 
 def seed_summary(runs: pd.DataFrame, eval_log: pd.DataFrame, *, metric: str = "ppl",
-                 by=CONFIG_COLUMNS, step: int | None = None) -> pd.DataFrame:
-    """Per configuration and split: mean, sd (ddof=1), n of the final `metric` over seeds (section 4.4).
+                 step: int | None = None) -> pd.DataFrame:
+    """Per variant and split: mean, sd (ddof=1), n of the final `metric` over seeds (section 4.4).
 
-    Rows that are already seed means (seed NaN, n_seeds > 1) keep their mean with sd NaN and
-    n = n_seeds.
+    Seeds are the runs of one `variant` (the run's whole config minus its seed), never runs that
+    merely agree on some columns: a run with a component field set by hand is its own variant.
+    Columns: variant, config (display label), variant_label, the CONFIG_COLUMNS, overrides,
+    split, mean, sd, n. Rows that are already seed means (seed NaN, n_seeds > 1) keep their mean
+    with sd NaN and n = n_seeds.
     """
     if metric not in ("ppl", "loss"):
         raise ValueError(f"metric: {metric!r} not allowed; allowed: ['ppl', 'loss']")
     fe = final_eval(runs, eval_log, step=step)
-    keys = list(by) + ["split"]
-    g = fe.groupby(keys, dropna=False)
-    out = g[metric].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()
+    fe = fe.assign(config=display_labels(fe))
+    g = fe.groupby(["variant", "split"], dropna=False)
+    out = g[metric].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size")
+    described = g[["config", *DESCRIBE_COLUMNS]].first()
+    out = described.join(out).reset_index()
     out["n"] = np.where(out["n"] == 1, g["n_seeds"].first().to_numpy(), out["n"])
-    return out
+    cols = ["variant", "config", *DESCRIBE_COLUMNS, "split", "mean", "sd", "n"]
+    return out[cols]
 
 
 def band_comparisons(runs: pd.DataFrame, eval_log: pd.DataFrame, *, split: str, metric: str = "ppl",
                      k: float = 2.0) -> pd.DataFrame:
-    """Every configuration against the seed band of its stage's CART baseline (section 8's test).
+    """Every variant against the seed band of its stage's CART baseline (section 8's test).
 
-    For each CART baseline configuration (hooks '') with >= 2 seeds: band = mean +/- k sd of its
-    final `metric` on `split`; every other configuration of the same stage (ablations, other R,
-    Dense) is compared by its seed mean: delta = mean - band mean, z = delta / sd, "signal" iff
-    |delta| > k sd (compare_to_band). Columns: baseline, config, n, value, delta, z, label; the
-    frame's attrs["caveat"] states the sample sizes. Raises if no baseline has >= 2 seeds.
+    For each CART baseline variant (hooks '' and no overrides, `schema.is_baseline`) with >= 2
+    seeds: band = mean +/- k sd of its final `metric` on `split`; every other variant of the same
+    stage (ablations, fields set by hand, other R, Dense) is compared by its seed mean: delta =
+    mean - band mean, z = delta / sd, "signal" iff |delta| > k sd (compare_to_band). Columns:
+    baseline, config, variant, n, value, delta, z, label; the frame's attrs["caveat"] states the
+    sample sizes. Raises if no baseline has >= 2 seeds.
     """
     fe = final_eval(runs, eval_log)
     fe = fe[fe["split"] == split]
-    fe = fe.assign(config=fe.apply(config_label, axis=1) if len(fe) else pd.Series(dtype=str))
-    summ = fe.groupby(["stage", "config", "model", "hooks"], dropna=False)[metric].agg(
-        mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size").reset_index()
-    bases = summ[(summ["model"] == "cart") & (summ["hooks"].fillna("") == "") & summ["sd"].notna()]
+    fe = fe.assign(config=display_labels(fe), baseline=is_baseline(fe), stage=fe["stage"].fillna(""))
+    g = fe.groupby("variant")
+    summ = g[["stage", "config", "baseline"]].first().join(
+        g[metric].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size")).reset_index()
+    bases = summ[summ["baseline"] & summ["sd"].notna()]
     if bases.empty:
-        raise ValueError(f"runs: no CART baseline (hooks '') with >= 2 seeds on split {split!r}; "
+        raise ValueError(f"runs: no CART baseline (hooks '' and no overrides) with >= 2 seeds on split {split!r}; "
                          "train the baseline with several seeds to get a noise band")
     rows, caveat = [], ""
     for _, b in bases.iterrows():
-        mine = fe[(fe["stage"] == b["stage"]) & (fe["config"] == b["config"])]
-        band = seed_band(mine[metric].to_numpy(), k=k)
-        for _, v in summ[(summ["stage"] == b["stage"]) & (summ["config"] != b["config"])].iterrows():
+        band = seed_band(fe.loc[fe["variant"] == b["variant"], metric].to_numpy(), k=k)
+        for _, v in summ[(summ["stage"] == b["stage"]) & (summ["variant"] != b["variant"])].iterrows():
             cmp = compare_to_band(v["mean"], band, n_variant=int(v["n"]))
             caveat = cmp.caveat
-            rows.append({"baseline": b["config"], "config": v["config"], "n": int(v["n"]), "value": v["mean"],
-                         "delta": cmp.delta, "z": cmp.z, "label": cmp.label})
-    out = pd.DataFrame(rows, columns=["baseline", "config", "n", "value", "delta", "z", "label"])
+            rows.append({"baseline": b["config"], "config": v["config"], "variant": v["variant"], "n": int(v["n"]),
+                         "value": v["mean"], "delta": cmp.delta, "z": cmp.z, "label": cmp.label})
+    out = pd.DataFrame(rows, columns=["baseline", "config", "variant", "n", "value", "delta", "z", "label"])
     out.attrs["caveat"] = caveat
     return out
 

@@ -1,6 +1,7 @@
 """Small synthetic results-schema frames with known ground truth, for tests and examples.
 
-    runs = pd.DataFrame([run_row("base-s0", seed=0), run_row("nolti-s0", hooks="no_lti")])
+    runs = pd.DataFrame([run_row("base-s0", seed=0), run_row("nolti-s0", hooks="no_lti"),
+                         run_row("gate-s0", overrides="state_gate=residual")])   # a field set by hand
     ev = eval_rows({"base-s0": {"wiki": 20.0}, "nolti-s0": {"wiki": 20.1}}, step=30_500)
 """
 from __future__ import annotations
@@ -13,13 +14,15 @@ from cartlab.analysis.schema import EVAL_LOG_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_CO
 
 def run_row(run_id: str, **fields) -> dict:
     """One `runs` row (results schema, paper section 4.4's results.db) with defaults for a local
-    CART d=1024 P=6 R=6 Stage-2 run; Dense rows set model="dense" and n_layers."""
+    CART d=1024 P=6 R=6 Stage-2 run; Dense rows set model="dense" and n_layers. `overrides`
+    ("state_gate=residual") marks model fields set by hand; the variant is left to
+    `schema.with_variants` (a hash of the configuration columns and overrides) unless given."""
     model = fields.get("model", "cart")
     row = dict(
         run_id=run_id, name=run_id, source="local", model=model, d_model=1024,
         prelude_layers=6 if model == "cart" else np.nan, n_loops=6 if model == "cart" else np.nan,
         n_layers=np.nan, hooks="", seed=0, n_seeds=1, stage="stage2", stored_params=np.nan,
-        effective_params=np.nan, tokens=1e9, status="completed",
+        effective_params=np.nan, tokens=1e9, status="completed", overrides="",
     )
     unknown = set(fields) - set(RUNS_COLUMNS)
     if unknown:

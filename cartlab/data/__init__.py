@@ -6,6 +6,7 @@
     get_tokenizer(name_or_meta) -> Tokenizer    `embedded`, `llama2`, or a build's own tokenizer
     load_recipe(name) -> Recipe                 data/recipes/NAME.yaml, validated
     build(recipe, out_dir=None) -> dict         write train.bin, val_<domain>.bin, meta.json
+    resolve_data(data) -> Path                  the build a run's `data` section names (embedded: built on first use)
 
 Names are imported on first use, so `import cartlab.data` stays cheap.
 """
@@ -22,6 +23,7 @@ _EXPORTS = {
     "SourceConfig": "sources", "iter_documents": "sources", "load_hf_dataset": "sources",
     "build": "build",
     "data_root": "paths",
+    "resolve_data": "resolve",
     "check_iteration_sample": "iteration",
 }
 __all__ = sorted(_EXPORTS)

@@ -17,15 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from cartlab.config import Config
+from cartlab.config import field as cfield
 from cartlab.data.embedded import prose_documents, story_documents
 from cartlab.data.iteration import iteration_documents
-from cartlab.data.tokenizer import is_offline
+from cartlab.data.uniform import uniform_documents
+from cartlab.data.hub import is_offline
 
 SOURCE_TYPES = ("embedded", "hf", "jsonl", "parquet", "text")
 EMBEDDED_GENERATORS: dict[str, Callable[..., Iterator[str]]] = {
     "prose": prose_documents,
     "stories": story_documents,
     "iteration": iteration_documents,
+    "uniform": uniform_documents,  # the causal-leak study (data/recipes/causal-leak.yaml)
 }
 TOKENIZER_HOLDOUT = 0.1
 
@@ -37,10 +41,10 @@ def split_bucket(text: str) -> float:
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Config):
     """Where one stream of documents comes from."""
 
-    type: str = "embedded"
+    type: str = cfield("embedded", choices=SOURCE_TYPES)
     """One of: embedded, hf, jsonl, parquet, text."""
     path: str | None = None
     """hf: hub name or local dataset folder; jsonl/parquet/text: a file, folder or glob."""
@@ -52,7 +56,7 @@ class SourceConfig:
     """hf: file patterns inside the dataset, e.g. one parquet shard."""
     text_field: str = "text"
     """hf/jsonl/parquet: the column holding the document text."""
-    num_shards: int = 1
+    num_shards: int = cfield(1, ge=1)
     """Split the dataset into this many contiguous shards (streaming: by data file)..."""
     shards: list[int] | str | None = None
     """...and read only these (a list of indices or a range "a:b"); None reads all."""
@@ -61,20 +65,18 @@ class SourceConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """embedded: keyword arguments of the generator (e.g. k_min, k_max for iteration)."""
 
-    def validate(self, where: str) -> None:
-        if self.type not in SOURCE_TYPES:
-            raise ValueError(f"{where}.type must be one of {list(SOURCE_TYPES)}, got {self.type!r}")
+    def validate(self) -> None:
         if self.type == "embedded":
             if self.name not in EMBEDDED_GENERATORS:
-                raise ValueError(f"{where}.name must be one of {sorted(EMBEDDED_GENERATORS)} for an "
-                                 f"embedded source, got {self.name!r}")
+                raise self.reject("name", f"an embedded source is one of {', '.join(sorted(EMBEDDED_GENERATORS))}")
         elif not self.path:
-            raise ValueError(f"{where}.path is required for a {self.type} source")
-        if self.num_shards < 1:
-            raise ValueError(f"{where}.num_shards must be >= 1, got {self.num_shards}")
-        bad = [i for i in self.shard_indices() if not 0 <= i < self.num_shards]
+            raise self.reject("path", f"a {self.type} source needs a path (a hub name, file, folder or glob)")
+        try:
+            bad = [i for i in self.shard_indices() if not 0 <= i < self.num_shards]
+        except ValueError:
+            raise self.reject("shards", "must be a list of integers or a range 'a:b'") from None
         if bad:
-            raise ValueError(f"{where}.shards {bad} are outside 0..{self.num_shards - 1}")
+            raise self.reject("shards", f"{bad} are outside 0..{self.num_shards - 1}")
 
     def shard_indices(self) -> list[int]:
         if self.shards is None:
@@ -147,7 +149,7 @@ def _shards(ds, src: SourceConfig) -> list:
 
 def iter_documents(src: SourceConfig, seed: int = 0) -> Iterator[str]:
     """The documents of `src`, in order. Generated sources are endless; others are finite."""
-    src.validate("source")
+    src.validate()
     if src.type == "embedded":
         yield from EMBEDDED_GENERATORS[src.name](seed=seed, **src.options)
         return

@@ -10,6 +10,10 @@ by two different tokenizers are never mixed.
   (`path`, or the cache); when online and no file is given, `tokenizer.json` is fetched once from
   the hub repository into the cache and then loaded through the same local-file path. (Loading a
   folder with `AutoTokenizer` can rebuild the pipeline and treat leading spaces differently.)
+  With HF_HUB_OFFLINE set the hub is never tried; otherwise it is tried once, briefly
+  (`cartlab.data.hub`), and a failure is one line saying which local file to pass.
+
+Imports go one way: recipe -> tokenizer -> sources -> (embedded, iteration, hub).
 """
 from __future__ import annotations
 
@@ -24,15 +28,22 @@ from typing import Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from cartlab.config import Config, ConfigError
 from cartlab.data import paths
+from cartlab.data.embedded import EMBEDDED_CORPUS_VERSION, python_version
+from cartlab.data.hub import fetch_file, is_offline  # noqa: F401  (is_offline: re-exported)
+from cartlab.data.sources import EMBEDDED_GENERATORS, TOKENIZER_HOLDOUT, split_bucket
 
 TOKENIZER_NAMES = ("embedded", "llama2")
+TOKENIZER_DOMAINS = ("iteration", "prose", "stories")
+"""The embedded generators the embedded tokenizer trains on. Fixed, not every registered
+generator: registering a new one (e.g. `uniform`) must not change the tokenizer of existing builds."""
 EMBEDDED_EOS = "<|endoftext|>"
 LLAMA2_HUB_REPO = "NousResearch/Llama-2-7b-hf"
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Config):
     """Which tokenizer a recipe uses, and how to make or find it."""
 
     name: str = "embedded"
@@ -50,12 +61,11 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         if self.name not in TOKENIZER_NAMES:
-            raise ValueError(f"tokenizer.name must be one of {list(TOKENIZER_NAMES)}, got {self.name!r}")
+            raise self.reject("name", f"choose one of {', '.join(TOKENIZER_NAMES)}")
         if self.name == "embedded" and not 256 < self.vocab_size <= 2**20:
-            raise ValueError(f"tokenizer.vocab_size must be in (256, 1048576] for the byte-level "
-                             f"embedded tokenizer, got {self.vocab_size}")
+            raise self.reject("vocab_size", "must be in (256, 1048576] for the byte-level embedded tokenizer")
         if self.train_chars < 10_000:
-            raise ValueError(f"tokenizer.train_chars must be >= 10000, got {self.train_chars}")
+            raise self.reject("train_chars", "must be >= 10000")
 
 
 class Tokenizer:
@@ -117,11 +127,9 @@ def train_embedded_backend(texts: Iterable[str], vocab_size: int, progress: bool
 
 def _embedded_training_text(cfg: TokenizerConfig) -> list[str]:
     """Training text: train-side documents of each embedded domain, `train_chars` in total."""
-    from cartlab.data.sources import EMBEDDED_GENERATORS, TOKENIZER_HOLDOUT, split_bucket
-
-    per_domain = cfg.train_chars // len(EMBEDDED_GENERATORS)
+    per_domain = cfg.train_chars // len(TOKENIZER_DOMAINS)
     out = []
-    for name in sorted(EMBEDDED_GENERATORS):
+    for name in TOKENIZER_DOMAINS:
         n = 0
         for doc in EMBEDDED_GENERATORS[name](seed=cfg.seed):
             if split_bucket(doc) < TOKENIZER_HOLDOUT:  # never train on possible validation text
@@ -134,8 +142,6 @@ def _embedded_training_text(cfg: TokenizerConfig) -> list[str]:
 
 
 def embedded_cache_path(cfg: TokenizerConfig) -> Path:
-    from cartlab.data.embedded import EMBEDDED_CORPUS_VERSION, python_version
-
     key = json.dumps({"vocab_size": cfg.vocab_size, "train_chars": cfg.train_chars, "seed": cfg.seed,
                       "corpus": EMBEDDED_CORPUS_VERSION, "python": python_version(),
                       "tokenizers": tokenizers.__version__}, sort_keys=True)
@@ -160,12 +166,6 @@ def load_embedded(cfg: TokenizerConfig, progress: bool = False) -> Tokenizer:
 
 # --- llama2 --------------------------------------------------------------------------------
 
-def is_offline() -> bool:
-    """True when any Hugging Face offline switch is set in the environment."""
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def load_llama2(cfg: TokenizerConfig) -> Tokenizer:
     """The Llama-2 tokenizer from a local tokenizer.json, fetched from the hub once if allowed."""
     from transformers import PreTrainedTokenizerFast
@@ -175,13 +175,12 @@ def load_llama2(cfg: TokenizerConfig) -> Tokenizer:
     if not path.is_file():
         if cfg.path:
             raise ValueError(f"tokenizer.path {cfg.path!r} does not exist (expected a Llama-2 tokenizer.json)")
+        hint = (f"set a local Llama-2 tokenizer.json in the recipe (`tokenizer: {{name: llama2, path: "
+                f"/path/to/tokenizer.json}}`) or copy one to {path}")
         if is_offline():
-            raise ValueError(f"the llama2 tokenizer is not cached at {path} and Hugging Face offline "
-                             f"mode is on; copy a Llama-2 tokenizer.json there, set tokenizer.path, "
-                             f"or run once online to fetch it from {cfg.hub_repo}")
-        from huggingface_hub import hf_hub_download
-
-        fetched = hf_hub_download(cfg.hub_repo, "tokenizer.json")
+            raise ValueError(f"the llama2 tokenizer is not cached at {path} and Hugging Face offline mode is on "
+                             f"(HF_HUB_OFFLINE); {hint}, or unset HF_HUB_OFFLINE to fetch it from {cfg.hub_repo}")
+        fetched = fetch_file(cfg.hub_repo, "tokenizer.json", hint)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         shutil.copyfile(fetched, tmp)
@@ -213,9 +212,10 @@ def get_tokenizer(spec: "str | TokenizerConfig | dict" = "embedded", *, progress
     if isinstance(spec, str):
         cfg = TokenizerConfig(name=spec)
     elif isinstance(spec, dict):
-        from cartlab.data.recipe import from_dict
-
-        cfg = from_dict(TokenizerConfig, spec, "tokenizer")
+        try:
+            cfg = TokenizerConfig.from_dict(spec)
+        except ConfigError as err:
+            raise err.within("tokenizer") from None
     elif isinstance(spec, TokenizerConfig):
         cfg = spec
     else:

@@ -14,34 +14,32 @@ from __future__ import annotations
 import argparse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint with lm-eval (few-shot, variable R)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or local tasks (data/tasks)")
-    p.add_argument("--num-fewshot", type=_ints, default=[0], help="comma-separated few-shot counts (default 0)")
-    p.add_argument("--n-loops", type=_ints, default=None,
+    p.add_argument("--num-fewshot", default="0", help="comma-separated few-shot counts (default 0)")
+    p.add_argument("--n-loops", default=None,
                    help="comma-separated inference loop counts for CART (default: the trained R)")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (printed, not stored)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", help="evaluate only the first N documents of each task (printed, not stored)")
+    p.add_argument("--batch-size", default=8)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cartlab.eval.config import EvalConfig
     from cartlab.eval.run import evaluate, format_table
 
-    rows = evaluate(args.checkpoint, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
-                    n_loops=args.n_loops or [None], db=args.db, limit=args.limit, batch_size=args.batch_size,
-                    device=args.device)
+    given = {"checkpoint": args.checkpoint, "tasks": args.tasks, "num_fewshot": args.num_fewshot,
+             "n_loops": args.n_loops, "db": args.db, "limit": args.limit, "batch_size": args.batch_size,
+             "device": args.device}
+    cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": []},
+                               [f"{k}={v}" for k, v in given.items() if v is not None])
+    rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
+                    db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device)
     print(format_table(rows))
     if rows.attrs["stored"]:
         print(f"cartlab: {len(rows)} metric rows -> {args.db}")

@@ -25,7 +25,7 @@ from cartlab.model import KVCache
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run's folder / checkpoints folder (its newest checkpoint)."""
-    from cartlab.train import checkpoint
+    from cartlab import checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -42,13 +42,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode on `device`, tokenizer, checkpoint config dict) of a cartlab checkpoint."""
-    from cartlab.model import LMConfig, build_model
-    from cartlab.train import checkpoint
+    from cartlab import checkpoint
 
     ckpt = resolve_checkpoint(path)
-    config = checkpoint.load_config(ckpt)
-    model = build_model(LMConfig.from_dict(config["model"]))
-    checkpoint.load(ckpt, model)
+    model, config = checkpoint.build(ckpt)
     return model.to(device).eval(), checkpoint.load_tokenizer(ckpt), config
 
 

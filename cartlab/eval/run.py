@@ -75,9 +75,9 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     that is not the run's newest are evaluated and returned but never stored (said in `log`)."""
     import lm_eval
 
+    from cartlab.checkpoint import latest
     from cartlab.eval.lm import CartlabLM, resolve_checkpoint
     from cartlab.results.db import ResultsDB
-    from cartlab.train.checkpoint import latest
 
     for r in n_loops:
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):

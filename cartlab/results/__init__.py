@@ -1,5 +1,9 @@
 """The results database as pandas DataFrames (columns of `cartlab.analysis.schema`).
 
+The readers open the database read-only (`ResultsDB(path, readonly=True)`): they never migrate,
+create or change it, so a database on a read-only disk, or of an older schema, can be analysed;
+a missing file is an error naming it, not a new empty database.
+
     from cartlab import results
     runs = results.runs("runs/results.db")
     log = results.train_log("runs/results.db", run_ids=runs.run_id)
@@ -18,7 +22,7 @@ __all__ = ["ResultsDB", "STATUSES", "runs", "train_log", "eval_log", "downstream
 
 
 def _frame(path, table, run_ids=None) -> pd.DataFrame:
-    db = ResultsDB(path)
+    db = ResultsDB(path, readonly=True)
     try:
         return db.frame(table, None if run_ids is None else list(run_ids))
     finally:
@@ -26,7 +30,8 @@ def _frame(path, table, run_ids=None) -> pd.DataFrame:
 
 
 def runs(path: str | os.PathLike, source: str | None = None) -> pd.DataFrame:
-    """One row per run; `source` filters 'local' or 'published'."""
+    """One row per run; `source` filters 'local' or 'published'. `variant` groups runs as seeds
+    of one configuration (every analysis in `cartlab.analysis` groups by it)."""
     df = _frame(path, "runs")
     return df if source is None else df[df.source == source].reset_index(drop=True)
 

@@ -2,7 +2,9 @@
 
 Tables (columns match `cartlab.analysis.schema`, so analyses read runs and published numbers
 alike):
-    runs        one row per run: identity, config JSON, hooks, seed, status, hardware, versions
+    runs        one row per run: identity, config JSON, hooks, seed, status, hardware, versions,
+                and its variant (`variant`, `overrides`, `variant_label`: what groups runs as
+                seeds of one configuration, `TrainConfig.variant_fields()`)
     train_log   (run_id, step) -> loss, grad_norm, lr, rho_max, rho_mean, hyper_weights, tokens/s, mfu, memory
     eval_log    (run_id, step, split) -> loss, ppl
     downstream  (run_id, task, metric, num_fewshot, n_loops) -> value, stderr   (lm-eval)
@@ -13,7 +15,14 @@ Safety: every write is one short `BEGIN IMMEDIATE` transaction (so concurrent wr
 the busy timeout instead of failing on a lock upgrade), log rows are keyed by step (re-logging a
 step after a resume replaces, never duplicates), and a crash leaves the file consistent because
 SQLite commits atomically. Status values: running, completed, interrupted, diverged, failed,
-published.
+published. A status write that fails (a full disk) is kept in `<db>.pending/<run>.json` and
+applied by the next writable open, so a run is never left `running` for ever.
+
+Readers open read-only (`ResultsDB(path, readonly=True)`, what `cartlab.results.runs` & co. and
+`cartlab report` use): no migration, no file created or changed, so a database on a read-only
+disk or of an older schema can be analysed. A path that is not a results database (not SQLite,
+another program's SQLite, a directory, a newer schema, a location that cannot be written) is one
+`ValueError` naming it, and the file is left as it was.
 """
 from __future__ import annotations
 
@@ -21,6 +30,8 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
+import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +40,8 @@ from typing import Any, Iterable
 import pandas as pd
 
 STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "published")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 # Each migration takes the schema from version i-1 to i; never edit a released one, append.
 MIGRATIONS: dict[int, str] = {
@@ -63,12 +75,20 @@ MIGRATIONS: dict[int, str] = {
         path TEXT NOT NULL, step INTEGER, created_at TEXT NOT NULL, PRIMARY KEY (run_id, kind, path)
     );
     """,
+    # the variant: what groups runs as seeds of one configuration (the identity minus the seed)
+    2: """
+    ALTER TABLE runs ADD COLUMN variant TEXT;
+    ALTER TABLE runs ADD COLUMN overrides TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN variant_label TEXT;
+    CREATE INDEX runs_variant ON runs (variant);
+    """,
 }
+VARIANT_FIELDS = ("variant", "overrides", "variant_label")
 
 RUN_COLUMNS = ("run_id", "name", "source", "model", "d_model", "prelude_layers", "n_loops", "n_layers", "hooks",
                "seed", "n_seeds", "stage", "stored_params", "effective_params", "tokens", "step", "status",
                "message", "config_json", "hardware_json", "software_json", "git_commit", "created_at",
-               "updated_at", "finished_at")
+               "updated_at", "finished_at", *VARIANT_FIELDS)
 TRAIN_COLUMNS = ("step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "hyper_weights", "tokens_per_s", "mfu",
                  "memory_mb")
 
@@ -77,45 +97,198 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class ResultsDB:
-    """A results database file. Cheap to open; safe to share between processes."""
+def variant_of(row: dict) -> dict[str, str]:
+    """The variant fields of a runs row that was written without them (a database of schema 1,
+    or an insert that did not give them): a local run's are rebuilt from its stored training
+    config (`TrainConfig.variant_fields()`, the same as a run trained today records); a published
+    row's are a hash of its configuration columns (`cartlab.analysis.schema.config_variant`)."""
+    from cartlab.analysis.schema import _column_label, config_variant
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 120.0):
+    if row.get("source") != "published":
+        try:
+            train = json.loads(row.get("config_json") or "{}").get("train")
+        except (ValueError, AttributeError):
+            train = None
+        if isinstance(train, dict):
+            try:
+                from cartlab.train.config import TrainConfig
+
+                return TrainConfig.from_dict(train).variant_fields()
+            except Exception:  # noqa: BLE001 - any reason an old config no longer builds
+                pass
+        # A row without a stored training config that builds with this cartlab (written by hand,
+        # or by a version whose fields have since changed): fall back on a hash of its descriptive
+        # columns. Fields set by hand are then invisible (overrides ""), so such a row is told from
+        # a baseline by its hooks alone; its label says the variant comes from the columns.
+    fields = {"variant": config_variant(row), "overrides": "", "variant_label": _column_label(row)}
+    if row.get("source") != "published":
+        fields["variant_label"] += " (variant from columns)"
+    return fields
+
+
+def _backfill_variants(c: sqlite3.Connection) -> None:
+    """Migration 2's data step: give every existing run its variant fields."""
+    cur = c.execute("SELECT * FROM runs")
+    names = [d[0] for d in cur.description]
+    for values in cur.fetchall():
+        row = dict(zip(names, values))
+        fields = variant_of(row)
+        c.execute("UPDATE runs SET variant = ?, overrides = ?, variant_label = ? WHERE run_id = ?",
+                  (fields["variant"], fields["overrides"], fields["variant_label"], row["run_id"]))
+
+
+# Python steps run after a migration's SQL, in the same transaction.
+BACKFILLS = {2: _backfill_variants}
+
+
+def _pending_name(run_id: str) -> str:
+    return urllib.parse.quote(run_id, safe="") + ".json"
+
+
+class ResultsDB:
+    """A results database file. Cheap to open; safe to share between processes.
+
+    `readonly=True` opens an existing database without writing anything (no migration, no WAL
+    switch, no -wal/-shm files when no writer has it open); an older schema still reads, its
+    missing columns filled in `frame`."""
+
+    def __init__(self, path: str | os.PathLike, timeout: float = 120.0, *, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
-        self.conn = self._connect()
-        self._migrate()
+        self.readonly = readonly
+        self.conn = None
+        self._check_file()
+        try:
+            if readonly:
+                self.conn = self._connect_readonly()
+                self._version = self._check_schema()
+            else:
+                self.conn = self._connect()
+                self._check_schema()  # before anything is written
+                self._set_wal()
+                self._migrate()
+                self._version = SCHEMA_VERSION
+                self._apply_pending()
+        except sqlite3.Error as err:
+            self._fail(self._explain(err))
+        except ValueError:
+            self.close()
+            raise
+
+    # -- opening ------------------------------------------------------------------------------------------------
+    def _fail(self, message: str):
+        self.close()
+        raise ValueError(message) from None
+
+    def _explain(self, err: sqlite3.Error) -> str:
+        text = str(err)
+        if "not a database" in text or "malformed" in text:
+            return f"{self.path}: not a results database (SQLite says: {text})"
+        if self.readonly:
+            return f"{self.path}: cannot read this results database ({text})"
+        return (f"{self.path}: cannot write this results database ({text}); check the file and its folder are "
+                f"writable and the disk has space, or read it with ResultsDB(path, readonly=True)")
+
+    def _check_file(self) -> None:
+        """Refuse what cannot be a results database before SQLite touches it."""
+        p = self.path
+        if p.is_dir():
+            raise ValueError(f"{p}: is a directory, not a results database file")
+        if not p.exists():
+            if self.readonly:
+                raise ValueError(f"{p}: no such results database")
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{p}: cannot create the results database's folder {p.parent} "
+                                 f"({err.strerror or err})") from None
+            return
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as err:
+            raise ValueError(f"{p}: cannot read the results database ({err.strerror or err})") from None
+        if head and head != SQLITE_HEADER:
+            raise ValueError(f"{p}: not a results database (not an SQLite file)")
+        if not head and self.readonly:
+            raise ValueError(f"{p}: an empty file, not a results database")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        deadline = time.monotonic() + self.timeout
-        while True:  # switching to WAL needs a moment of exclusive access
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
+    def _set_wal(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:  # switching to WAL needs a moment of exclusive access
+            try:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        # `mode=ro` on a WAL database creates -wal and -shm files (and fails in a read-only folder).
+        # Without a -wal file no connection has the database open and the file holds every commit,
+        # so it is read as immutable: no locks, no side files. With one, a writer may be active: read
+        # through its WAL with ordinary locking.
+        uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal")
+        query = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+        conn = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=self.timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
+    def _check_schema(self) -> int:
+        """The file's schema version (0 for a new, empty database), read without writing; a file
+        that is another program's database or of a newer schema is refused."""
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            if self.readonly:
+                raise ValueError(f"{self.path}: an empty SQLite database, not a results database")
+            return 0
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+            if "meta" in tables else None
+        if row is None or "runs" not in tables:
+            shown = ", ".join(sorted(tables)[:6]) + (" ..." if len(tables) > 6 else "")
+            raise ValueError(f"{self.path}: an SQLite database but not a cartlab results database "
+                             f"(no schema_version; tables: {shown})")
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: schema_version={version} is newer than this cartlab "
+                             f"(supports <= {SCHEMA_VERSION}); upgrade cartlab")
+        return version
+
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     @contextmanager
     def transaction(self):
         """One write transaction, taken eagerly (BEGIN IMMEDIATE) and rolled back on error."""
+        if self.readonly:
+            raise ValueError(f"{self.path}: opened read-only; open it with ResultsDB(path) to write")
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:  # e.g. a full disk: never leave the transaction open for the next write
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def _migrate(self) -> None:
         with self.transaction() as c:
@@ -129,10 +302,53 @@ class ResultsDB:
                 for statement in MIGRATIONS[v].split(";"):
                     if statement.strip():
                         c.execute(statement)
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                if v in BACKFILLS:
+                    BACKFILLS[v](c)
+            if version != SCHEMA_VERSION:
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    # -- statuses that could not be written -----------------------------------------------------------------
+    @property
+    def pending_dir(self) -> Path:
+        """Where status writes that failed wait for the next writable open: `<db>.pending/`."""
+        return self.path.with_name(self.path.name + ".pending")
+
+    def _save_pending(self, run_id: str, fields: dict) -> Path:
+        self.pending_dir.mkdir(exist_ok=True)
+        path = self.pending_dir / _pending_name(run_id)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"run_id": run_id, "fields": fields}))
+        os.replace(tmp, path)  # atomic: a crash leaves the old sidecar or the new one, never half of one
+        return path
+
+    def _apply_pending(self) -> None:
+        """Write the statuses earlier writes failed to record, then forget them. A sidecar older
+        than the run's row (the run was written since) or for a run not in the database is dropped."""
+        if not self.pending_dir.is_dir():
+            return
+        for path in sorted(self.pending_dir.glob("*.json")):
+            try:
+                saved = json.loads(path.read_text())
+                run_id, fields = saved["run_id"], saved["fields"]
+            except FileNotFoundError:
+                continue  # another process applied it first
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                warnings.warn(f"{path}: unreadable pending status ({err}); left in place", stacklevel=2)
+                continue
+            row = self.get_run(run_id)
+            if row is not None and row["updated_at"] <= fields["updated_at"]:
+                with self.transaction() as c:
+                    sets = ", ".join(f"{k} = ?" for k in fields)
+                    c.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*fields.values(), run_id))
+            path.unlink(missing_ok=True)
+        try:
+            self.pending_dir.rmdir()
+        except OSError:
+            pass  # not empty (an unreadable sidecar) or already gone
 
     @property
     def schema_version(self) -> int:
+        """The schema the file is at (a read-only reader may see an older one than SCHEMA_VERSION)."""
         return int(self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
 
     # -- runs ---------------------------------------------------------------------------------------------------
@@ -158,16 +374,39 @@ class ResultsDB:
             else:
                 row = {"name": run_id, "status": "running", **fields, "run_id": run_id, "created_at": stamp,
                        "updated_at": stamp}
+                if not row.get("variant"):  # every row has a variant: the analyses group by it
+                    row.update({k: v for k, v in variant_of(row).items() if not row.get(k)})
                 c.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
 
-    def set_status(self, run_id: str, status: str, message: str | None = None, step: int | None = None) -> None:
+    def set_status(self, run_id: str, status: str, message: str | None = None, step: int | None = None) -> bool:
+        """Record a run's status; True when written. If the write fails (a full disk, an I/O
+        error), the status is kept in `<db>.pending/<run>.json`, written atomically, and applied by
+        the next writable open of this database; a warning says so and False is returned, so the
+        caller can finish (or exit) without the run staying `running` for ever. Raises only if the
+        sidecar cannot be written either."""
+        if status not in STATUSES:
+            raise ValueError(f"status={status!r} is not allowed; choose one of {list(STATUSES)}")
         fields: dict[str, Any] = {"status": status, "message": message}
         if step is not None:
             fields["step"] = step
         if status in ("completed", "diverged", "failed", "interrupted"):
             fields["finished_at"] = now()
-        self.upsert_run(run_id, **fields)
+        try:
+            self.upsert_run(run_id, **fields)
+        except sqlite3.OperationalError as err:
+            try:
+                saved = self._save_pending(run_id, {**fields, "updated_at": now()})
+            except OSError as err2:
+                raise ValueError(f"{self.path}: could not record status {status!r} of run {run_id} ({err}), nor "
+                                 f"keep it for later in {self.pending_dir} ({err2.strerror or err2})") from err
+            warnings.warn(f"{self.path}: could not record status {status!r} of run {run_id} ({err}); kept in "
+                          f"{saved}, written when the database is next opened", RuntimeWarning, stacklevel=2)
+            return False
+        stale = self.pending_dir / _pending_name(run_id)
+        if stale.exists():  # a newer status was written: an older pending one must never overwrite it
+            stale.unlink(missing_ok=True)
+        return True
 
     def delete_run(self, run_id: str) -> None:
         with self.transaction() as c:
@@ -220,4 +459,9 @@ class ResultsDB:
             params = tuple(run_ids)
         order = {"runs": "created_at, run_id", "train_log": "run_id, step", "eval_log": "run_id, step, split",
                  "downstream": "run_id, task, metric, num_fewshot, n_loops", "artifacts": "run_id, kind, path"}
-        return pd.read_sql_query(f"{query} ORDER BY {order[table]}", self.conn, params=params)
+        frame = pd.read_sql_query(f"{query} ORDER BY {order[table]}", self.conn, params=params)
+        if table == "runs" and self._version < 2:  # a read-only reader of an older file: fill, don't migrate
+            fields = [variant_of(r) for r in frame.to_dict("records")]
+            for k in VARIANT_FIELDS:
+                frame[k] = pd.Series([f[k] for f in fields], index=frame.index, dtype=object)
+        return frame

@@ -43,7 +43,7 @@ def resolve(args: argparse.Namespace):
         extra.append("quiet=true")
     if args.resume:
         db_path = args.db or TrainConfig().results_db
-        db = ResultsDB(db_path)
+        db = ResultsDB(db_path, readonly=True)
         row = db.get_run(args.resume)
         db.close()
         if row is None:

@@ -165,7 +165,8 @@ class TrainConfig(Config):
         if m.kind == "cart":
             parts = [f"cart-d{m.d_model}-P{m.prelude_layers}-R{m.n_loops}", *m.hooks]
         else:
-            parts = [f"dense{m.n_layers}L-d{m.d_model}" + (f"-{self.dense_match}" if self.dense_match else "")]
+            parts = [f"dense{m.n_layers}L-d{m.d_model}" + (f"-{self.dense_match}" if self.dense_match else ""),
+                     *m.hooks]
         parts.append(f"s{self.seed}")
         base = _flatten(TrainConfig.from_preset(self.preset).to_dict()) if self.preset else {}
         mine = _flatten(self.to_dict())

@@ -2,16 +2,20 @@
 
     run_id = train(TrainConfig.from_preset("smoke"))
 
-What a run does, in order:
+What a run does, in order (`_train` reads as this list):
 1. derive its name from the config; a run another live process is training is refused, a
    completed run is not redone, a known unfinished run is resumed from its newest checkpoint
-   (log rows after that step are dropped and re-logged);
+   (log rows after that step are dropped and re-logged); before anything is trained the
+   results database's folder and the out dir must take files, and checkpoint folders that
+   killed processes left half-written are removed;
 2. open the data build (the embedded recipe is built on first use, offline), check the
-   tokenizer fits the model, build model and optimizer for the selected device;
+   tokenizer fits the model, build model and optimizer for the selected device, restore the
+   newest checkpoint when resuming, and record the run (with its variant) as running;
 3. loop: lr from the schedule, micro-batches with gradient accumulation, clip, step; every
    `log_every` steps a train-log row (loss, grad norm, lr, spectral radius, HyperConnection
    weights, tokens/s, MFU, memory); every `eval_every` steps loss and perplexity on every
-   validation bin; every `checkpoint_every` steps an atomic checkpoint;
+   validation bin; every `checkpoint_every` steps an atomic checkpoint (the ones it prunes
+   leave the `artifacts` table too);
 4. NaN/inf loss marks the run diverged and raises `TrainingDiverged`; SIGINT/SIGTERM (to any
    one rank under torchrun: the ranks agree on it each step) finishes the current step,
    checkpoints, marks the run interrupted and raises `TrainingInterrupted`; any other error
@@ -39,8 +43,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import cartlab
+from cartlab.config import ConfigError, show
 from cartlab.filelock import file_lock
-from cartlab.model import CARTConfig, account, build_model
+from cartlab.model import account, build_model
 from cartlab.results.db import ResultsDB
 from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig, _flatten
@@ -89,31 +94,11 @@ def _reduce_step(loss: float, stopping: bool, world: int, device) -> tuple[float
 
 # -- data ----------------------------------------------------------------------------------------------------------
 def resolve_data(cfg: TrainConfig, progress: bool) -> Path:
-    """The build folder for cfg.data: an explicit `dir`, or the recipe's build (the offline
-    embedded recipe is built on first use; others must be built with `cartlab data build`)."""
-    from cartlab.data.paths import built_dir
+    """The build folder for cfg.data (`cartlab.data.resolve_data`, which builds the offline
+    embedded recipe on first use)."""
+    from cartlab.data.resolve import resolve_data as resolve
 
-    if cfg.data.dir:
-        path = Path(cfg.data.dir)
-        if not (path / "meta.json").is_file():
-            raise ValueError(f"data.dir={cfg.data.dir!r} holds no data build (no meta.json); "
-                             f"build one with `cartlab data build RECIPE --out DIR`")
-        return path
-    path = built_dir(cfg.data.recipe)
-    if (path / "meta.json").is_file():
-        return path
-    from cartlab.data.recipe import list_recipes
-
-    if cfg.data.recipe not in list_recipes():
-        raise ValueError(f"data.recipe={cfg.data.recipe!r} is not allowed; choose one of {list_recipes()}")
-    if cfg.data.recipe != "embedded":
-        raise ValueError(f"data for recipe {cfg.data.recipe!r} is missing ({path}); build it first with "
-                         f"`cartlab data build {cfg.data.recipe}` (it needs the internet)")
-    from cartlab.data.build import build
-
-    print(f"cartlab: building the embedded corpus into {path} (first use, offline)", file=sys.stderr)
-    build("embedded", progress=progress)
-    return path
+    return resolve(cfg.data, progress=progress)
 
 
 def _val_bins(meta: dict) -> dict[str, Path]:
@@ -205,8 +190,42 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
     """Train `config` into its results database and return the run id. With `resume`, continue
     that run: its stored config is used, and `config` may only change operational fields."""
     run_id = resume or config.run_name()
+    if int(os.environ.get("RANK", "0")) == 0:
+        preflight(config)
     with _run_lock(config.results_db, run_id):
         return _train(config, run_id, resume)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What can be known wrong before the run is locked, recorded or built: the data (its build
+    exists, or an offline recipe builds; its vocabulary fits the model), then the places the run
+    writes. A refusal here leaves no lock, row or file behind."""
+    from cartlab.data import load_meta
+
+    meta = load_meta(resolve_data(cfg, progress=not cfg.quiet))
+    vocab, model_vocab = int(meta["tokenizer"]["vocab_size"]), cfg.model_config().vocab_size
+    if model_vocab < vocab:
+        raise ValueError(f"model.vocab_size={model_vocab} is smaller than the data's tokenizer vocabulary "
+                         f"({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
+    if str(cfg.results_db) != ":memory:":
+        if Path(cfg.results_db).exists():  # a directory, or a file that is not a results database
+            ResultsDB(cfg.results_db, readonly=True).close()
+        check_writable(Path(cfg.results_db).parent, "results_db", cfg.results_db)
+    check_writable(Path(cfg.out_dir), "out_dir", cfg.out_dir)
+
+
+def check_writable(folder: Path, name: str, value) -> None:
+    """Create `folder` and write (and delete) a probe file in it, or raise one ConfigError line
+    naming the field `name`: an unwritable place fails before the first step, not at the
+    first checkpoint."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".cartlab-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        raise ConfigError(f"{name}={show(str(value))} is not writable ({reason})", name) from None
 
 
 @contextlib.contextmanager
@@ -228,152 +247,225 @@ def _run_lock(results_db: str, run_id: str):
 
 
 def _train(cfg: TrainConfig, run_id: str, resume: str | None) -> str:
-    selection = select(Capabilities.detect(), cfg.device, cfg.precision, cfg.optim.name, cfg.compile)
-    rank, local_rank, world = _dist_setup(selection.device)
-    main = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if selection.device == "cuda" else "cpu")
-    if selection.device == "cuda":
-        torch.cuda.set_device(device)
-    db = ResultsDB(cfg.results_db)
-    existing = db.get_run(run_id)
-    if resume and existing is None:
-        raise ValueError(f"cannot resume run {resume!r}: no such run in {cfg.results_db}")
-    if existing is not None:
-        check_same_identity(json.loads(existing["config_json"])["identity"], cfg, run_id)
-        if existing["status"] == "completed":
-            if main:
-                print(f"cartlab: run {run_id} is already completed in {cfg.results_db}; nothing to do")
-            return run_id
-
-    model_cfg = cfg.model_config()
-    data_dir = resolve_data(cfg, progress=main and not cfg.quiet)
-    from cartlab.data import BatchLoader, load_meta, open_bin
-
-    meta = load_meta(data_dir)
-    vocab = int(meta["tokenizer"]["vocab_size"])
-    if model_cfg.vocab_size < vocab:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer "
-                         f"vocabulary ({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
-    train_bin = open_bin(data_dir / "train.bin")
-    loader = BatchLoader(train_bin, cfg.batch_size, cfg.seq_len, cfg.data.mode, seed=cfg.seed, rank=rank,
-                         world_size=world)
-
-    val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(device)
-    raw = model
-    optimizer = build_optimizer(model.parameters(), selection, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
-                                cfg.optim.eps, cfg.optim.weight_decay)
-    ckpt_dir = Path(cfg.out_dir) / run_id / "checkpoints"
-    start = 0
-    last = checkpoint.latest(ckpt_dir) if existing is not None else None
-    if last is not None:
-        state = checkpoint.load(last, model, optimizer)
-        loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        start = int(state["step"])
-    acc = account(model_cfg, cfg.seq_len)
-    flops_per_token = acc.train_flops_per_token(include_lm_head=True)
-    if main:
-        config_json = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "identity": cfg.identity()}
-        hooks = ",".join(sorted(getattr(model_cfg, "hooks", ())))
-        db.upsert_run(
-            run_id, name=run_id, source="local", model=model_cfg.kind, d_model=model_cfg.d_model,
-            prelude_layers=getattr(model_cfg, "prelude_layers", None), n_loops=getattr(model_cfg, "n_loops", None),
-            n_layers=getattr(model_cfg, "n_layers", None), hooks=hooks, seed=cfg.seed, n_seeds=1, stage=cfg.stage,
-            stored_params=acc.stored_params, effective_params=acc.effective_params,
-            tokens=cfg.steps * cfg.tokens_per_step * world, status="running", message=None, step=start,
-            config_json=config_json, git_commit=git_commit(), software_json=software(),
-            hardware_json={**selection.to_dict(), "world_size": world, "cpu_count": os.cpu_count(),
-                           "data_dir": str(data_dir), "data_sha256": meta.get("sha256", {})},
-        )
-        db.truncate_after(run_id, start)
-        if start:
-            print(f"cartlab: resuming {run_id} from step {start} ({last})", file=sys.stderr)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    step_model = torch.compile(model) if selection.compile else model
-
-    def save(step: int) -> None:
-        loaders = [loader.state_dict()] if world == 1 else _gather(loader.state_dict(), world)
-        if main:
-            path = checkpoint.save(ckpt_dir, step, raw, optimizer, loaders[0] if world == 1 else loaders,
-                                   {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "run_id": run_id},
-                                   cfg.keep_checkpoints, tokenizer=(data_dir / meta["tokenizer"]["file"], meta["tokenizer"]))
-            db.add_artifact(run_id, "checkpoint", str(path), step)
-            db.upsert_run(run_id, step=step)
-
-    pending: list[dict] = []
-    bar = tqdm(total=cfg.steps, initial=start, disable=cfg.quiet or not main, desc=run_id[:40], dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
+    """The steps of the module docstring, in order."""
+    run = _Run(cfg, run_id)
     try:
-        with _stop_on_signals() as stop:
-            for step in range(start, cfg.steps):
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    x, y = loader.next_batch()
-                    x, y = x.to(device), y.to(device)
-                    sync = world == 1 or micro == cfg.grad_accum - 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()), selection.autocast():
-                        _, loss = step_model(x, y)
-                    (loss / cfg.grad_accum).backward()
-                    total += loss.item() / cfg.grad_accum
-                loss_value, stopping = _reduce_step(total, stop["signal"] is not None, world, device)
-                if not math.isfinite(loss_value):
-                    if main:
-                        db.set_status(run_id, "diverged", f"loss {loss_value} at step {step + 1}", step=step)
-                    raise TrainingDiverged(f"run {run_id} diverged: loss {loss_value} at step {step + 1}")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                tokens_since += cfg.tokens_per_step * world
-                bar.update(1)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    elapsed = time.perf_counter() - t_last
-                    tps = tokens_since / elapsed
-                    t_last, tokens_since = time.perf_counter(), 0
-                    diag = raw.diagnostics()
-                    pending.append({"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
-                                    "rho_max": diag.get("rho_max"), "rho_mean": diag.get("rho_mean"),
-                                    "hyper_weights": json.dumps(diag["hyper_weights"]) if "hyper_weights" in diag else None,
-                                    "tokens_per_s": tps,
-                                    "mfu": tps * flops_per_token / selection.peak_flops if selection.peak_flops else None,
-                                    "memory_mb": memory_mb(selection.device)})
-                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
-                    if main:
-                        db.log_train(run_id, pending)
-                    pending = []
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    results = evaluate(raw, val_bins, cfg, selection, device)
-                    if main:
-                        db.log_eval(run_id, done, results)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    save(done)
-                if stopping and done < cfg.steps:
-                    if done % cfg.checkpoint_every:
-                        save(done)
-                    why = stop["signal"] or "a signal to another rank"
-                    if main:
-                        db.set_status(run_id, "interrupted", f"{why} at step {done}", step=done)
-                    raise TrainingInterrupted(f"run {run_id} interrupted by {why} at step {done}; "
-                                              f"resume with `cartlab train --resume {run_id}`")
-        if main:
-            db.set_status(run_id, "completed", step=cfg.steps)
-    except (TrainingInterrupted, TrainingDiverged):
-        raise
-    except BaseException as err:
-        if main:
-            db.set_status(run_id, "failed", f"{type(err).__name__}: {err}"[:500])
-        raise
+        if not run.open(resume):  # 1. refused, already completed, new, or resumed
+            return run_id
+        run.prepare_data()        # 2. the data build, its tokenizer checked against the model
+        run.build()               #    model and optimizer on the selected device
+        run.restore()             #    weights, optimizer, data position and RNG of the newest checkpoint
+        run.record_start()        #    the run row ('running'), log rows after the checkpoint dropped
+        run.loop()                # 3.-4. steps, logs, evaluations, checkpoints; signals and divergence
     finally:
-        bar.close()
-        db.close()
+        run.close()
     return run_id
+
+
+class _Run:
+    """One training run between `open` and `close`; each method is one step of `_train`."""
+
+    def __init__(self, cfg: TrainConfig, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
+        self.selection = select(Capabilities.detect(), cfg.device, cfg.precision, cfg.optim.name, cfg.compile)
+        self.rank, self.local_rank, self.world = _dist_setup(self.selection.device)
+        self.main = self.rank == 0
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.selection.device == "cuda" else "cpu")
+        if self.selection.device == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model_cfg = cfg.model_config()
+        self.ckpt_dir = Path(cfg.out_dir) / run_id / "checkpoints"
+        self.db = ResultsDB(cfg.results_db)
+        self.existing: dict | None = None
+        self.start, self.last = 0, None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- 1. -------------------------------------------------------------------------------------------------
+    def open(self, resume: str | None) -> bool:
+        """Check the run against the database; False when it is already completed. A new run
+        or a resume checks first that the out dir takes files."""
+        cfg, run_id = self.cfg, self.run_id
+        self.existing = self.db.get_run(run_id)
+        if resume and self.existing is None:
+            raise ValueError(f"cannot resume run {resume!r}: no such run in {cfg.results_db}")
+        if self.existing is not None:
+            check_same_identity(json.loads(self.existing["config_json"])["identity"], cfg, run_id)
+            if self.existing["status"] == "completed":
+                if self.main:
+                    print(f"cartlab: run {run_id} is already completed in {cfg.results_db}; nothing to do")
+                return False
+        if self.main:
+            check_writable(Path(cfg.out_dir), "out_dir", cfg.out_dir)
+            checkpoint.remove_stale_tmp(self.ckpt_dir)
+        return True
+
+    # -- 2. -------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        from cartlab.data import BatchLoader, load_meta, open_bin
+
+        cfg = self.cfg
+        self.data_dir = resolve_data(cfg, progress=self.main and not cfg.quiet)
+        self.meta = meta = load_meta(self.data_dir)
+        vocab = int(meta["tokenizer"]["vocab_size"])
+        if self.model_cfg.vocab_size < vocab:
+            raise ValueError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the data's tokenizer "
+                             f"vocabulary ({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
+        self.loader = BatchLoader(open_bin(self.data_dir / "train.bin"), cfg.batch_size, cfg.seq_len, cfg.data.mode,
+                                  seed=cfg.seed, rank=self.rank, world_size=self.world)
+        self.val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
+
+    def build(self) -> None:
+        o = self.cfg.optim
+        torch.manual_seed(self.cfg.seed)
+        self.raw = build_model(self.model_cfg).to(self.device)
+        self.optimizer = build_optimizer(self.raw.parameters(), self.selection, o.lr, (o.beta1, o.beta2), o.eps,
+                                         o.weight_decay)
+        acc = account(self.model_cfg, self.cfg.seq_len)
+        self.accounting = acc
+        self.flops_per_token = acc.train_flops_per_token(include_lm_head=True)
+
+    def restore(self) -> None:
+        self.last = checkpoint.latest(self.ckpt_dir) if self.existing is not None else None
+        if self.last is not None:
+            state = checkpoint.load(self.last, self.raw, self.optimizer)
+            loader = state["loader"]
+            self.loader.load_state_dict(loader[self.rank] if isinstance(loader, list) else loader)
+            checkpoint.set_rng_state(state["rng"])
+            self.start = int(state["step"])
+
+    def record_start(self) -> None:
+        cfg, m, acc, run_id = self.cfg, self.model_cfg, self.accounting, self.run_id
+        if self.main:
+            self.db.upsert_run(
+                run_id, name=run_id, source="local", model=m.kind, d_model=m.d_model,
+                prelude_layers=getattr(m, "prelude_layers", None), n_loops=getattr(m, "n_loops", None),
+                n_layers=getattr(m, "n_layers", None), hooks=",".join(sorted(getattr(m, "hooks", ()))),
+                seed=cfg.seed, n_seeds=1, stage=cfg.stage, **cfg.variant_fields(),
+                stored_params=acc.stored_params, effective_params=acc.effective_params,
+                tokens=cfg.steps * cfg.tokens_per_step * self.world, status="running", message=None, step=self.start,
+                config_json={"train": cfg.to_dict(), "model": m.to_dict(), "identity": cfg.identity()},
+                git_commit=git_commit(), software_json=software(),
+                hardware_json={**self.selection.to_dict(), "world_size": self.world, "cpu_count": os.cpu_count(),
+                               "data_dir": str(self.data_dir), "data_sha256": self.meta.get("sha256", {})},
+            )
+            self.db.truncate_after(run_id, self.start)
+            if self.start:
+                print(f"cartlab: resuming {run_id} from step {self.start} ({self.last})", file=sys.stderr)
+        model = self.raw
+        if self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.model = model  # DDP-wrapped under torchrun; `raw` is the module itself
+        self.step_model = torch.compile(model) if self.selection.compile else model
+
+    # -- 3. and 4. ------------------------------------------------------------------------------------------
+    def loop(self) -> None:
+        cfg, run_id, main = self.cfg, self.run_id, self.main
+        self.bar = tqdm(total=cfg.steps, initial=self.start, disable=cfg.quiet or not main, desc=run_id[:40],
+                        dynamic_ncols=True)
+        self.t_last, self.tokens_since = time.perf_counter(), 0
+        try:
+            with _stop_on_signals() as stop:
+                for step in range(self.start, cfg.steps):
+                    lr = lr_at(step, cfg)
+                    loss_value, grad_norm, stopping = self._step(step, lr, stop["signal"] is not None)
+                    done = step + 1
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        self._log(done, loss_value, grad_norm, lr)
+                    if done % cfg.eval_every == 0 or done == cfg.steps:
+                        self._evaluate(done)
+                    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                        self._checkpoint(done)
+                    if stopping and done < cfg.steps:
+                        self._interrupt(done, stop["signal"])
+            if main:
+                self.db.set_status(run_id, "completed", step=cfg.steps)
+        except (TrainingInterrupted, TrainingDiverged):
+            raise
+        except BaseException as err:
+            if main:
+                self.db.set_status(run_id, "failed", f"{type(err).__name__}: {err}"[:500])
+            raise
+        finally:
+            self.bar.close()
+
+    def _step(self, step: int, lr: float, asked_to_stop: bool) -> tuple[float, float, bool]:
+        """One optimizer update at `lr`: micro-batches with gradient accumulation, the loss
+        averaged over ranks (with the ranks' stop flags), divergence check, clip, step."""
+        cfg, world = self.cfg, self.world
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.selection.autocast():
+                _, loss = self.step_model(x, y)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        loss_value, stopping = _reduce_step(total, asked_to_stop, world, self.device)
+        if not math.isfinite(loss_value):
+            if self.main:
+                self.db.set_status(self.run_id, "diverged", f"loss {loss_value} at step {step + 1}", step=step)
+            raise TrainingDiverged(f"run {self.run_id} diverged: loss {loss_value} at step {step + 1}")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_since += cfg.tokens_per_step * world
+        self.bar.update(1)
+        return loss_value, grad_norm, stopping
+
+    def _log(self, done: int, loss_value: float, grad_norm: float, lr: float) -> None:
+        """A train-log row: loss, grad norm, lr, spectral radius, HyperConnection weights,
+        tokens/s and MFU since the last row, peak memory."""
+        elapsed = time.perf_counter() - self.t_last
+        tps = self.tokens_since / elapsed
+        self.t_last, self.tokens_since = time.perf_counter(), 0
+        diag = self.raw.diagnostics()
+        peak = self.selection.peak_flops
+        row = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
+               "rho_max": diag.get("rho_max"), "rho_mean": diag.get("rho_mean"),
+               "hyper_weights": json.dumps(diag["hyper_weights"]) if "hyper_weights" in diag else None,
+               "tokens_per_s": tps, "mfu": tps * self.flops_per_token / peak if peak else None,
+               "memory_mb": memory_mb(self.selection.device)}
+        self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
+        if self.main:
+            self.db.log_train(self.run_id, [row])
+
+    def _evaluate(self, done: int) -> None:
+        results = evaluate(self.raw, self.val_bins, self.cfg, self.selection, self.device)
+        if self.main:
+            self.db.log_eval(self.run_id, done, results)
+
+    def _checkpoint(self, done: int) -> None:
+        """An atomic checkpoint of update `done` (rank 0 writes every rank's loader position);
+        registered as an artifact, and the checkpoints it prunes are unregistered."""
+        cfg, meta = self.cfg, self.meta
+        loaders = [self.loader.state_dict()] if self.world == 1 else _gather(self.loader.state_dict(), self.world)
+        if self.main:
+            path, pruned = checkpoint.save(
+                self.ckpt_dir, done, self.raw, self.optimizer, loaders[0] if self.world == 1 else loaders,
+                {"train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "run_id": self.run_id},
+                cfg.keep_checkpoints, tokenizer=(self.data_dir / meta["tokenizer"]["file"], meta["tokenizer"]))
+            self.db.add_artifact(self.run_id, "checkpoint", str(path), done)
+            for old in pruned:
+                self.db.remove_artifact(self.run_id, "checkpoint", str(old))
+            self.db.upsert_run(self.run_id, step=done)
+
+    def _interrupt(self, done: int, signal_name: str | None) -> None:
+        """A signal arrived (here or on another rank): checkpoint update `done` unless that just
+        happened, mark the run interrupted and stop."""
+        if done % self.cfg.checkpoint_every:
+            self._checkpoint(done)
+        why = signal_name or "a signal to another rank"
+        if self.main:
+            self.db.set_status(self.run_id, "interrupted", f"{why} at step {done}", step=done)
+        raise TrainingInterrupted(f"run {self.run_id} interrupted by {why} at step {done}; "
+                                  f"resume with `cartlab train --resume {self.run_id}`")
 
 
 def _gather(state: dict, world: int) -> list[dict]:

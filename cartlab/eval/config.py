@@ -1,0 +1,38 @@
+"""What `cartlab eval` runs: one typed config, checked before any model is loaded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cartlab.config import Config, ConfigError, field
+from cartlab.train.device import DEVICES
+
+
+@dataclass
+class EvalConfig(Config):
+    checkpoint: str
+    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    tasks: list[str]
+    """lm-eval task names or local tasks (data/tasks)."""
+    num_fewshot: list[int] = field(default_factory=lambda: [0])
+    """Few-shot counts, each >= 0."""
+    n_loops: list[int] | None = field(None, none="null for the trained R")
+    """Inference loop counts for CART, each >= 1."""
+    db: str = "runs/results.db"
+    """Results database of the run."""
+    limit: int | None = field(None, ge=1, none="null for whole tasks")
+    """Evaluate only the first N documents of each task (printed, not stored)."""
+    batch_size: int = field(8, ge=1)
+    device: str = field("cpu", choices=DEVICES)
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise self.reject("tasks", "name at least one task")
+        for i, k in enumerate(self.num_fewshot):
+            if k < 0:
+                raise ConfigError.value(f"num_fewshot[{i}]", k, "must be >= 0")
+        for i, r in enumerate(self.n_loops or []):
+            if r < 1:
+                raise ConfigError.value(f"n_loops[{i}]", r, "must be >= 1")
+        if not Path(self.checkpoint).exists():
+            raise self.reject("checkpoint", "no such checkpoint or run folder")

@@ -1,0 +1,358 @@
+"""Malformed input is refused at the edge: one line on stderr naming the field or the file, a
+non-zero exit code, no traceback, and nothing that existed before is changed.
+
+Each case runs `cartlab ...` (in process, through the same `main` as the console script) against
+a lab folder holding a results database with one completed run and its files; the folder's
+every byte and the database's rows are compared before and after. A few cases run in a real
+subprocess to check the exit code and stderr a user sees. Run: pytest tests/test_bad_inputs.py
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cartlab.cli import main, run_guarded
+
+LAB_FILES = {
+    # name -> text; written into the inputs folder, which the lab snapshot does not include
+    "syntax.yaml": "preset: smoke\nsteps: [1,\n",
+    "list.yaml": "- steps: 3\n- seed: 2\n",
+    "scalar.yaml": "just a string\n",
+    "unknown.yaml": "preset: smoke\nstepz: 3\n",
+    "nested_unknown.yaml": "preset: smoke\noptim: {lr: 1.0e-3, gradclip: 1}\n",
+    "bad_preset.yaml": "preset: nope\n",
+    "bad_model.yaml": "preset: smoke\nmodel: {kind: cart, d_model: 64, n_heads: 5}\n",
+    "bad_kind.yaml": "preset: smoke\nmodel: {kind: mamba}\n",
+    "model_list.yaml": "preset: smoke\nmodel: [cart]\n",
+    "optim_scalar.yaml": "preset: smoke\noptim: 3\n",
+    "study_syntax.yaml": "name: s\npreset: smoke\nruns: [{label: a}\n",
+    "study_hooks_string.yaml": "preset: smoke\nruns: [{label: a, hooks: no_lti}]\n",
+    "study_unknown.yaml": "preset: smoke\nruns: [{label: a}]\nbogus: 1\n",
+    "study_run_unknown.yaml": "preset: smoke\nruns: [{label: a, hook: [no_lti]}]\n",
+    "study_no_preset.yaml": "runs: [{label: a}]\n",
+    "study_bad_preset.yaml": "preset: huge\nruns: [{label: a}]\n",
+    "study_no_runs.yaml": "preset: smoke\nruns: []\n",
+    "study_dup_labels.yaml": "preset: smoke\nruns: [{label: a}, {label: a}]\n",
+    "study_no_label.yaml": "preset: smoke\nruns: [{hooks: [no_lti]}]\n",
+    "study_seeds_string.yaml": "preset: smoke\nseeds: one\nruns: [{label: a}]\n",
+    "study_negative_seed.yaml": "preset: smoke\nseeds: [-1]\nruns: [{label: a}]\n",
+    "study_grid_scalar.yaml": "preset: smoke\ngrid: {model.d_model: 64}\nruns: [{label: a}]\n",
+    "study_bad_set.yaml": "preset: smoke\nset: {optim.grad_clip: -1}\nruns: [{label: a}]\n",
+    "study_bad_run_set.yaml": "preset: smoke\nruns: [{label: a, set: {optim.lr: 0}}]\n",
+    "study_unknown_hook.yaml": "preset: smoke\nruns: [{label: a, hooks: [no_ltii]}]\n",
+    "study_hook_conflict.yaml": "preset: smoke\nruns: [{label: a, hooks: [unfreeze_kv, self_attn_core]}]\n",
+    "study_list.yaml": "- preset: smoke\n",
+    "recipe_syntax.yaml": "name: r\ndomains: [\n",
+    "recipe_ratio.yaml": ("name: r\ntrain_tokens: 100000\ndomains:\n  - {name: a, ratio: -1, train: {type: embedded, "
+                          "name: prose}}\n"),
+    "recipe_unknown.yaml": ("name: r\ntrain_tokens: 100000\ntokens: 3\ndomains:\n  - {name: a, ratio: 1, train: "
+                            "{type: embedded, name: prose}}\n"),
+    "recipe_source.yaml": ("name: r\ntrain_tokens: 100000\ndomains:\n  - {name: a, ratio: 1, train: {type: ftp}}\n"),
+    "recipe_list.yaml": "- name: r\n",
+    "not_a_db.db": "this is not a SQLite database\n" * 20,
+}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.endswith(("-wal", "-shm")):
+            continue  # SQLite's transient companions of a WAL database (any reader makes them); rows are compared
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = ""
+    return out
+
+
+def _rows(db: Path) -> dict[str, list]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, tiny_data):
+    """A lab folder with a results database holding one completed smoke run (trained here on
+    the tiny corpus), its checkpoints, and a folder of malformed input files beside it."""
+    from cartlab.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("lab")
+    cfg = TrainConfig.from_preset("smoke", [
+        f"data.dir={tiny_data}", "model.vocab_size=512", "steps=4", "eval_every=4", "checkpoint_every=2",
+        "log_every=2", "eval_batches=1", f"results_db={root / 'runs' / 'results.db'}", f"out_dir={root / 'runs'}",
+        "quiet=true"])
+    run_id = train(cfg)
+    inputs = tmp_path_factory.mktemp("inputs")
+    for name, text in LAB_FILES.items():
+        (inputs / name).write_text(text)
+    (inputs / "a_dir.db").mkdir()
+    shutil.copytree(tiny_data, inputs / "truncated_build")
+    with open(inputs / "truncated_build" / "train.bin", "r+b") as f:
+        f.truncate(1000)
+    misfit = inputs / "misfit_checkpoint"
+    shutil.copytree(sorted((root / "runs" / run_id / "checkpoints").iterdir())[-1], misfit)
+    config = json.loads((misfit / "config.json").read_text())
+    config["model"]["prelude_layers"] += 1  # config.json edited: the weights no longer fit it
+    (misfit / "config.json").write_text(json.dumps(config))
+    ckpt = sorted((root / "runs" / run_id / "checkpoints").iterdir())[-1]
+    return {"root": root, "db": root / "runs" / "results.db", "run": run_id, "ckpt": ckpt, "inputs": inputs,
+            "data": tiny_data}
+
+
+def _execute(lab, notebook: str, parameters: dict):
+    from cartlab.notebooks import execute
+
+    return execute(notebook, lab["root"] / "executed.ipynb", parameters)
+
+
+def T(*args):
+    """A `cartlab train --preset smoke ...` case writing (if it ever got that far) into the lab."""
+    return lambda lab: ["train", "--preset", "smoke", f"--db={lab['db']}", f"out_dir={lab['root'] / 'runs'}",
+                        f"data.dir={lab['data']}", "model.vocab_size=512", *args]
+
+
+def E(*args):
+    """A `cartlab eval` case on the lab run's checkpoint."""
+    return lambda lab: ["eval", str(lab["ckpt"]), "--tasks", "cartlab_mc", *args]
+
+
+def F(command, name, *rest):
+    """A command given one of the malformed input files."""
+    return lambda lab: [*command, str(lab["inputs"] / name), *rest]
+
+
+CASES = [
+    # -- the five silent acceptances of the issue, and their neighbours ------------------------------
+    ("grad_clip_negative", T("optim.grad_clip=-1"), "optim.grad_clip=-1 is not allowed: must be > 0, or null"),
+    ("grad_clip_zero", T("optim.grad_clip=0"), "optim.grad_clip=0 is not allowed"),
+    ("weight_decay_negative", T("optim.weight_decay=-1"), "optim.weight_decay=-1 is not allowed: must be >= 0"),
+    ("lr_inf", T("optim.lr=.inf"), "optim.lr=.inf is not allowed: must be a finite number"),
+    ("lr_nan", T("optim.lr=.nan"), "optim.lr=.nan is not allowed"),
+    ("lr_zero", T("optim.lr=0"), "optim.lr=0 is not allowed: must be > 0"),
+    ("lr_negative", T("optim.lr=-3e-4"), "optim.lr=-0.0003 is not allowed"),
+    ("lr_string", T("optim.lr=fast"), "optim.lr='fast' is not allowed: must be a number"),
+    ("min_lr_ratio", T("optim.min_lr_ratio=1.5"), "optim.min_lr_ratio=1.5 is not allowed: must be >= 0 and <= 1"),
+    ("beta1_high", T("optim.beta1=1.5"), "optim.beta1=1.5 is not allowed: must be >= 0 and < 1"),
+    ("beta1_one", T("optim.beta1=1"), "optim.beta1=1 is not allowed"),
+    ("beta2_negative", T("optim.beta2=-0.1"), "optim.beta2=-0.1 is not allowed"),
+    ("eps_negative", T("optim.eps=-1"), "optim.eps=-1 is not allowed: must be > 0"),
+    ("eps_zero", T("optim.eps=0"), "optim.eps=0 is not allowed"),
+    ("warmup_string", T("optim.warmup_steps=abc"), "optim.warmup_steps='abc' is not allowed: must be an integer"),
+    ("warmup_negative", T("optim.warmup_steps=-5"), "optim.warmup_steps=-5 is not allowed: must be >= 0"),
+    ("warmup_fraction", T("optim.warmup_steps=2.5"), "optim.warmup_steps=2.5 is not allowed: must be an integer"),
+    ("optimizer_name", T("optim.name=sgd"), "optim.name='sgd' is not allowed: choose one of"),
+    ("optim_unknown", T("optim.gradclip=1"), "optim.gradclip is not a field: did you mean 'grad_clip'?"),
+    ("optim_scalar", T("optim=3"), "optim=3 is not allowed: must be a mapping"),
+    # -- top-level training fields ---------------------------------------------------------------------
+    ("seed_string", T("seed=abc"), "seed='abc' is not allowed: must be an integer"),
+    ("seed_negative", T("seed=-1"), "seed=-1 is not allowed: must be >= 0"),
+    ("seed_list", T("seed=[1,2]"), "seed=[1, 2] is not allowed: must be an integer"),
+    ("stage_list", T("stage=[1,2]"), "stage=[1, 2] is not allowed: must be a string"),
+    ("stage_mapping", T("stage={a: 1}"), "stage={'a': 1} is not allowed: must be a string"),
+    ("steps_zero", T("steps=0"), "steps=0 is not allowed: must be >= 1"),
+    ("steps_string", T("steps=many"), "steps='many' is not allowed: must be an integer"),
+    ("steps_bool", T("steps=true"), "steps=true is not allowed: must be an integer"),
+    ("batch_size_zero", T("batch_size=0"), "batch_size=0 is not allowed: must be >= 1"),
+    ("batch_size_negative", T("batch_size=-8"), "batch_size=-8 is not allowed"),
+    ("grad_accum_zero", T("grad_accum=0"), "grad_accum=0 is not allowed"),
+    ("seq_len_zero", T("seq_len=0"), "seq_len=0 is not allowed: must be >= 1"),
+    ("seq_len_float", T("seq_len=64.5"), "seq_len=64.5 is not allowed: must be an integer"),
+    ("eval_every_zero", T("eval_every=0"), "eval_every=0 is not allowed"),
+    ("eval_batches_negative", T("eval_batches=-1"), "eval_batches=-1 is not allowed"),
+    ("log_every_zero", T("log_every=0"), "log_every=0 is not allowed"),
+    ("checkpoint_every_zero", T("checkpoint_every=0"), "checkpoint_every=0 is not allowed"),
+    ("keep_checkpoints_zero", T("keep_checkpoints=0"), "keep_checkpoints=0 is not allowed"),
+    ("device", T("device=tpu"), "device='tpu' is not allowed: choose one of"),
+    ("precision", T("precision=fp8"), "precision='fp8' is not allowed: choose one of"),
+    ("compile_string", T("compile=maybe"), "compile='maybe' is not allowed: must be true or false"),
+    ("quiet_number", T("quiet=2"), "quiet=2 is not allowed: must be true or false"),
+    ("dense_match", T("dense_match=params"), "dense_match='params' is not allowed: choose one of"),
+    ("dense_match_dense", T("model.kind=dense", "model.prelude_layers=null", "model.n_loops=null",
+                            "dense_match=stored"), "model.prelude_layers is not a field"),
+    ("data_mode", T("data.mode=shuffled"), "data.mode='shuffled' is not allowed: choose one of"),
+    ("data_unknown", T("data.recipes=embedded"), "data.recipes is not a field: did you mean 'recipe'?"),
+    ("unknown_top", T("stepz=3"), "stepz is not a field: did you mean 'steps'?"),
+    ("unknown_deep", T("optim.lr.peak=3"), "optim.lr is a float, not a section"),
+    ("override_form", T("steps"), "override 'steps' is not of the form field=value"),
+    ("override_empty_key", T("=3"), "override '=3' is not of the form field=value"),
+    ("name_slash", T("name=a/b"), "name='a/b' is not allowed"),
+    ("preset_field", T("preset=huge"), "preset='huge' is not allowed: choose one of"),
+    # -- the model section -------------------------------------------------------------------------------
+    ("model_hooks_unknown", T("model.hooks=no_lti,no_loop"), "model.hooks=['no_lti', 'no_loop'] is not allowed: unknown"),
+    ("model_hooks_twice", T("model.hooks=no_lti,no_lti"), "names a hook twice"),
+    ("model_hooks_conflict", T("model.hooks=unfreeze_kv,self_attn_core"), "cannot be combined"),
+    ("model_noncausal_self", T("model.hooks=self_attn_core,noncausal_cross_attn"), "model.causal_cross_attn=false"),
+    ("model_heads", T("model.n_heads=5"), "model.n_heads=5 is not allowed: it does not divide d_model=64"),
+    ("model_heads_odd", T("model.n_heads=64"), "model.n_heads=64 is not allowed: it gives heads of odd width 1"),
+    ("model_d_model", T("model.d_model=0"), "model.d_model=0 is not allowed: must be >= 1"),
+    ("model_loops", T("model.n_loops=0"), "model.n_loops=0 is not allowed: must be >= 1"),
+    ("model_loops_string", T("model.n_loops=six"), "model.n_loops='six' is not allowed: must be an integer"),
+    ("model_gate", T("model.state_gate=zoh"), "model.state_gate='zoh' is not allowed: choose one of"),
+    ("model_gate_init", T("model.gate_init=1.0"), "model.gate_init=1.0 is not allowed: must be > 0 and < 1"),
+    ("model_init_std", T("model.init_std=-0.02"), "model.init_std=-0.02 is not allowed: must be > 0"),
+    ("model_kind", T("model.kind=mamba"), "model.kind='mamba' is not allowed: choose one of cart, dense"),
+    ("model_unknown", T("model.n_loop=3"), "model.n_loop is not a field: did you mean 'n_loops'?"),
+    ("model_vocab", T("model.vocab_size=1"), "model.vocab_size=1 is not allowed: must be >= 2"),
+    ("model_vocab_small", T("model.vocab_size=100"), "model.vocab_size=100 is smaller than the data's tokenizer"),
+    ("model_share_core", T("model.share_core=nope"), "model.share_core='nope' is not allowed: must be true or false"),
+    ("model_info_override", lambda lab: ["model", "info", "cart", "init_std=-1"], "init_std=-1 is not allowed"),
+    ("model_info_unknown", lambda lab: ["model", "info", "cart", "d_modle=3"], "d_modle is not a field"),
+    ("model_info_hooks", lambda lab: ["model", "info", "dense", "--hooks", "no_lti"], "hooks apply to kind 'cart'"),
+    ("model_info_seq_len", lambda lab: ["model", "info", "cart", "--seq-len", "0"], "seq_len=0 is not allowed"),
+    # -- YAML config files ---------------------------------------------------------------------------------
+    ("yaml_syntax", F(["train", "--config"], "syntax.yaml"), "syntax.yaml:3:1: YAML syntax error"),
+    ("yaml_list", F(["train", "--config"], "list.yaml"), "list.yaml: a training config must be a mapping"),
+    ("yaml_scalar", F(["train", "--config"], "scalar.yaml"), "scalar.yaml: a training config must be a mapping"),
+    ("yaml_unknown", F(["train", "--config"], "unknown.yaml"), "unknown.yaml: stepz is not a field"),
+    ("yaml_nested_unknown", F(["train", "--config"], "nested_unknown.yaml"), "optim.gradclip is not a field"),
+    ("yaml_bad_preset", F(["train", "--config"], "bad_preset.yaml"), "bad_preset.yaml: preset='nope' is not allowed"),
+    ("yaml_bad_model", F(["train", "--config"], "bad_model.yaml"), "bad_model.yaml: model.n_heads=5 is not allowed"),
+    ("yaml_bad_kind", F(["train", "--config"], "bad_kind.yaml"), "model.kind='mamba' is not allowed"),
+    ("yaml_model_list", F(["train", "--config"], "model_list.yaml"), "model=['cart'] is not allowed: must be a mapping"),
+    ("yaml_optim_scalar", F(["train", "--config"], "optim_scalar.yaml"), "optim=3 is not allowed: must be a mapping"),
+    ("yaml_missing", lambda lab: ["train", "--config", str(lab["inputs"] / "nope.yaml")], "nope.yaml: no such training config file"),
+    ("yaml_directory", lambda lab: ["train", "--config", str(lab["inputs"])], "is a directory, not a training config"),
+    # -- studies -------------------------------------------------------------------------------------------
+    ("study_syntax", F(["ablate"], "study_syntax.yaml", "--list"), "study_syntax.yaml:4:1: YAML syntax error"),
+    ("study_hooks_string", F(["ablate"], "study_hooks_string.yaml", "--list"),
+     "runs[0].hooks='no_lti' is not allowed: must be a list (e.g. [no_lti])"),
+    ("study_unknown", F(["ablate"], "study_unknown.yaml", "--list"), "study_unknown.yaml: bogus is not a field"),
+    ("study_run_unknown", F(["ablate"], "study_run_unknown.yaml", "--list"), "runs[0].hook is not a field: did you mean 'hooks'?"),
+    ("study_no_preset", F(["ablate"], "study_no_preset.yaml", "--list"), "preset is missing"),
+    ("study_bad_preset", F(["ablate"], "study_bad_preset.yaml", "--list"), "preset='huge' is not allowed"),
+    ("study_no_runs", F(["ablate"], "study_no_runs.yaml", "--list"), "runs=[] is not allowed: a study needs at least one"),
+    ("study_dup_labels", F(["ablate"], "study_dup_labels.yaml", "--list"), "run labels must be unique"),
+    ("study_no_label", F(["ablate"], "study_no_label.yaml", "--list"), "runs[0].label is missing"),
+    ("study_seeds_string", F(["ablate"], "study_seeds_string.yaml", "--list"), "seeds='one' is not allowed: must be a list"),
+    ("study_negative_seed", F(["ablate"], "study_negative_seed.yaml", "--list"), "seed"),
+    ("study_grid_scalar", F(["ablate"], "study_grid_scalar.yaml", "--list"), "grid.model.d_model=64 is not allowed"),
+    ("study_bad_set", F(["ablate"], "study_bad_set.yaml", "--list"), "optim.grad_clip=-1 is not allowed"),
+    ("study_bad_run_set", F(["ablate"], "study_bad_run_set.yaml", "--list"), "runs[0] (a): optim.lr=0 is not allowed"),
+    ("study_unknown_hook", F(["ablate"], "study_unknown_hook.yaml", "--list"), "unknown hook(s) ['no_ltii']"),
+    ("study_hook_conflict", F(["ablate"], "study_hook_conflict.yaml", "--list"), "cannot be combined"),
+    ("study_list", F(["ablate"], "study_list.yaml", "--list"), "study_list.yaml: a study must be a mapping"),
+    ("study_missing", lambda lab: ["ablate", "no-such-study", "--list"], "study 'no-such-study' not found"),
+    ("study_override", lambda lab: ["ablate", "cpu-demo", "--list", "optim.grad_clip=-1"], "optim.grad_clip=-1 is not allowed"),
+    ("report_missing", lambda lab: ["report", "no-such-study", "--db", str(lab["db"])], "study 'no-such-study' not found"),
+    # -- recipes ------------------------------------------------------------------------------------------
+    ("recipe_syntax", F(["data", "build"], "recipe_syntax.yaml"), "recipe_syntax.yaml"),
+    ("recipe_ratio", F(["data", "build"], "recipe_ratio.yaml"), "domains[0].ratio"),
+    ("recipe_unknown", F(["data", "build"], "recipe_unknown.yaml"), "tokens"),
+    ("recipe_source", F(["data", "build"], "recipe_source.yaml"), "domains[0].train.type"),
+    ("recipe_list", F(["data", "build"], "recipe_list.yaml"), "recipe_list.yaml"),
+    ("recipe_missing", lambda lab: ["data", "build", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    ("data_info_not_a_build", lambda lab: ["data", "info", str(lab["inputs"])], "not a completed build"),
+    ("data_dir_not_a_build", T(f"data.dir=/nonexistent/build"), "data.dir='/nonexistent/build' holds no data build"),
+    # -- token bins, results databases, checkpoints ------------------------------------------------
+    ("bin_truncated", lambda lab: T(f"data.dir={lab['inputs'] / 'truncated_build'}")(lab), "train.bin is truncated"),
+    ("bin_info_truncated", lambda lab: ["data", "info", str(lab["inputs"] / "truncated_build"), "--verify"],
+     "train.bin is truncated"),
+    ("db_not_sqlite_train", lambda lab: ["train", "--preset", "smoke", f"--db={lab['inputs'] / 'not_a_db.db'}",
+                                         f"data.dir={lab['data']}", "model.vocab_size=512", f"out_dir={lab['root'] / 'runs'}"],
+     "not_a_db.db: not a results database"),
+    ("db_not_sqlite_resume", lambda lab: ["train", "--resume", lab["run"], f"--db={lab['inputs'] / 'not_a_db.db'}"],
+     "not_a_db.db: not a results database"),
+    ("db_not_sqlite_report", lambda lab: ["report", "cpu-demo", "--db", str(lab["inputs"] / "not_a_db.db")],
+     "not_a_db.db: not a results database"),
+    ("db_not_sqlite_list", lambda lab: ["ablate", "cpu-demo", "--list", "--db", str(lab["inputs"] / "not_a_db.db")],
+     "not_a_db.db: not a results database"),
+    ("db_directory_train", lambda lab: ["train", "--preset", "smoke", f"--db={lab['inputs'] / 'a_dir.db'}",
+                                        f"data.dir={lab['data']}", "model.vocab_size=512", f"out_dir={lab['root'] / 'runs'}"],
+     "a_dir.db"),
+    ("db_directory_report", lambda lab: ["report", "cpu-demo", "--db", str(lab["inputs"] / "a_dir.db")], "a_dir.db"),
+    ("db_missing_report", lambda lab: ["report", "cpu-demo", "--db", str(lab["inputs"] / "none.db")],
+     "none.db does not exist"),
+    ("checkpoint_misfit", lambda lab: ["eval", str(lab["inputs"] / "misfit_checkpoint"), "--tasks", "cartlab_mc"],
+     "misfit_checkpoint does not fit the model"),
+    # -- notebook parameters (papermill itself only warns) ------------------------------------------
+    ("notebook_misspelt", lambda lab: lambda: _execute(lab, "train_variant", {"overides": "seed=2"}),
+     "notebook parameter 'overides' is not one notebooks/train_variant.ipynb takes (did you mean 'overrides'?)"),
+    ("notebook_unknown", lambda lab: lambda: _execute(lab, "spectral_radius", {"studdy": "cpu-demo"}),
+     "notebook parameter 'studdy'"),
+    ("notebook_report_unknown", lambda lab: lambda: _execute(lab, "report", {"dbb": "x.db"}), "notebook parameter 'dbb'"),
+    # -- command-line arguments -------------------------------------------------------------------------
+    ("cli_unknown_flag", lambda lab: ["train", "--bogus"], "unrecognized arguments: --bogus"),
+    ("cli_unknown_command", lambda lab: ["trian"], "invalid choice: 'trian'"),
+    ("cli_workers", lambda lab: ["ablate", "cpu-demo", "--workers", "x"], "argument --workers: invalid int value"),
+    ("cli_preset_and_config", lambda lab: ["train", "--preset", "smoke", "--config", "x.yaml"], "not allowed with argument"),
+    ("cli_resume_unknown", lambda lab: ["train", "--resume", "no-such-run", f"--db={lab['db']}"], "no such run"),
+    ("eval_fewshot", E("--num-fewshot", "0,-1"),
+     "num_fewshot[1]=-1 is not allowed: must be >= 0"),
+    ("eval_loops", E("--n-loops", "2,x"),
+     "n_loops[1]='x' is not allowed: must be an integer"),
+    ("eval_loops_zero", E("--n-loops", "0"),
+     "n_loops[0]=0 is not allowed: must be >= 1"),
+    ("eval_batch", E("--batch-size", "0"),
+     "batch_size=0 is not allowed"),
+    ("eval_limit", E("--limit", "-2"),
+     "limit=-2 is not allowed: must be >= 1"),
+    ("eval_device", E("--device", "tpu"),
+     "device='tpu' is not allowed"),
+    ("eval_checkpoint_missing", lambda lab: ["eval", "/nonexistent/run", "--tasks", "cartlab_mc"],
+     "checkpoint='/nonexistent/run' is not allowed: no such checkpoint"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_malformed_input_is_refused_in_one_line_and_changes_nothing(argv, message, lab, capsys):
+    before, rows = _snapshot(lab["root"]), _rows(lab["db"])
+    inputs_before = _snapshot(lab["inputs"])
+    command = argv(lab)
+    code = main(command) if isinstance(command, list) else run_guarded(command)
+    err = capsys.readouterr().err.strip()
+    after = _snapshot(lab["root"])
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert code not in (0, None), f"accepted: {err!r}"
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert message in err, err
+    assert not changed, f"the lab folder changed: {changed}"
+    assert _rows(lab["db"]) == rows, "the results database changed"
+    assert _snapshot(lab["inputs"]) == inputs_before, "an input file changed"
+
+
+def test_the_corpus_is_large_and_names_no_case_twice():
+    assert len(CASES) >= 80
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "smoke", "optim.grad_clip=-1"], "optim.grad_clip=-1 is not allowed"),
+    (["train", "--preset", "smoke", "stage=[1,2]"], "stage=[1, 2] is not allowed"),
+])
+def test_a_user_sees_one_line_and_a_nonzero_exit(args, message, tmp_path):
+    env = {**os.environ, "CARTLAB_DEBUG": ""}
+    proc = subprocess.run([sys.executable, "-m", "cartlab.cli", *args, f"--db={tmp_path / 'r.db'}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"cartlab: error: {proc.stderr.strip().removeprefix('cartlab: error: ')}"]
+    assert message in proc.stderr
+    assert not (tmp_path / "r.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cartlab.cli", "train", "--preset", "smoke", "seed=abc", "--debug"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "seed='abc' is not allowed" in proc.stderr
+
+
+def test_config_errors_carry_the_dotted_path():
+    from cartlab.config import ConfigError
+    from cartlab.train import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_preset("smoke", ["optim.beta2=1"])
+    assert err.value.path == "optim.beta2"
+    assert json.dumps(str(err.value)).count("\\n") == 0
