@@ -274,7 +274,8 @@ CASES = [
     ("db_directory_report", lambda lab: ["report", "cpu-demo", "--db", str(lab["inputs"] / "a_dir.db")], "a_dir.db"),
     ("db_missing_report", lambda lab: ["report", "cpu-demo", "--db", str(lab["inputs"] / "none.db")],
      "none.db does not exist"),
-    ("checkpoint_misfit", lambda lab: ["eval", str(lab["inputs"] / "misfit_checkpoint"), "--tasks", "cartlab_mc"],
+    ("checkpoint_misfit", lambda lab: ["eval", str(lab["inputs"] / "misfit_checkpoint"), "--tasks", "cartlab_mc",
+                                       "--db", str(lab["db"])],
      "misfit_checkpoint does not fit the model"),
     # -- notebook parameters (papermill itself only warns) ------------------------------------------
     ("notebook_misspelt", lambda lab: lambda: _execute(lab, "train_variant", {"overides": "seed=2"}),
