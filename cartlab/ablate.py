@@ -126,10 +126,10 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     to_render = [r for r in runs if r.run_id not in train_ids and not notebook_of(r, name, reports_dir).is_file()]
     todo = to_train + to_render
     if to_train:  # build missing offline data once, here, rather than racing in every worker
-        from cartlab.train.loop import resolve_data
+        from cartlab.data import resolve_data
 
         for cfg in {repr(r.config.data): r.config for r in to_train}.values():
-            resolve_data(cfg, progress=progress)
+            resolve_data(cfg.data, progress=progress)
     log(f"cartlab: study {name}: {len(runs)} runs, {len(runs) - len(to_train)} already completed, "
         f"{len(to_train)} to train" + (f", {len(to_render)} completed without their notebook (no training)"
                                        if to_render else ""))

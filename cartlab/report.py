@@ -41,7 +41,7 @@ def load_results(study: str, db: str | os.PathLike = "runs/results.db"):
     from cartlab.studies import load_study
 
     ids = {r.run_id for r in load_study(study).expand()}  # an unknown study is named before the db
-    if not Path(db).is_file():
+    if not Path(db).exists():
         raise ValueError(f"db: {db} does not exist; train the study first (cartlab ablate {study})")
     runs = results.runs(db)
     runs = runs[runs.run_id.isin(ids) & (runs.status == "completed")].reset_index(drop=True)

@@ -97,9 +97,9 @@ class Study(Config):
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError.value(f"grid.{key}", values, "must be a non-empty list of values")
-        for i, seed in enumerate([*self.seeds, *(s for r in self.runs for s in r.seeds or [])]):
+        for seed in [*self.seeds, *(s for r in self.runs for s in r.seeds or [])]:
             if seed < 0:
-                raise ConfigError.value("seeds", seed, "seeds must be >= 0")
+                raise ConfigError.value("seeds", seed, "every seed must be >= 0")
 
     def expand(self, overrides: list[str] | None = None) -> list[StudyRun]:
         """Every (run, grid point, seed) as a TrainConfig; `overrides` apply to all of them

@@ -8,8 +8,13 @@ Run: cd /work/main && python -m pytest tests/test_variants.py -q
 """
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -224,18 +229,39 @@ def test_a_missing_database_is_an_error_not_a_new_file(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes through any permission bits")
+READ_AS_ANOTHER_USER = """
+import os, sys
+from cartlab import results
+from cartlab.results.db import ResultsDB
+if os.geteuid() == 0:  # root writes through any permission bits: read as 'nobody' instead
+    os.setgid(65534)
+    os.setuid(65534)
+print(len(results.runs(sys.argv[1])))
+try:
+    ResultsDB(sys.argv[1])
+except ValueError as err:
+    print(err)
+"""
+
+
 def test_a_read_only_database_in_a_read_only_folder_reads(store):
-    folder = store.parent
-    for f in folder.iterdir():
-        f.chmod(0o444)
-    folder.chmod(0o555)
+    """A read-only file in a read-only folder, read by a process the permissions bind (as root
+    the test drops to 'nobody'): `results.runs` reads it, and a writer is refused in one line."""
+    folder = Path(tempfile.mkdtemp(prefix="cartlab-ro-"))
     try:
-        assert len(results.runs(store)) == 5
-        with pytest.raises(ValueError, match=r"results.db: cannot write this results database"):
-            ResultsDB(store)
+        shutil.copy(store, folder / "results.db")
+        (folder / "results.db").chmod(0o444)
+        folder.chmod(0o555)
+        proc = subprocess.run([sys.executable, "-c", READ_AS_ANOTHER_USER, str(folder / "results.db")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        count, refusal = proc.stdout.strip().splitlines()
+        assert count == "5"
+        assert "results.db: cannot write this results database" in refusal
+        assert sorted(p.name for p in folder.iterdir()) == ["results.db"]
     finally:
         folder.chmod(0o755)
+        shutil.rmtree(folder)
 
 
 # -- bad databases -----------------------------------------------------------------------------------------

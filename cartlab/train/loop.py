@@ -46,6 +46,7 @@ import cartlab
 from cartlab.config import ConfigError, show
 from cartlab.filelock import file_lock
 from cartlab.model import account, build_model
+from cartlab.data.resolve import resolve_data
 from cartlab.results.db import ResultsDB
 from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig, _flatten
@@ -93,14 +94,6 @@ def _reduce_step(loss: float, stopping: bool, world: int, device) -> tuple[float
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def resolve_data(cfg: TrainConfig, progress: bool) -> Path:
-    """The build folder for cfg.data (`cartlab.data.resolve_data`, which builds the offline
-    embedded recipe on first use)."""
-    from cartlab.data.resolve import resolve_data as resolve
-
-    return resolve(cfg.data, progress=progress)
-
-
 def _val_bins(meta: dict) -> dict[str, Path]:
     """The validation bins the build recorded, by domain. load_meta has checked them against the
     build's tokenizer; any other val_*.bin lying in the folder is never read."""
@@ -196,17 +189,21 @@ def train(config: TrainConfig, resume: str | None = None) -> str:
         return _train(config, run_id, resume)
 
 
+def check_vocab(meta: dict, model_cfg) -> None:
+    """The model's vocabulary must hold every id of the data build's tokenizer."""
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    if model_cfg.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer vocabulary "
+                         f"({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
+
+
 def preflight(cfg: TrainConfig) -> None:
     """What can be known wrong before the run is locked, recorded or built: the data (its build
     exists, or an offline recipe builds; its vocabulary fits the model), then the places the run
     writes. A refusal here leaves no lock, row or file behind."""
     from cartlab.data import load_meta
 
-    meta = load_meta(resolve_data(cfg, progress=not cfg.quiet))
-    vocab, model_vocab = int(meta["tokenizer"]["vocab_size"]), cfg.model_config().vocab_size
-    if model_vocab < vocab:
-        raise ValueError(f"model.vocab_size={model_vocab} is smaller than the data's tokenizer vocabulary "
-                         f"({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
+    check_vocab(load_meta(resolve_data(cfg.data, progress=not cfg.quiet)), cfg.model_config())
     if str(cfg.results_db) != ":memory:":
         if Path(cfg.results_db).exists():  # a directory, or a file that is not a results database
             ResultsDB(cfg.results_db, readonly=True).close()
@@ -306,12 +303,9 @@ class _Run:
         from cartlab.data import BatchLoader, load_meta, open_bin
 
         cfg = self.cfg
-        self.data_dir = resolve_data(cfg, progress=self.main and not cfg.quiet)
+        self.data_dir = resolve_data(cfg.data, progress=self.main and not cfg.quiet)
         self.meta = meta = load_meta(self.data_dir)
-        vocab = int(meta["tokenizer"]["vocab_size"])
-        if self.model_cfg.vocab_size < vocab:
-            raise ValueError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the data's tokenizer "
-                             f"vocabulary ({vocab}, {meta['tokenizer']['name']}); set model.vocab_size >= {vocab}")
+        check_vocab(meta, self.model_cfg)
         self.loader = BatchLoader(open_bin(self.data_dir / "train.bin"), cfg.batch_size, cfg.seq_len, cfg.data.mode,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
