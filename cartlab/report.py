@@ -48,7 +48,8 @@ def load_results(study: str, db: str | os.PathLike = "runs/results.db"):
     if runs.empty:
         raise ValueError(f"study: no completed run of {study!r} in {db}; run `cartlab ablate {study}` first")
     keep = list(runs.run_id)
-    return Results(runs, results.train_log(db, keep), results.eval_log(db, keep), results.downstream(db, keep))
+    return Results(runs, results.train_log(db, keep), results.eval_log(db, keep), results.downstream(db, keep),
+                   results.probes(db, keep))
 
 
 def default_split(eval_log: pd.DataFrame) -> str:

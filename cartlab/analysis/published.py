@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from cartlab.analysis.schema import (
-    DOWNSTREAM_COLUMNS, EVAL_LOG_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_COLUMNS, Results, validate, with_variants,
+    DOWNSTREAM_COLUMNS, EVAL_LOG_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_COLUMNS, Results, empty, validate,
+    with_variants,
 )
 
 STAGE1_STEPS, STAGE1_TOKENS_PER_STEP = 3_000, 16_384  # section 4.2
@@ -170,6 +171,7 @@ def load_published() -> Results:
         train_log=pd.DataFrame(trains).reindex(columns=list(TRAIN_LOG_COLUMNS)).astype({"step": int}),
         eval_log=pd.DataFrame(evals, columns=list(EVAL_LOG_COLUMNS)),
         downstream=down.reset_index(drop=True),
+        probes=empty("probes"),  # the paper published no per-model measurements
     )
     for table, frame in zip(Results._fields, res):
         validate(frame, table)

@@ -65,12 +65,14 @@ TRAIN_LOG_COLUMNS = (
 )
 EVAL_LOG_COLUMNS = ("run_id", "step", "split", "loss", "ppl")
 DOWNSTREAM_COLUMNS = ("run_id", "task", "metric", "value", "stderr", "num_fewshot", "n_loops")
+PROBES_COLUMNS = ("run_id", "probe", "step", "split", "x", "metric", "value")
 
 TABLES = {
     "runs": RUNS_COLUMNS,
     "train_log": TRAIN_LOG_COLUMNS,
     "eval_log": EVAL_LOG_COLUMNS,
     "downstream": DOWNSTREAM_COLUMNS,
+    "probes": PROBES_COLUMNS,
 }
 
 SOURCES = ("published", "local")
@@ -89,12 +91,14 @@ DESCRIBE_COLUMNS = ("variant_label", *CONFIG_COLUMNS, "overrides")
 
 
 class Results(NamedTuple):
-    """The four results tables of one store (or of the paper)."""
+    """The four results tables of one store (or of the paper), and the measurements of its
+    trained models (the database's `probes` table; None where there are none, e.g. the paper)."""
 
     runs: pd.DataFrame
     train_log: pd.DataFrame
     eval_log: pd.DataFrame
     downstream: pd.DataFrame
+    probes: pd.DataFrame | None = None
 
 
 def empty(table: str) -> pd.DataFrame:

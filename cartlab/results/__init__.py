@@ -18,7 +18,8 @@ import pandas as pd
 
 from cartlab.results.db import STATUSES, ResultsDB
 
-__all__ = ["ResultsDB", "STATUSES", "runs", "train_log", "eval_log", "downstream", "artifacts", "import_published"]
+__all__ = ["ResultsDB", "STATUSES", "runs", "train_log", "eval_log", "downstream", "artifacts", "probes",
+           "import_published"]
 
 
 def _frame(path, table, run_ids=None) -> pd.DataFrame:
@@ -50,6 +51,13 @@ def downstream(path, run_ids=None) -> pd.DataFrame:
 
 def artifacts(path, run_ids=None) -> pd.DataFrame:
     return _frame(path, "artifacts", run_ids)
+
+
+def probes(path, run_ids=None, probe: str | None = None) -> pd.DataFrame:
+    """Measurements of trained models, one row per (run, probe, step, split, x, metric): see
+    `cartlab.train.measures` for what each probe stores and what its `x` is."""
+    df = _frame(path, "probes", run_ids)
+    return df if probe is None else df[df.probe == probe].reset_index(drop=True)
 
 
 def import_published(path: str | os.PathLike) -> int:

@@ -5,8 +5,14 @@ alike):
     runs        one row per run: identity, config JSON, hooks, seed, status, hardware, versions,
                 and its variant (`variant`, `overrides`, `variant_label`: what groups runs as
                 seeds of one configuration, `TrainConfig.variant_fields()`)
-    train_log   (run_id, step) -> loss, grad_norm, lr, rho_max, rho_mean, hyper_weights, tokens/s, mfu, memory
+    train_log   (run_id, step) -> loss, grad_norm, lr, rho_max, rho_mean, hyper_weights, tokens/s, mfu, memory,
+                n_loops (the R the step trained with: drawn under `random_loops`), flops (training
+                FLOPs spent up to this step), forward_cost (measured wall time of a training forward
+                over one plain forward: LRT's interleaved schedule; null for other models)
     eval_log    (run_id, step, split) -> loss, ppl
+    probes      (run_id, probe, step, split, x, metric) -> value: measurements of a trained model
+                (`cartlab.train.measures`): a depth profile (x = inference R), LRT's approximation
+                gap (x = S), the per-loop logit lens (x = loop), ... in one long table
     downstream  (run_id, task, metric, num_fewshot, n_loops) -> value, stderr   (lm-eval)
     artifacts   (run_id, kind, path) -> step, created_at                     (checkpoints, notebooks)
     meta        schema_version
@@ -40,7 +46,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "published")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 # Each migration takes the schema from version i-1 to i; never edit a released one, append.
@@ -82,6 +88,17 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE runs ADD COLUMN variant_label TEXT;
     CREATE INDEX runs_variant ON runs (variant);
     """,
+    # what a step trained with and spent; measurements of trained models (cartlab.train.measures)
+    3: """
+    ALTER TABLE train_log ADD COLUMN n_loops INTEGER;
+    ALTER TABLE train_log ADD COLUMN flops REAL;
+    ALTER TABLE train_log ADD COLUMN forward_cost REAL;
+    CREATE TABLE probes (
+        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, probe TEXT NOT NULL,
+        step INTEGER NOT NULL, split TEXT NOT NULL DEFAULT '', x REAL NOT NULL DEFAULT 0,
+        metric TEXT NOT NULL, value REAL, PRIMARY KEY (run_id, probe, step, split, x, metric)
+    );
+    """,
 }
 VARIANT_FIELDS = ("variant", "overrides", "variant_label")
 
@@ -90,7 +107,9 @@ RUN_COLUMNS = ("run_id", "name", "source", "model", "d_model", "prelude_layers",
                "message", "config_json", "hardware_json", "software_json", "git_commit", "created_at",
                "updated_at", "finished_at", *VARIANT_FIELDS)
 TRAIN_COLUMNS = ("step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "hyper_weights", "tokens_per_s", "mfu",
-                 "memory_mb")
+                 "memory_mb", "n_loops", "flops", "forward_cost")
+PROBE_COLUMNS = ("probe", "step", "split", "x", "metric", "value")
+TABLES = ("runs", "train_log", "eval_log", "downstream", "artifacts", "probes")
 
 
 def now() -> str:
@@ -434,6 +453,16 @@ class ResultsDB:
                           [(run_id, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("num_fewshot", 0),
                             r.get("n_loops", 0), stamp) for r in rows])
 
+    def log_probes(self, run_id: str, rows: Iterable[dict]) -> None:
+        """rows: dicts with probe, step, metric, value and optionally split ('' when the probe is
+        not per domain) and x (the probe's axis: inference R, S, loop index; 0 when it has none).
+        Re-measuring replaces the rows of the same key."""
+        rows = [(run_id, r["probe"], int(r["step"]), r.get("split") or "", float(r.get("x") or 0.0), r["metric"],
+                 None if r["value"] is None else float(r["value"])) for r in rows]
+        if rows:
+            with self.transaction() as c:
+                c.executemany("INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
     def add_artifact(self, run_id: str, kind: str, path: str, step: int | None = None) -> None:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", (run_id, kind, str(path), step, now()))
@@ -447,21 +476,29 @@ class ResultsDB:
         with self.transaction() as c:
             c.execute("DELETE FROM train_log WHERE run_id = ? AND step > ?", (run_id, step))
             c.execute("DELETE FROM eval_log WHERE run_id = ? AND step > ?", (run_id, step))
+            c.execute("DELETE FROM probes WHERE run_id = ? AND step > ?", (run_id, step))
 
     # -- reading ------------------------------------------------------------------------------------------------
     def frame(self, table: str, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        if table not in ("runs", "train_log", "eval_log", "downstream", "artifacts"):
-            raise ValueError(f"table={table!r} is not allowed; choose one of runs, train_log, eval_log, downstream, artifacts")
+        if table not in TABLES:
+            raise ValueError(f"table={table!r} is not allowed; choose one of {', '.join(TABLES)}")
+        if table == "probes" and self._version < 3:  # an older file has none: an empty frame
+            return pd.DataFrame(columns=["run_id", *PROBE_COLUMNS])
         query, params = f"SELECT * FROM {table}", ()
         if run_ids is not None:
             run_ids = list(run_ids)
             query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
             params = tuple(run_ids)
         order = {"runs": "created_at, run_id", "train_log": "run_id, step", "eval_log": "run_id, step, split",
-                 "downstream": "run_id, task, metric, num_fewshot, n_loops", "artifacts": "run_id, kind, path"}
+                 "downstream": "run_id, task, metric, num_fewshot, n_loops", "artifacts": "run_id, kind, path",
+                 "probes": "run_id, probe, step, split, x, metric"}
         frame = pd.read_sql_query(f"{query} ORDER BY {order[table]}", self.conn, params=params)
         if table == "runs" and self._version < 2:  # a read-only reader of an older file: fill, don't migrate
             fields = [variant_of(r) for r in frame.to_dict("records")]
             for k in VARIANT_FIELDS:
                 frame[k] = pd.Series([f[k] for f in fields], index=frame.index, dtype=object)
+        if table == "train_log":
+            for k in TRAIN_COLUMNS:
+                if k not in frame.columns:
+                    frame[k] = pd.Series(None, index=frame.index, dtype=float)
         return frame

@@ -99,6 +99,10 @@ class TrainConfig(Config):
     checkpoint_every: int = field(500, ge=1)
     keep_checkpoints: int = field(2, ge=1)
     quiet: bool = False
+    measures: list[str] | None = field(None, none="null for every measure that applies to the model",
+                                       elide_default=True)
+    """Measurements stored in the `probes` table (`cartlab.measures`): e.g. depth_profile,
+    lrt_gap, logit_lens, loop_contraction; null: every one that applies to the model; []: none."""
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -110,6 +114,15 @@ class TrainConfig(Config):
             raise self.reject("dense_match", f"needs model.kind='cart' (the CART to match), got {self.model.kind!r}")
         self._resolved = matched_dense(self.model, on=self.dense_match, seq_len=self.seq_len) \
             if self.dense_match else self.model
+        if self.measures is not None:
+            from cartlab.measures import known
+
+            registry, model = known(), self._resolved
+            fits = [n for n, m in registry.items() if m.applies(model)]
+            bad = [n for n in self.measures if n not in fits]
+            if bad:
+                why = "unknown" if bad[0] not in registry else f"does not apply to a {model.kind} model like this one"
+                raise self.reject("measures", f"{bad[0]!r} {why}; measures for this model: {', '.join(fits) or 'none'}")
 
     def model_config(self) -> LMConfig:
         """The model to train: `model`, or the Dense matched to it when `dense_match` is set."""
@@ -124,7 +137,7 @@ class TrainConfig(Config):
         """Every field that changes what is trained (not where it is written or how it is shown)."""
         d = self.to_dict()
         for key in OPERATIONAL:
-            d.pop(key)
+            d.pop(key, None)  # fields added later are absent at their default
         d["model"] = self.model_config().to_dict()
         return d
 
@@ -204,7 +217,7 @@ def preset_dict(name: str) -> dict:
 
 
 OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "log_every",
-               "checkpoint_every", "keep_checkpoints", "quiet")
+               "checkpoint_every", "keep_checkpoints", "quiet", "measures")
 
 NAME_KNOBS = ("optim.lr", "steps", "seq_len", "batch_size", "grad_accum", "data.recipe")
 

@@ -47,6 +47,7 @@ from cartlab.config import ConfigError, show
 from cartlab.filelock import file_lock
 from cartlab.model import account, build_model
 from cartlab.data.resolve import resolve_data
+from cartlab.measures import MeasureContext, measures_for, run_measures
 from cartlab.results.db import ResultsDB
 from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig, _flatten
@@ -319,6 +320,15 @@ class _Run:
         acc = account(self.model_cfg, self.cfg.seq_len)
         self.accounting = acc
         self.flops_per_token = acc.train_flops_per_token(include_lm_head=True)
+        self.measures = measures_for(self.model_cfg, self.cfg.measures)
+
+    def loops_at(self, step: int) -> int | None:
+        """The loop count R update `step` trains with (None: a model without loops)."""
+        return getattr(self.model_cfg, "n_loops", None)
+
+    def step_flops(self, step: int) -> float:
+        """Training FLOPs of update `step` over all ranks (LM head included)."""
+        return self.flops_per_token * self.cfg.tokens_per_step * self.world
 
     def restore(self) -> None:
         self.last = checkpoint.latest(self.ckpt_dir) if self.existing is not None else None
@@ -328,6 +338,7 @@ class _Run:
             self.loader.load_state_dict(loader[self.rank] if isinstance(loader, list) else loader)
             checkpoint.set_rng_state(state["rng"])
             self.start = int(state["step"])
+        self.flops_done = sum(self.step_flops(s) for s in range(self.start))
 
     def record_start(self) -> None:
         cfg, m, acc, run_id = self.cfg, self.model_cfg, self.accounting, self.run_id
@@ -410,6 +421,7 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_since += cfg.tokens_per_step * world
+        self.flops_done += self.step_flops(step)
         self.bar.update(1)
         return loss_value, grad_norm, stopping
 
@@ -425,15 +437,23 @@ class _Run:
                "rho_max": diag.get("rho_max"), "rho_mean": diag.get("rho_mean"),
                "hyper_weights": json.dumps(diag["hyper_weights"]) if "hyper_weights" in diag else None,
                "tokens_per_s": tps, "mfu": tps * self.flops_per_token / peak if peak else None,
-               "memory_mb": memory_mb(self.selection.device)}
+               "memory_mb": memory_mb(self.selection.device), "n_loops": self.loops_at(done - 1),
+               "flops": self.flops_done, "forward_cost": diag.get("lrt_forward_cost")}
         self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
         if self.main:
             self.db.log_train(self.run_id, [row])
 
     def _evaluate(self, done: int) -> None:
+        """Loss and perplexity on every validation bin, then the measures due at this step (every
+        eval, or the last one: `cartlab.measures`) into the `probes` table."""
         results = evaluate(self.raw, self.val_bins, self.cfg, self.selection, self.device)
-        if self.main:
-            self.db.log_eval(self.run_id, done, results)
+        if not self.main:
+            return
+        self.db.log_eval(self.run_id, done, results)
+        due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]
+        if due:
+            ctx = MeasureContext(self.raw, self.model_cfg, self.cfg, self.val_bins, done, self.device, self.selection)
+            self.db.log_probes(self.run_id, run_measures(due, ctx))
 
     def _checkpoint(self, done: int) -> None:
         """An atomic checkpoint of update `done` (rank 0 writes every rank's loader position);
