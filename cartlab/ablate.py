@@ -168,8 +168,7 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ablate", help="train every run of a study (ablations/*.yaml) through train_variant",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study name under ablations/ or a path to a study YAML")
     p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="dotted overrides for every run")
     p.add_argument("--db", help="results database for every run (default: the preset's, runs/results.db)")

@@ -2,7 +2,9 @@
 
 Each subcommand lives next to the code it drives, in a module with a
 `register(subparsers)` function that adds its parser and sets `func` to a callable taking the
-parsed arguments and returning an exit code. This file only lists those modules.
+parsed arguments and returning an exit code. This file only lists those modules (`COMMANDS`,
+with the one-line help `cartlab --help` shows) and imports just the one a command line names,
+so `cartlab --help` and `cartlab --version` start at once, without torch or pandas.
 
 Errors meet one boundary (`run_guarded`, also used by `python -m cartlab.eval`): a user error (a
 bad config field, a file that is missing or not what it should be, an unwritable folder) is
@@ -17,15 +19,16 @@ import os
 import sqlite3
 import sys
 
-SUBCOMMAND_MODULES = (
-    "cartlab.model.cli",
-    "cartlab.data.cli",
-    "cartlab.train.cli",
-    "cartlab.ablate",
-    "cartlab.report",
-    "cartlab.eval.cli",
-    "cartlab.demo",
-)
+COMMANDS = {
+    "model": ("cartlab.model.cli", "inspect model configs (parameters, FLOPs)"),
+    "data": ("cartlab.data.cli", "build and inspect token bins"),
+    "train": ("cartlab.train.cli", "train a CART or Dense model into the results database"),
+    "ablate": ("cartlab.ablate", "train every run of a study (ablations/*.yaml) through train_variant"),
+    "report": ("cartlab.report", "render the analysis report of a study (or of the paper)"),
+    "eval": ("cartlab.eval.cli", "evaluate a checkpoint with lm-eval (few-shot, variable R)"),
+    "demo": ("cartlab.demo", "train the cpu-demo study and render its report (offline, ~10 min on 2 CPU cores)"),
+}
+"""command -> (module with its `register(subparsers)`, the one line `cartlab --help` lists)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,16 +38,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser: the full one of `command` (importing its module only), and a one-line entry
+    for every other command (enough for `cartlab --help` and for naming a wrong command)."""
+    from cartlab import __version__
+
     parser = OneLineParser(
         prog="cartlab",
         description="Train, ablate and analyse depth-recurrent language models (CART, Dense).",
         epilog="--debug (anywhere, or CARTLAB_DEBUG=1) shows a traceback instead of a one-line error.",
     )
+    parser.add_argument("--version", action="version", version=f"cartlab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for name, (module, summary) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command a command line names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(_command(argv))
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # FIELD=VALUE overrides may come after options: `cartlab train --quiet seed=2`

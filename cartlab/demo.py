@@ -14,8 +14,7 @@ STUDY = "cpu-demo"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train the cpu-demo study and render its report (offline, ~10 min on 2 CPU cores)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", default="runs/results.db", help="results database (default: runs/results.db)")
     p.add_argument("--reports-dir", default="reports", help="where the report goes (default: reports)")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once (default 1)")

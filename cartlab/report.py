@@ -217,8 +217,7 @@ def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: s
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="render the analysis report of a study (or of the paper)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="a study under ablations/ (or a study YAML), or 'paper' for the published numbers")
     p.add_argument("--db", default="runs/results.db", help="results database (default: runs/results.db)")
     p.add_argument("--reports-dir", default="reports", help="where reports go (default: reports)")

@@ -214,7 +214,7 @@ def test_two_builds_of_one_folder_at_once_build_it_once_and_clear_killed_staging
     (out / ".staging-1").mkdir(parents=True)  # what a SIGKILLed build leaves
     (out / ".staging-1" / "train.bin").write_bytes(b"\0" * 4096)
     env = {**os.environ, "CARTLAB_DATA_DIR": str(tmp_path / "root")}
-    cmd = [sys.executable, "-m", "cartlab.cli", "data", "build", str(TINY), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "cartlab.cli", "data", "build", str(TINY), "--out", str(out), "--quiet"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -306,7 +306,7 @@ def test_cli_build_prints_what_it_wrote(built, tmp_path, capsys):
     assert cli.main(["data", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "train.bin" in text and "val_iteration.bin" in text and "share of train" in text
-    assert cli.main(["data", "build", str(TINY), "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["data", "build", str(TINY), "--out", str(out), "--quiet"]) == 0
     assert "already built" in capsys.readouterr().out
 
 

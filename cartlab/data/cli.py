@@ -12,8 +12,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="build and inspect token bins",
-                              description="Tokenizers, corpora and token bins (issue 3).")
+    p = subparsers.add_parser("data", description="Tokenizers, corpora and token bins: build a data recipe into token bins and inspect them.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     b = sub.add_parser("build", help="build a recipe into train.bin, val_<domain>.bin and meta.json")
@@ -21,7 +20,8 @@ def register(subparsers) -> None:
     b.add_argument("--out", type=Path, default=None,
                    help="output directory (default: <data root>/built/<recipe>)")
     b.add_argument("--force", action="store_true", help="replace a build of a different recipe")
-    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # its old name
     b.set_defaults(func=_build)
 
     ls = sub.add_parser("list", help="list the recipes and whether each is built")
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def _build(args: argparse.Namespace) -> int:
     from cartlab.data.build import build
 
-    build(args.recipe, args.out, progress=not args.no_progress, force=args.force)
+    build(args.recipe, args.out, progress=not args.quiet, force=args.force)
     return 0
 
 

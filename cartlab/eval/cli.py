@@ -15,8 +15,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint with lm-eval (few-shot, variable R)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or local tasks (data/tasks)")
     p.add_argument("--num-fewshot", default="0", help="comma-separated few-shot counts (default 0)")

@@ -14,7 +14,7 @@ from cartlab.model.config import CONFIG_KINDS, ConfigError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("model", help="inspect model configs (parameters, FLOPs)")
+    parser = subparsers.add_parser("model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="stored/effective parameters, forward FLOPs, effective layers")
     info.add_argument("kind", choices=sorted(CONFIG_KINDS), help="model family")

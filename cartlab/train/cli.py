@@ -18,8 +18,7 @@ from cartlab.model.config import ConfigError
 def register(subparsers) -> None:
     from cartlab.train.config import PRESETS
 
-    p = subparsers.add_parser("train", help="train a CART or Dense model into the results database",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"start from a preset: {', '.join(sorted(PRESETS))}")
     src.add_argument("--config", help="start from a YAML file (may name a `preset:` to extend)")
@@ -71,5 +70,30 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"cartlab: {err}", file=sys.stderr)
         return 3
-    print(f"cartlab: run {run_id} -> {cfg.results_db}")
+    print(summary(run_id, cfg))
     return 0
+
+
+def summary(run_id: str, cfg) -> str:
+    """What a finished run left and what to do next: its final validation losses, its newest
+    checkpoint, and the commands that evaluate and report it."""
+    from cartlab.checkpoint import latest
+    from cartlab.results.db import ResultsDB
+    from pathlib import Path
+
+    db = ResultsDB(cfg.results_db, readonly=True)
+    try:
+        row = db.get_run(run_id) or {}
+        ev = db.frame("eval_log", [run_id])
+    finally:
+        db.close()
+    lines = [f"cartlab: run {run_id} {row.get('status', 'unknown')} at step {row.get('step')} -> {cfg.results_db}"]
+    if not ev.empty:
+        last = ev[ev.step == ev.step.max()]
+        lines.append("  final val: " + ", ".join(f"{r.split} {r.loss:.3f} (ppl {r.ppl:.1f})" for r in last.itertuples()))
+    ckpt = latest(Path(cfg.out_dir) / run_id / "checkpoints")
+    if ckpt is not None:
+        lines.append(f"  checkpoint: {ckpt}")
+        lines.append(f"  next: cartlab eval {Path(cfg.out_dir) / run_id} --tasks cartlab_mc,cartlab_ppl --db {cfg.results_db}")
+    lines.append(f"        cartlab report STUDY --db {cfg.results_db}   (for a study of ablations/; cartlab ablate STUDY trains one)")
+    return "\n".join(lines)

@@ -371,11 +371,13 @@ class _Run:
         self.bar = tqdm(total=cfg.steps, initial=self.start, disable=cfg.quiet or not main, desc=run_id[:40],
                         dynamic_ncols=True)
         self.t_last, self.tokens_since = time.perf_counter(), 0
+        self.last_loss, self.last_tps = math.nan, None
         try:
             with _stop_on_signals() as stop:
                 for step in range(self.start, cfg.steps):
                     lr = lr_at(step, cfg)
                     loss_value, grad_norm, stopping = self._step(step, lr, stop["signal"] is not None)
+                    self.last_loss = loss_value
                     done = step + 1
                     if done % cfg.log_every == 0 or done == cfg.steps:
                         self._log(done, loss_value, grad_norm, lr)
@@ -439,6 +441,7 @@ class _Run:
                "tokens_per_s": tps, "mfu": tps * self.flops_per_token / peak if peak else None,
                "memory_mb": memory_mb(self.selection.device), "n_loops": self.loops_at(done - 1),
                "flops": self.flops_done, "forward_cost": diag.get("lrt_forward_cost")}
+        self.last_tps = tps
         self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
         if self.main:
             self.db.log_train(self.run_id, [row])
@@ -450,6 +453,8 @@ class _Run:
         if not self.main:
             return
         self.db.log_eval(self.run_id, done, results)
+        if not self.cfg.quiet:  # nanoGPT's line at every eval, printed above the bar
+            self.bar.write(eval_line(done, self.last_loss, results, self.last_tps))
         due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]
         if due:
             ctx = MeasureContext(self.raw, self.model_cfg, self.cfg, self.val_bins, done, self.device, self.selection)
@@ -480,6 +485,13 @@ class _Run:
             self.db.set_status(self.run_id, "interrupted", f"{why} at step {done}", step=done)
         raise TrainingInterrupted(f"run {self.run_id} interrupted by {why} at step {done}; "
                                   f"resume with `cartlab train --resume {self.run_id}`")
+
+
+def eval_line(step: int, train_loss: float, results: dict[str, dict], tokens_per_s: float | None) -> str:
+    """`step 200: train 3.412 | val iteration 2.871 (ppl 17.7), prose 4.102 (ppl 60.4) | 5,120 tok/s`"""
+    val = ", ".join(f"{split} {r['loss']:.3f} (ppl {r['ppl']:.1f})" for split, r in results.items())
+    speed = f" | {tokens_per_s:,.0f} tok/s" if tokens_per_s else ""
+    return f"step {step}: train {train_loss:.3f} | val {val}{speed}"
 
 
 def _gather(state: dict, world: int) -> list[dict]:
