@@ -55,6 +55,21 @@ def pending(runs: list[StudyRun]) -> list[StudyRun]:
     return todo
 
 
+def final_metrics(run: StudyRun) -> str:
+    """A completed run's final validation losses, `val iteration 2.87, prose 4.10` ('' if none)."""
+    from cartlab.results.db import ResultsDB
+
+    db = ResultsDB(run.config.results_db, readonly=True)
+    try:
+        ev = db.frame("eval_log", [run.run_id])
+    finally:
+        db.close()
+    if ev.empty:
+        return ""
+    last = ev[ev.step == ev.step.max()]
+    return "val " + ", ".join(f"{r.split} {r.loss:.3f}" for r in last.itertuples())
+
+
 def notebook_of(run: StudyRun, study: str, reports_dir: Path) -> Path:
     """Where the executed train_variant notebook of `run` is kept."""
     return reports_dir / study / "runs" / f"{run.run_id}.ipynb"
@@ -79,6 +94,55 @@ def execute_run(run: StudyRun, study: str, reports_dir: Path) -> Outcome:
 def _last_line(err: Exception) -> str:
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
+
+
+class StepWatcher:
+    """While runs train in notebook kernels (other processes), read how far each has got from
+    the results database every `interval` seconds (their newest train-log step) and hand
+    {run_id: step} to `show`. Read-only: it never blocks or changes a writer."""
+
+    def __init__(self, db: str | os.PathLike | None, show, interval: float = 2.0):
+        import threading
+
+        self.db, self.show, self.interval = db, show, interval
+        self.active: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True) if db else None  # None: watch nothing
+
+    def __enter__(self):
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def steps(self) -> dict[str, int]:
+        import sqlite3
+
+        from cartlab.results.db import ResultsDB
+
+        ids = sorted(self.active)
+        if not ids or not Path(self.db).is_file():
+            return {}
+        try:
+            db = ResultsDB(self.db, readonly=True)
+        except ValueError:  # not created yet by the first run
+            return {}
+        try:
+            rows = db.conn.execute(f"SELECT run_id, MAX(step) FROM train_log WHERE run_id IN "
+                                   f"({', '.join('?' * len(ids))}) GROUP BY run_id", ids).fetchall()
+        except sqlite3.Error:  # a writer mid-migration: try again next time
+            rows = []
+        finally:
+            db.close()
+        return {rid: int(step) for rid, step in rows}
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.show(self.steps())
 
 
 def worker_env(index: int, n_workers: int, gpus: list[str], cpu_count: int) -> dict[str, str]:
@@ -136,34 +200,51 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"ablate {name}", unit="run",
                disable=not progress, dynamic_ncols=True)
     outcomes = []
+    by_id = {r.run_id: r for r in todo}
+    dbs = {str(r.config.results_db) for r in todo}
+    watcher = StepWatcher(next(iter(dbs)) if progress and len(dbs) == 1 else None, lambda steps: show(steps))
+
+    def show(steps: dict[str, int]) -> None:  # inside each running run: its newest logged step
+        bar.set_postfix_str(", ".join(f"{by_id[rid].label} s{by_id[rid].seed} {step}/{by_id[rid].config.steps}"
+                                      for rid, step in sorted(steps.items()) if rid in watcher.active))
 
     def report(o: Outcome) -> None:
         outcomes.append(o)
+        watcher.active.discard(o.run.run_id)
         bar.update(1)
-        state = f"done in {o.seconds / 60:.1f} min" if o.ok else f"FAILED ({o.error})"
+        what = "trained" if o.run.run_id in train_ids else "notebook drawn"
+        state = f"{what} in {o.seconds / 60:.1f} min" if o.ok else f"FAILED ({o.error})"
         bar.write(f"  {o.run.label} seed {o.run.seed} [{o.run.run_id}]: {state} -> {o.notebook}")
 
     try:
-        if workers == 1 or len(todo) <= 1:
-            for run in todo:
-                bar.set_postfix_str(run.label)
-                report(execute_run(run, name, reports_dir))
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+        with watcher:
+            if workers == 1 or len(todo) <= 1:
+                for run in todo:
+                    watcher.active = {run.run_id}
+                    bar.set_postfix_str(run.label)
+                    report(execute_run(run, name, reports_dir))
+            else:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            ctx = mp.get_context("spawn")
-            slot = ctx.Value("i", 0)
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(slot, workers, visible_gpus())) as pool:
-                futures = [pool.submit(execute_run, run, name, reports_dir) for run in todo]
-                for fut in as_completed(futures):
-                    report(fut.result())
+                watcher.active = set(by_id)
+                ctx = mp.get_context("spawn")
+                slot = ctx.Value("i", 0)
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(slot, workers, visible_gpus())) as pool:
+                    futures = [pool.submit(execute_run, run, name, reports_dir) for run in todo]
+                    for fut in as_completed(futures):
+                        report(fut.result())
     finally:
         bar.close()
     failed = [o for o in outcomes if not o.ok]
-    log(f"cartlab: study {name}: {len(outcomes) - len(failed)} trained, {len(failed)} failed"
-        + (f" (see {', '.join(str(o.notebook) for o in failed)})" if failed else ""))
+    trained = sum(o.ok and o.run.run_id in train_ids for o in outcomes)
+    drawn = sum(o.ok and o.run.run_id not in train_ids for o in outcomes)
+    log(f"cartlab: study {name}: {trained} trained, " + (f"{drawn} notebooks drawn, " if drawn else "")
+        + f"{len(failed)} failed" + (f" (see {', '.join(str(o.notebook) for o in failed)})" if failed else ""))
+    if not failed:
+        db = runs[0].config.results_db if runs else "runs/results.db"
+        log(f"cartlab: next: cartlab report {study}" + (f" --db {db}" if str(db) != "runs/results.db" else ""))
     return outcomes
 
 
@@ -186,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
         name, runs = study_runs(args.study, overrides)
         todo = {r.run_id for r in pending(runs)}
         for r in runs:
-            print(f"{'pending  ' if r.run_id in todo else 'completed'}  {r.label:<24} seed {r.seed:<4} {r.run_id}")
+            final = "" if r.run_id in todo else final_metrics(r)
+            print(f"{'pending  ' if r.run_id in todo else 'completed'}  {r.label:<24} seed {r.seed:<4} {r.run_id}"
+                  + (f"  {final}" if final else ""))
         return 0
     outcomes = ablate(args.study, overrides, workers=args.workers, reports_dir=args.reports_dir,
                       progress=not args.quiet)

@@ -105,6 +105,11 @@ def _remove_stale_partials(output: Path) -> None:
             pass
 
 
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+"""The kernel's own log shows errors only: ipykernel warns on every start that its localhost TCP
+sockets are unencrypted (messages are HMAC-signed all the same), once per notebook a study runs."""
+
+
 def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | os.PathLike | None = None,
             timeout: int | None = None) -> Path:
     """Run notebooks/NAME.ipynb with `parameters` (headless, kernel python3) into `output`.
@@ -121,7 +126,8 @@ def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | o
     os.environ["MPLBACKEND"] = "Agg"  # the kernel inherits it: figures render headless
     try:
         pm.execute_notebook(str(notebook_path(name)), str(partial), parameters=parameters, kernel_name=KERNEL,
-                            progress_bar=False, cwd=str(cwd) if cwd else None, execution_timeout=timeout)
+                            progress_bar=False, cwd=str(cwd) if cwd else None, execution_timeout=timeout,
+                            extra_arguments=KERNEL_ARGS)
     except BaseException:
         if partial.exists():
             os.replace(partial, output.with_name(f"{output.stem}.failed.ipynb"))

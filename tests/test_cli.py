@@ -71,3 +71,31 @@ def test_train_prints_validation_at_each_eval_and_a_closing_summary(tiny_data, t
     assert "completed at step 8" in out
     assert "checkpoint: " in out and "step_00000008" in out
     assert "next: cartlab eval " in out and "cartlab report " in out
+
+
+def test_ablate_watches_the_steps_of_running_runs(tmp_path):
+    """`cartlab ablate` shows progress inside each run by reading the newest logged step of the
+    runs being trained (in notebook kernels) from the results database, read-only."""
+    from cartlab.ablate import StepWatcher
+    from cartlab.results.db import ResultsDB
+
+    path = tmp_path / "r.db"
+    seen = []
+    watcher = StepWatcher(path, seen.append, interval=0.01)
+    watcher.active = {"a", "b"}
+    assert watcher.steps() == {}  # no database yet: nothing to show, no error
+    db = ResultsDB(path)
+    for rid in ("a", "b", "c"):
+        db.upsert_run(rid)
+    db.log_train("a", [{"step": s, "loss": 1.0} for s in (10, 20, 30)])
+    db.log_train("c", [{"step": 50, "loss": 1.0}])
+    assert watcher.steps() == {"a": 30}  # only the active runs; b has logged nothing yet
+    with watcher:
+        db.log_train("b", [{"step": 5, "loss": 1.0}])
+        import time
+
+        deadline = time.time() + 10
+        while not any(s.get("b") == 5 for s in seen) and time.time() < deadline:
+            time.sleep(0.01)
+    db.close()
+    assert any(s == {"a": 30, "b": 5} for s in seen)

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
 from cartlab.notebooks import list_notebooks, notebook_path
 from cartlab.report import ANALYSES, render
-from train_helpers import TINY_MODEL
+from conftest import db_rows as _db_rows
 
 pytestmark = pytest.mark.slow
 
@@ -114,61 +110,6 @@ def test_plain_papermill_refuses_an_unknown_parameter_before_training(tmp_path):
     assert len(ran) == 3  # parameters, injected parameters, the check
 
 
-def _db_rows(db: Path, sql: str):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
-def _completed(db: Path) -> int:
-    try:
-        return _db_rows(db, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0]
-    except sqlite3.OperationalError:  # the file exists a moment before its tables do
-        return 0
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, tiny_data):
-    """A five-run study of tiny models (2-seed baseline, stored- and effective-matched Dense, one
-    ablation) trained by `cartlab ablate`, which is SIGKILLed after its first completed run and
-    then re-run with two workers. Returns the paths and what was observed in between."""
-    root = tmp_path_factory.mktemp("study")
-    model = {f"model.{k}": v for k, v in TINY_MODEL.items() if k != "kind"}
-    spec = {
-        "name": "tiny", "preset": "smoke", "seeds": [1],
-        "set": {**model, "data.dir": str(tiny_data), "steps": 24, "seq_len": 32, "batch_size": 4,
-                "eval_every": 8, "eval_batches": 2, "eval_batch_size": 2, "log_every": 4, "checkpoint_every": 8,
-                "out_dir": str(root / "runs"), "device": "cpu"},
-        "runs": [{"label": "baseline", "seeds": [1, 2]}, {"label": "dense-stored", "set": {"dense_match": "stored"}},
-                 {"label": "dense-effective", "set": {"dense_match": "effective"}},
-                 {"label": "no_lti", "hooks": ["no_lti"]}],
-    }
-    study = root / "tiny.yaml"
-    study.write_text(yaml.safe_dump(spec))
-    db, reports = root / "results.db", root / "reports"
-    cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
-           "--quiet"]
-    env = dict(os.environ)
-
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _completed(db) >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
-    proc.wait()
-    after_kill = dict(_db_rows(db, "SELECT run_id, status FROM runs"))
-    executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
-
-    rerun = subprocess.run(cmd + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    return {"study": study, "db": db, "reports": reports, "after_kill": after_kill, "executed": executed,
-            "rerun_log": rerun.stdout + rerun.stderr}
-
-
 def test_ablate_after_a_kill_redoes_only_unfinished_runs(tiny_study):
     after_kill, executed = tiny_study["after_kill"], tiny_study["executed"]
     done = {rid for rid, status in after_kill.items() if status == "completed"}
@@ -179,7 +120,10 @@ def test_ablate_after_a_kill_redoes_only_unfinished_runs(tiny_study):
         if nb in executed:
             assert (runs_dir / nb).stat().st_mtime_ns == executed[nb]
         # (killed after training but while its notebook was being written: the notebook is redone)
-    assert f"{len(done)} already completed, {5 - len(done)} to train" in tiny_study["rerun_log"]
+    log = tiny_study["rerun_log"]
+    assert f"{len(done)} already completed, {5 - len(done)} to train" in log
+    assert f": {5 - len(done)} trained, " in log and f"cartlab: next: cartlab report {tiny_study['study']}" in log
+    assert "without encryption" not in log  # the kernel start-up warning is silenced
     assert any(f"{rid}.ipynb" in executed for rid in done) or "without their notebook" in tiny_study["rerun_log"]
     statuses = _db_rows(tiny_study["db"], "SELECT status FROM runs")
     assert [s for (s,) in statuses] == ["completed"] * 5
@@ -189,6 +133,15 @@ def test_ablate_after_a_kill_redoes_only_unfinished_runs(tiny_study):
     assert dup == []
     steps = _db_rows(tiny_study["db"], "SELECT run_id, max(step) FROM train_log GROUP BY run_id")
     assert {s for _, s in steps} == {24}
+
+
+def test_ablate_list_shows_final_validation_losses(tiny_study, capsys):
+    from cartlab import cli
+
+    assert cli.main(["ablate", str(tiny_study["study"]), "--db", str(tiny_study["db"]), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(line.startswith("completed") and " val " in line for line in lines)
+    assert all("prose " in line for line in lines)
 
 
 def test_train_variant_notebook_shows_the_runs_figures(tiny_study):
