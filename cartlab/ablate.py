@@ -4,10 +4,15 @@
     cartlab ablate paper-diagnostics --workers 4     # four runs at a time (one GPU each if present)
     cartlab ablate my_study.yaml --db lab.db optim.lr=1e-3   # overrides apply to every run
     cartlab ablate cpu-demo --list                   # what would run, and what is already done
+    cartlab ablate paper-diagnostics --launcher slurm   # one Slurm job per run (cartlab.cluster)
 
 Each run's executed notebook is kept as reports/<study>/runs/<run_id>.ipynb. Runs already
 completed in the results database are skipped, so after a crash or a kill the same command
 redoes only what is unfinished (an interrupted run resumes from its newest checkpoint).
+
+`--launcher slurm` (or `submitit-local`) trains each run as its own job instead, with the study's
+`slurm:` resources, into a shard database that is merged into the study's as the job finishes
+(see cartlab.cluster); those jobs draw no notebook (`cartlab ablate STUDY` later draws them).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cartlab.cluster import LAUNCHERS
 from cartlab.studies import StudyRun, load_study
 
 
@@ -174,9 +180,10 @@ def _init_worker(slot, n_workers: int, gpus: list[str]) -> None:
 
 
 def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, reports_dir: str | Path = "reports",
-           progress: bool = True, log=print) -> list[Outcome]:
-    """Train every unfinished run of `study`, `workers` at a time; returns the outcomes of the
-    runs attempted (completed ones are skipped and not listed)."""
+           progress: bool = True, log=print, launcher: str = "local", jobs: dict | None = None) -> list[Outcome]:
+    """Train every unfinished run of `study`, `workers` at a time, or as cluster jobs (`launcher`
+    slurm or submitit-local; `jobs`: keyword arguments of `cartlab.cluster.run_jobs`); returns the
+    outcomes of the runs attempted (completed ones are skipped and not listed)."""
     from tqdm.auto import tqdm
 
     if workers < 1:
@@ -187,7 +194,8 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     # a run completed by another study, by `cartlab train`, or killed while its notebook was being
     # written has no executed notebook here: execute it (training is skipped, the plots are drawn)
     train_ids = {r.run_id for r in to_train}
-    to_render = [r for r in runs if r.run_id not in train_ids and not notebook_of(r, name, reports_dir).is_file()]
+    to_render = [r for r in runs if r.run_id not in train_ids and not notebook_of(r, name, reports_dir).is_file()
+                 and launcher == "local"]
     todo = to_train + to_render
     if to_train:  # build missing offline data once, here, rather than racing in every worker
         from cartlab.data import resolve_data
@@ -202,7 +210,8 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     outcomes = []
     by_id = {r.run_id: r for r in todo}
     dbs = {str(r.config.results_db) for r in todo}
-    watcher = StepWatcher(next(iter(dbs)) if progress and len(dbs) == 1 else None, lambda steps: show(steps))
+    watched = progress and len(dbs) == 1 and launcher == "local"  # cluster jobs write shards, not the db
+    watcher = StepWatcher(next(iter(dbs)) if watched else None, lambda steps: show(steps))
 
     def show(steps: dict[str, int]) -> None:  # inside each running run: its newest logged step
         bar.set_postfix_str(", ".join(f"{by_id[rid].label} s{by_id[rid].seed} {step}/{by_id[rid].config.steps}"
@@ -218,7 +227,13 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
 
     try:
         with watcher:
-            if workers == 1 or len(todo) <= 1:
+            if launcher != "local":
+                from cartlab.cluster import run_jobs
+
+                for outcome in run_jobs(todo, name, launcher, load_study(study).slurm, reports_dir,
+                                        log=bar.write, **(jobs or {})):
+                    report(outcome)
+            elif workers == 1 or len(todo) <= 1:
                 for run in todo:
                     watcher.active = {run.run_id}
                     bar.set_postfix_str(run.label)
@@ -258,6 +273,9 @@ def register(subparsers) -> None:
     p.add_argument("--reports-dir", default="reports", help="where executed notebooks go (default: reports)")
     p.add_argument("--list", action="store_true", help="list the runs and their status, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local (default): notebooks on this machine; slurm: one job per run with the study's "
+                        "slurm: resources; submitit-local: those jobs as local processes")
     p.set_defaults(func=run)
 
 
@@ -272,6 +290,6 @@ def run(args: argparse.Namespace) -> int:
                   + (f"  {final}" if final else ""))
         return 0
     outcomes = ablate(args.study, overrides, workers=args.workers, reports_dir=args.reports_dir,
-                      progress=not args.quiet)
+                      progress=not args.quiet, launcher=args.launcher)
     return 1 if any(not o.ok for o in outcomes) else 0
 

@@ -25,7 +25,9 @@ COMMANDS = {
     "train": ("cartlab.train.cli", "train a CART or Dense model into the results database"),
     "ablate": ("cartlab.ablate", "train every run of a study (ablations/*.yaml) through train_variant"),
     "report": ("cartlab.report", "render the analysis report of a study (or of the paper)"),
+    "results": ("cartlab.results.cli", "export the results database (parquet, CSV) or merge per-run shards into it"),
     "eval": ("cartlab.eval.cli", "evaluate a checkpoint with lm-eval (few-shot, variable R)"),
+    "export": ("cartlab.export", "write a run or checkpoint as a transformers model folder (trust_remote_code)"),
     "demo": ("cartlab.demo", "train the cpu-demo study and render its report (offline, ~10 min on 2 CPU cores)"),
 }
 """command -> (module with its `register(subparsers)`, the one line `cartlab --help` lists)."""

@@ -23,9 +23,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-ANALYSES = ("scaling_fit", "seed_noise", "screen_correlation", "spectral_radius", "gap_decomposition", "variable_R")
+ANALYSES = ("scaling_fit", "scaling_law", "seed_noise", "screen_correlation", "spectral_radius",
+            "gap_decomposition", "variable_R", "compute")
 PAPER = "paper"
 
 
@@ -66,7 +68,8 @@ def default_split(eval_log: pd.DataFrame) -> str:
 
 def run_overview(study: str, res) -> pd.DataFrame:
     """One row per run: its label in the study (its name for the paper), configuration, seed,
-    parameters, status and final validation perplexity per split."""
+    parameters, training tokens and final validation perplexity per split. (Every run shown is
+    completed, or published for the paper: load_results keeps no other.)"""
     from cartlab.analysis.schema import config_label, final_eval
 
     runs = res.runs.copy()
@@ -79,7 +82,7 @@ def run_overview(study: str, res) -> pd.DataFrame:
     runs["config"] = runs.apply(config_label, axis=1)
     ppl = final_eval(res.runs, res.eval_log).pivot_table(index="run_id", columns="split", values="ppl")
     ppl.columns = [f"ppl {c}" for c in ppl.columns]
-    cols = ["label", "config", "seed", "n_seeds", "stage", "stored_params", "effective_params", "status"]
+    cols = ["label", "config", "seed", "n_seeds", "stage", "stored_params", "effective_params", "tokens"]
     return runs.set_index("run_id")[cols].join(ppl).reset_index(drop=True)
 
 
@@ -96,6 +99,91 @@ def show(fig) -> bytes:
     return buf.getvalue()
 
 
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` as a reader should see it, values unrounded: a named index (e.g. d_model) becomes
+    columns and an unnamed one is dropped; columns with no value at all are dropped; whole-number
+    columns are integers (nullable Int64 where some are missing, so n_loops reads 3, not 3.0; a
+    CSV read back or a column with NaN would otherwise be float); missing text is blank, not NaN.
+    Whole-number column labels (a pivot over n_loops) read 2, not 2.0."""
+    frame = frame.reset_index(drop=all(n is None for n in frame.index.names))
+    frame = frame.rename(columns=_whole_label)
+    out = {}
+    for col, s in frame.items():
+        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            s = s.astype(object).where(s.notna(), "").map(_number_or_text)  # "0.902" read back from a CSV
+            if (s.astype(str).str.strip() == "").all():
+                continue
+        elif s.notna().any():
+            v = s.dropna().to_numpy(float)
+            if np.isfinite(v).all() and (v == np.round(v)).all() and np.abs(v).max() < 2 ** 53:
+                s = s.astype("Int64")
+        else:
+            continue
+        out[col] = s
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _number_or_text(value):
+    """A number written as text (a CSV column mixing numbers and words, e.g. 0.902 and "no gate")
+    as the number, so it is formatted like one; any other value unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and abs(number) < 2 ** 53 else number
+
+
+def _whole_label(label):
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
+    if isinstance(label, str) and label.endswith(".0") and label[:-2].lstrip("-").isdigit():
+        return label[:-2]
+    return label
+
+
+def format_value(value, digits: int = 3) -> str:
+    """One table cell: blank if missing; integers plain below 10^4 (widths, R), with thousands
+    separators up to 10^10 (parameters, tokens), in e-notation beyond (FLOPs); floats with
+    `digits` decimals between 10^-digits and 10^6, in e-notation with `digits` significant
+    figures outside (a p-value of 4e-05, FLOPs)."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        return str(value) if abs(value) < 10_000 else f"{value:,}" if abs(value) < 10 ** 10 else f"{value:.4g}"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}" if value == 0 or 10.0 ** -digits <= abs(value) < 1e6 else f"{value:.{digits}g}"
+    return str(value)
+
+
+def styled(frame: pd.DataFrame, digits: int = 3):
+    """`tidy(frame)` as a pandas Styler for the notebook and its HTML: no index column, every
+    cell through `format_value`, text columns (header and cells) left-aligned."""
+    frame = tidy(frame)
+    text = [i for i, c in enumerate(frame.columns) if not pd.api.types.is_numeric_dtype(frame[c])]
+    return (frame.style.hide(axis="index").format(lambda v: format_value(v, digits))
+            .set_table_styles([{"selector": f".col{i}", "props": "text-align: left"} for i in text]))
+
+
+def show_table(frame: pd.DataFrame, digits: int = 3) -> None:
+    """Display `frame` as `styled` shows it."""
+    from IPython.display import display
+
+    display(styled(frame, digits))
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """`tidy(frame)` as a markdown table (summary.md), cells as `format_value` writes them."""
+    frame = tidy(frame)
+    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in frame.columns]
+    cells = frame.astype(object).apply(lambda col: col.map(lambda v: format_value(v, digits)))
+    return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
 class Outputs:
     """Figures and tables of one analysis notebook: each is displayed in the notebook and, when
     `report_dir` is given, saved (figures/NAME.png, tables/NAME.csv) and listed in order in
@@ -110,27 +198,24 @@ class Outputs:
             self._write()
 
     def figure(self, fig, name: str, caption: str = "") -> None:
-        """Show `fig` (a matplotlib Figure) as a PNG; save it as figures/<notebook>-NAME.png."""
+        """Show `fig` (a matplotlib Figure) as a PNG; save it as figures/<notebook>-NAME.png and
+        list it with its title and unlabelled axes (`figure_labels`), which should be none."""
         png = show(fig)
         if self.dir:
             path = self.dir / "figures" / f"{self.section['notebook']}-{name}.png"
             path.write_bytes(png)
-            self._add("figure", path, caption)
+            self._add("figure", path, caption, **figure_labels(fig))
 
     def table(self, frame: pd.DataFrame, name: str, caption: str = "", digits: int = 3) -> pd.DataFrame:
-        """Show `frame` rounded to `digits`; save it as tables/<notebook>-NAME.csv (full precision).
-        A named index (e.g. d_model) is kept as columns, an unnamed one dropped."""
-        from IPython.display import display
-
-        if any(n is not None for n in frame.index.names):  # a meaningful index (e.g. d_model) becomes columns
-            frame = frame.reset_index()
-        else:
-            frame = frame.reset_index(drop=True)
+        """Show `frame` as `styled` does (no index, integers as integers, no empty columns, numbers
+        to `digits`); save it whole as tables/<notebook>-NAME.csv, full precision. A named index
+        (e.g. d_model) is kept as columns, an unnamed one dropped. Returns the saved frame."""
+        frame = frame.reset_index(drop=all(n is None for n in frame.index.names))
         if self.dir:
             path = self.dir / "tables" / f"{self.section['notebook']}-{name}.csv"
             frame.to_csv(path, index=False)
-            self._add("table", path, caption)
-        display(frame.round(digits))
+            self._add("table", path, caption, digits=digits)
+        show_table(frame, digits)
         return frame
 
     def note(self, text: str) -> None:
@@ -142,8 +227,9 @@ class Outputs:
             self._write()
         display(Markdown(text))
 
-    def _add(self, kind: str, path: Path, caption: str) -> None:
-        self.section["items"].append({"kind": kind, "path": str(path.relative_to(self.dir)), "caption": caption})
+    def _add(self, kind: str, path: Path, caption: str, **extra) -> None:
+        self.section["items"].append({"kind": kind, "path": str(path.relative_to(self.dir)), "caption": caption,
+                                      **extra})
         self._write()
 
     def _write(self) -> None:
@@ -151,6 +237,28 @@ class Outputs:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.section, indent=1))
         os.replace(tmp, path)
+
+
+def figure_labels(fig) -> dict:
+    """What a figure says about itself in its PNG: `title` (its suptitle, or the title of its one
+    plotted axes) and `unlabelled`, the plotted axes (by their title or position) missing an x or
+    y label. A label on one of several axes sharing x (or y) counts for all of them, and a
+    colorbar needs one label. A figure reads without the page around it when title is set and
+    unlabelled is empty."""
+    plotted = [ax for ax in fig.axes if ax.has_data()]
+    panels = [ax for ax in plotted if not hasattr(ax, "_colorbar")]
+    title = fig.get_suptitle() or (panels[0].get_title() if len(panels) == 1 else "")
+    unlabelled = []
+    for i, ax in enumerate(plotted):
+        xs = ax.get_shared_x_axes().get_siblings(ax)
+        ys = ax.get_shared_y_axes().get_siblings(ax)
+        has_x, has_y = any(a.get_xlabel() for a in xs), any(a.get_ylabel() for a in ys)
+        if hasattr(ax, "_colorbar"):  # a colorbar has one axis to name
+            has_x = has_y = has_x or has_y
+        for axis, ok in (("x", has_x), ("y", has_y)):
+            if not ok:
+                unlabelled.append(f"{ax.get_title() or f'axes {i}'}: no {axis} label")
+    return {"title": title, "unlabelled": unlabelled}
 
 
 def read_sections(report_dir: str | os.PathLike) -> list[dict]:
@@ -169,20 +277,31 @@ def summary_markdown(study: str, report_dir: str | os.PathLike, runs: pd.DataFra
             if item["kind"] == "note":
                 lines += [item["text"], ""]
             elif item["kind"] == "table":
-                frame = pd.read_csv(root / item["path"])
-                frame = frame.astype(object).where(frame.notna(), "")  # blank, not "nan"
-                lines += [f"**{item['caption']}**" if item["caption"] else "", "",
-                          frame.to_markdown(index=False, floatfmt=".4g"), ""]
+                table = markdown_table(pd.read_csv(root / item["path"]), item.get("digits", 3))
+                lines += [f"**{item['caption']}**" if item["caption"] else "", "", table, ""]
             else:
                 lines += [f"![{item['caption']}]({item['path']})", ""]
     return "\n".join(lines)
 
 
+# JupyterLab's page without the scripts it fetches from a CDN (require.js for widgets, MathJax, mermaid):
+# a report is read offline too, where they only fail (and log errors), and it draws no widget, TeX or diagram.
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
 def to_html(notebook: Path, output: Path) -> Path:
-    """Render an executed notebook to standalone HTML with the code cells hidden."""
+    """Render an executed notebook to standalone HTML with the code cells hidden: images inline,
+    nothing fetched from the network (OFFLINE_TEMPLATE)."""
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(extra_loaders=[DictLoader({"cartlab-report.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="cartlab-report.html.j2", exclude_input=True,
+                            exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_filename(str(notebook))
     tmp = output.with_suffix(".tmp")
     tmp.write_text(body, encoding="utf-8")

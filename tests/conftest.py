@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Run the whole suite with `pytest` from the repository root."""
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,71 @@ def smoke_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building the embedded corpus" in proc.stderr
     return run
+
+
+def db_rows(db: Path, sql: str) -> list[tuple]:
+    """The rows of one SQL query on a results database."""
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _completed_runs(db: Path) -> int:
+    try:
+        return db_rows(db, "SELECT count(*) FROM runs WHERE status = 'completed'")[0][0]
+    except sqlite3.OperationalError:  # the file exists a moment before its tables do
+        return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, tiny_data):
+    """A five-run study of tiny models (2-seed baseline, stored- and effective-matched Dense, one
+    ablation) trained by `cartlab ablate`, which is SIGKILLed after its first completed run and
+    then re-run with two workers. Returns the paths and what was observed in between. Trained
+    once per session: tests/test_notebooks.py checks the kill and the report, and
+    tests/test_report_browser.py opens the report in a browser."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from train_helpers import TINY_MODEL
+
+    root = tmp_path_factory.mktemp("study")
+    model = {f"model.{k}": v for k, v in TINY_MODEL.items() if k != "kind"}
+    spec = {
+        "name": "tiny", "preset": "smoke", "seeds": [1],
+        "set": {**model, "data.dir": str(tiny_data), "steps": 24, "seq_len": 32, "batch_size": 4,
+                "eval_every": 8, "eval_batches": 2, "eval_batch_size": 2, "log_every": 4, "checkpoint_every": 8,
+                "out_dir": str(root / "runs"), "device": "cpu"},
+        "runs": [{"label": "baseline", "seeds": [1, 2]}, {"label": "dense-stored", "set": {"dense_match": "stored"}},
+                 {"label": "dense-effective", "set": {"dense_match": "effective"}},
+                 {"label": "no_lti", "hooks": ["no_lti"]}],
+    }
+    study = root / "tiny.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    db, reports = root / "results.db", root / "reports"
+    cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
+           "--quiet"]
+    env = dict(os.environ)
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists() and _completed_runs(db) >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
+    proc.wait()
+    after_kill = dict(db_rows(db, "SELECT run_id, status FROM runs"))
+    executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
+
+    rerun = subprocess.run(cmd + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    return {"study": study, "db": db, "reports": reports, "after_kill": after_kill, "executed": executed,
+            "rerun_log": rerun.stdout + rerun.stderr}

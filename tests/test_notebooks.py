@@ -184,7 +184,7 @@ def test_spectral_radius_builds_its_run_picker_when_interactive(tiny_study, tmp_
     nb = nbformat.read(out, as_version=4)
     widget_outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                       if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(widget_outputs) == 2  # the run picker and the figure area it redraws
+    assert len(widget_outputs) == 3  # the run picker and the figure area it redraws; the loop-measure explorer
 
 
 def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path, repo):

@@ -104,3 +104,88 @@ def test_parallel_workers_get_one_gpu_each_or_a_share_of_the_cores():
     assert worker_env(3, 4, ["0", "1"], 8) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert worker_env(1, 2, [], 8) == {"OMP_NUM_THREADS": "4"}
     assert worker_env(0, 4, [], 2) == {"OMP_NUM_THREADS": "1"}  # never zero threads
+
+
+# -- compute-budgeted studies: tokens / flops instead of steps, and budget grids (issue 16) -------------
+
+def _study(tmp_path, body: str):
+    path = tmp_path / "budget.yaml"
+    path.write_text(body)
+    return load_study(path)
+
+
+def test_scaling_grid_is_width_by_token_budget_with_steps_derived_from_tokens():
+    import math
+
+    runs = load_study("scaling-grid").expand()
+    assert len(runs) == 12
+    assert {r.label for r in runs} >= {"cart-d_model48-t1e5", "cart-d_model128-t4e5"}
+    for r in runs:
+        budget = {"t1e5": 1e5, "t2e5": 2e5, "t4e5": 4e5}[r.label.rsplit("-", 1)[1]]
+        steps, per_step = r.config.steps, r.config.tokens_per_step
+        assert steps == math.ceil(budget / per_step) and (steps - 1) * per_step < budget <= steps * per_step
+        assert f"-steps{steps}-" in r.run_id  # the derived length is part of the run's name and identity
+    assert {r.config.model_config().d_model for r in runs} == {48, 64, 96, 128}
+
+
+def test_flops_budget_spends_each_models_own_accounted_flops(tmp_path):
+    """An IsoFLOP sweep: every run's steps x tokens/step x training FLOPs/token of the model it
+    trains (the matched Dense's own, not the CART's) reaches the budget within one step."""
+    from cartlab.model import account
+
+    runs = _study(tmp_path, "preset: smoke\ngrid: {model.d_model: [64, 128], flops: [2.0e+11]}\n"
+                            "runs: [{label: cart}, {label: dense, set: {dense_match: stored}}]\n").expand()
+    assert [r.label for r in runs] == ["cart-d_model64-f2e11", "cart-d_model128-f2e11",
+                                       "dense-d_model64-f2e11", "dense-d_model128-f2e11"]
+    per_step = {}
+    for r in runs:
+        cfg = r.config
+        per_step[r.label] = cfg.tokens_per_step * account(cfg.model_config(), cfg.seq_len).train_flops_per_token()
+        assert (cfg.steps - 1) * per_step[r.label] < 2e11 <= cfg.steps * per_step[r.label], r.label
+    assert runs[0].config.steps > runs[1].config.steps  # the wider model affords fewer steps
+    assert per_step["dense-d_model64-f2e11"] != per_step["cart-d_model64-f2e11"]
+
+
+def test_a_run_entrys_budget_wins_over_the_studys_and_steps_stay_for_unbudgeted_studies(tmp_path):
+    runs = _study(tmp_path, "preset: smoke\ntokens: 5120\nruns: [{label: a}, {label: b, tokens: 10240}]\n").expand()
+    assert [r.config.steps for r in runs] == [10, 20]  # smoke: 8 x 64 = 512 tokens per step
+    plain = _study(tmp_path, "preset: smoke\nset: {steps: 7}\nruns: [{label: a}]\n").expand()
+    assert plain[0].config.steps == 7
+
+
+@pytest.mark.parametrize("body, message", [
+    ("preset: smoke\ngrid: {model.d_modl: [64]}\nruns: [{label: a}]\n",
+     "grid.model.d_modl is not a field: did you mean 'd_model'?"),
+    ("preset: smoke\ngrid: {tokens: []}\nruns: [{label: a}]\n", "grid.tokens=[] is not allowed: must be a non-empty"),
+    ("preset: smoke\ngrid: {tokens: [1.0e+5, -3]}\nruns: [{label: a}]\n",
+     "grid.tokens=-3 is not allowed: every budget must be a number > 0"),
+    ("preset: smoke\ngrid: {flops: [lots]}\nruns: [{label: a}]\n", "grid.flops='lots' is not allowed"),
+    ("preset: smoke\ntokens: 0\nruns: [{label: a}]\n", "tokens=0 is not allowed: must be > 0"),
+    ("preset: smoke\nruns: [{label: a, flops: -1}]\n", "runs[0].flops=-1 is not allowed: must be > 0"),
+    ("preset: smoke\ntokens: 1.0e+5\nflops: 1.0e+12\nruns: [{label: a}]\n", "give one budget, tokens or flops"),
+    ("preset: smoke\ngrid: {tokens: [1.0e+5], flops: [1.0e+12]}\nruns: [{label: a}]\n",
+     "the grid already sets grid.tokens; give one budget"),
+    ("preset: smoke\ngrid: {tokens: [1.0e+5]}\nruns: [{label: a, flops: 1.0e+12}]\n",
+     "runs[0].flops=1000000000000.0 is not allowed: the grid gives every run a budget"),
+    ("preset: smoke\nruns: [{label: a, tokens: 1.0e+5, set: {steps: 3}}]\n",
+     "runs[0] (a): steps=3 is not allowed: this run's length is its budget tokens=100000"),
+    ("preset: smoke\ntokens: 1.0e+5\nset: {steps: 3}\nruns: [{label: a}]\n", "runs[0] (a): steps=3 is not allowed"),
+    ("preset: smoke\ngrid: {steps: [3], tokens: [1.0e+5]}\nruns: [{label: a}]\n",
+     "runs[0] (a-steps3-t1e5): steps=3 is not allowed"),
+    ("preset: smoke\nset: {steps: 3}\nruns: [{label: a}, {label: b, tokens: 1.0e+5}]\n",
+     "runs[1] (b): steps=3 is not allowed: this run's length is its budget tokens=100000"),
+    ("preset: smoke\nruns: [{label: a, tokens: 100}]\n",
+     "runs[0] (a): tokens=100.0 is not allowed: less than one step of this run, 512 tokens"),
+    ("preset: smoke\ngrid: {flops: [1.0e+6]}\nruns: [{label: a}]\n",
+     "runs[0] (a-f1e6): flops=1000000.0 is not allowed: less than one step of this run"),
+])
+def test_bad_budgets_are_refused_in_one_line_naming_the_field(tmp_path, body, message):
+    with pytest.raises(ConfigError) as err:
+        _study(tmp_path, body)
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1, str(err.value)
+
+
+def test_a_steps_override_of_a_budgeted_study_is_refused(capsys):
+    assert main(["ablate", "scaling-grid", "--list", "steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "steps=5 is not allowed: this run's length is its budget tokens=100000" in err

@@ -14,7 +14,8 @@ def tiny_config(data_dir, out, **kw) -> TrainConfig:
     base = dict(model=TINY_MODEL, data={"dir": str(data_dir)}, steps=12, seq_len=32, batch_size=4, grad_accum=2,
                 log_every=1, eval_every=4, eval_batches=2, eval_batch_size=2, checkpoint_every=4,
                 keep_checkpoints=2, results_db=str(out / "results.db"), out_dir=str(out), quiet=True,
-                optim={"lr": 3e-3, "warmup_steps": 2, "name": "adamw"}, device="cpu")
+                optim={"lr": 3e-3, "warmup_steps": 2, "name": "adamw"}, device="cpu",
+                measures=[])  # the measures have their own tests (test_depth_profile, test_loop_measures, ...)
     base.update(kw)
     return TrainConfig.from_dict(base)
 

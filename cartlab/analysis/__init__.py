@@ -11,6 +11,7 @@ import importlib
 
 _SUBMODULES = (
     "schema", "published", "scaling", "laws", "stats", "decompose", "spectral", "accounting", "plots", "synthetic",
+    "depth", "compute",
 )
 __all__ = list(_SUBMODULES)
 

@@ -551,3 +551,163 @@ def _check_recurrence_data(frame: pd.DataFrame) -> None:
         needs.append(f"CART runs at >= 2 loop counts (n_loops; have {len(loops)}: {[int(r) for r in loops]})")
     if needs:
         raise ValueError("not enough data: need " + " and ".join(needs))
+
+
+# --- the joint law on a study's runs (notebooks/scaling_law.ipynb) ---------------------------
+
+@dataclass(frozen=True)
+class PowerCurve:
+    """f(N) = c * N^k: FLOPs per token as a function of parameters, fitted on a family's runs."""
+
+    c: float
+    k: float
+    lo: float  # the range of N it was fitted on
+    hi: float
+
+    def __call__(self, n) -> np.ndarray:
+        return self.c * np.asarray(n, float) ** self.k
+
+
+def flops_per_token_curve(n, flops_per_token) -> PowerCurve:
+    """FLOPs per token of a model family as a power of its parameter count N, by least squares
+    on (log N, log FLOPs per token) over its runs (section 7.3's C = f(N) D, for a family whose
+    f is not 6N: CART counts its core R times and, at laptop sizes, the LM head and attention
+    weigh as much as the weights). Exact for f = k N; an approximation between the fitted sizes
+    otherwise, and an extrapolation outside [lo, hi]. Needs >= 2 distinct N."""
+    n, f = _positive("n", n), _positive("flops_per_token", flops_per_token)
+    if len(n) != len(f):
+        raise ValueError(f"n, flops_per_token: lengths differ ({len(n)} vs {len(f)})")
+    if len(np.unique(n)) < 2:
+        raise ValueError(f"n: need at least 2 distinct values to fit FLOPs per token against N, "
+                         f"got {np.unique(n).tolist()}")
+    k, log_c = _ols(np.log(n), np.log(f))
+    return PowerCurve(c=float(np.exp(log_c)), k=float(k), lo=float(n.min()), hi=float(n.max()))
+
+
+def scaling_points(runs: pd.DataFrame, eval_log: pd.DataFrame, *, split: str) -> pd.DataFrame:
+    """One row per run for the joint law L(N, D) (section 7.3): its variant, `family` (the
+    architecture apart from width: "cart P=2 R=4", "dense", with hooks and fields set by hand),
+    n_stored and n_effective (non-embedding parameters, `cartlab.model.account` of the run's
+    stored model config), tokens (D: training tokens), flops_per_token (training, LM head
+    included, as the training loop counts it), flops = flops_per_token * tokens, and loss: the
+    final validation loss on `split`, or the mean over the run's domains for split="mean".
+
+    Needs each run's training config (the results database's config_json; published rows have
+    none). Within a family each (N, D) cell must hold the seeds of ONE variant: two variants
+    there (say two learning rates) are refused by name, never pooled."""
+    from cartlab.analysis.schema import describe_variants, final_eval
+
+    fe = final_eval(runs, eval_log)
+    if split == "mean":  # every run's domains weigh equally
+        fe = fe.drop_duplicates("run_id").assign(loss=fe["run_id"].map(fe.groupby("run_id")["loss"].mean()))
+    else:
+        if split not in set(fe["split"]):
+            raise ValueError(f"split: {split!r} not among the runs' evaluated splits {sorted(set(fe['split']))}, "
+                             f"or 'mean' for the mean over them")
+        fe = fe[fe["split"] == split]
+    if fe.empty:
+        raise ValueError("runs: no run has a final evaluation")
+    configs = runs.set_index("run_id")["config_json"] if "config_json" in runs.columns else pd.Series(dtype=object)
+    rows = []
+    for row in fe.to_dict("records"):
+        acc = _accounting(row["run_id"], configs.get(row["run_id"]))
+        rows.append({"run_id": row["run_id"], "variant": row["variant"], "variant_label": row["variant_label"],
+                     "family": _family(row), "model": row["model"], "d_model": row["d_model"], "seed": row["seed"],
+                     "n_stored": float(acc.non_embedding_stored), "n_effective": float(acc.non_embedding_effective),
+                     "tokens": float(row["tokens"]), "flops_per_token": acc.train_flops_per_token(),
+                     "loss": float(row["loss"])})
+    points = pd.DataFrame(rows)
+    points["flops"] = points["flops_per_token"] * points["tokens"]
+    cells = points.groupby(["family", "n_stored", "tokens"])["variant"].nunique()
+    if (cells > 1).any():
+        family, n, d = cells.index[cells > 1][0]
+        at = points[(points["family"] == family) & (points["n_stored"] == n) & (points["tokens"] == d)]
+        raise ValueError(f"runs: {family} at N={n:.4g}, D={d:.4g} holds several variants, not seeds of one "
+                         f"configuration: {describe_variants(runs, at['variant'])}; select the runs to fit")
+    return points.sort_values(["family", "n_stored", "tokens", "seed"]).reset_index(drop=True)
+
+
+def _accounting(run_id: str, config_json):
+    """`cartlab.model.account` of the model a run trained, from its stored config."""
+    import json
+
+    from cartlab.model import account
+    from cartlab.model.config import LMConfig
+
+    try:
+        config = json.loads(config_json) if isinstance(config_json, str) else None
+        model, seq_len = config["model"], config["train"]["seq_len"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"runs: {run_id!r} has no stored training config (config_json), so its non-embedding "
+                         f"parameters and FLOPs are unknown; the joint law needs runs trained here") from None
+    return account(LMConfig.from_dict(model), int(seq_len))
+
+
+def _family(row: dict) -> str:
+    """What a law's runs share: the architecture apart from width (and length)."""
+    shape = (f"cart P={int(row['prelude_layers'])} R={int(row['n_loops'])}" if row["model"] == "cart"
+             else str(row["model"]))
+    hooks = f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else ""
+    overrides = f" {{{row['overrides']}}}" if isinstance(row.get("overrides"), str) and row["overrides"] else ""
+    return shape + hooks + overrides
+
+
+def law_families(points: pd.DataFrame, *, min_sizes: int = 3, min_budgets: int = 3) -> tuple[dict, dict]:
+    """Split `scaling_points` rows by family into ({family: rows} that a joint law can be fitted
+    to, {family: why not}): the law's 5 parameters need >= `min_sizes` model sizes, >=
+    `min_budgets` token budgets and >= 6 runs (section 7.3)."""
+    ready, short = {}, {}
+    for family, g in points.groupby("family"):
+        sizes, budgets = g["n_stored"].nunique(), g["tokens"].nunique()
+        if sizes >= min_sizes and budgets >= min_budgets and len(g) >= 6:
+            ready[family] = g
+        else:
+            short[family] = (f"its {len(g)} run(s) span {sizes} model size(s) and {budgets} token budget(s); the "
+                             f"law's 5 parameters need >= {min_sizes} sizes, >= {min_budgets} budgets and >= 6 runs")
+    return ready, short
+
+
+def joint_fits(points: pd.DataFrame, *, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+    """fit_chinchilla of loss on (N, tokens) for N = n_stored and N = n_effective, the seeds of
+    one variant forming one bootstrap cluster (section 7.3): {"stored": fit, "effective": fit}.
+    `points` is one family's rows of `scaling_points`."""
+    if points["family"].nunique() > 1:
+        raise ValueError(f"points: one law per family; got {sorted(points['family'].unique())}")
+    return {kind: fit_chinchilla(points[f"n_{kind}"], points["tokens"], points["loss"], groups=points["variant"],
+                                 n_boot=n_boot, level=level, seed=seed)
+            for kind in ("stored", "effective")}
+
+
+def law_table(fits: dict) -> pd.DataFrame:
+    """The parameters of several joint fits side by side (section 7.3): one row per parameter
+    (E, A, B, alpha, beta, and a = beta / (alpha + beta), the exponent of N_opt ~ C^a under C =
+    k N D), one estimate/lo/hi column triple per fit name, intervals from the fits' bootstrap."""
+    out = {"parameter": [*CHINCHILLA_PARAMS, "a"]}
+    for name, fit in fits.items():
+        a = fit.beta / (fit.alpha + fit.beta)
+        if len(fit.samples):
+            boot = fit.samples[:, 4] / (fit.samples[:, 3] + fit.samples[:, 4])
+            a_ci = tuple(np.quantile(boot, [(1 - fit.level) / 2, (1 + fit.level) / 2]))
+        else:
+            a_ci = (np.nan, np.nan)
+        cis = [*(fit.ci[p] for p in CHINCHILLA_PARAMS), a_ci]
+        out[f"{name}"] = [*(getattr(fit, p) for p in CHINCHILLA_PARAMS), a]
+        out[f"{name} lo"] = [lo for lo, _ in cis]
+        out[f"{name} hi"] = [hi for _, hi in cis]
+    return pd.DataFrame(out)
+
+
+def frontier_table(fits: dict, flops_per_token: dict, C) -> pd.DataFrame:
+    """The compute-optimal allocation of each joint fit at the budgets `C` (section 7.3): one row
+    per (fit name, C) with N_opt, D_opt, tokens per parameter D/N and, for fits with bootstrap
+    refits, their percentile band (N_lo, N_hi, D_lo, D_hi)."""
+    C = np.atleast_1d(np.asarray(C, float))
+    frames = []
+    for name, fit in fits.items():
+        n_opt, d_opt = fit.optimal_allocation(C, flops_per_token[name])
+        frame = pd.DataFrame({"N": name, "C": C, "N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt})
+        if len(fit.samples):
+            (n_lo, n_hi), (d_lo, d_hi) = fit.optimal_allocation_band(C, flops_per_token[name])
+            frame = frame.assign(N_lo=n_lo, N_hi=n_hi, D_lo=d_lo, D_hi=d_hi)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

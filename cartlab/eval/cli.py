@@ -3,11 +3,20 @@
     cartlab eval runs/RUN --tasks cartlab_mc,cartlab_ppl                    # offline tasks (data/tasks)
     cartlab eval runs/RUN --tasks hellaswag,arc_challenge,lambada_openai,piqa \\
         --num-fewshot 0,5 --n-loops 2,4,6,8,10,12,14,16                    # the paper's Table 12 (online)
+    cartlab eval runs/RUN --tasks cartlab_mc,cartlab_ppl --n-loops profile   # the depth-profile grid
+    cartlab eval pretrained=runs/RUN --tasks cartlab_mc --output-path results --log-samples   # lm-eval's files
 
 Every metric and its stderr goes to the downstream table of the results database (one row per
 task, metric, few-shot setting and inference R), which the variable_R notebook reads. That table
 holds the run's final weights on whole tasks: with --limit, or on a checkpoint that is not the
-run's newest, the metrics are printed and not stored.
+run's newest, the metrics are printed and not stored. `--n-loops profile` is the grid of the
+validation depth profile (`cartlab.measures.depth.depth_grid`: 1..2R, then 2.5R, 3R, 4R).
+
+The habits are lm-eval's: the checkpoint may be given as `pretrained=PATH`, `--output-path` and
+`--log-samples` write lm-eval's results and samples files (in a folder named after PATH), the
+device is chosen by capability unless --device says otherwise, and each kind of request shows a
+progress bar. Every R and few-shot count is checked against the checkpoint and the tasks before
+anything is evaluated.
 """
 from __future__ import annotations
 
@@ -16,15 +25,21 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint); "
+                                      "lm-eval's pretrained=PATH also works")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or local tasks (data/tasks)")
-    p.add_argument("--num-fewshot", default="0", help="comma-separated few-shot counts (default 0)")
+    p.add_argument("--num-fewshot", "--num_fewshot", default="0", help="comma-separated few-shot counts (default 0)")
     p.add_argument("--n-loops", default=None,
-                   help="comma-separated inference loop counts for CART (default: the trained R)")
+                   help="comma-separated inference loop counts for CART, or 'profile' for the depth-profile "
+                        "grid 1..2R, 2.5R, 3R, 4R (default: the trained R)")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
     p.add_argument("--limit", help="evaluate only the first N documents of each task (printed, not stored)")
-    p.add_argument("--batch-size", default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", "--batch_size", default=8)
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if available, as training picks), cpu or cuda")
+    p.add_argument("--output-path", "--output_path", "-o", default=None,
+                   help="write lm-eval's results_<time>.json under OUTPUT_PATH/<checkpoint path>/ for each setting")
+    p.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
+                   help="also write lm-eval's samples_<task>_<time>.jsonl (needs --output-path)")
     p.set_defaults(func=run)
 
 
@@ -32,14 +47,45 @@ def run(args: argparse.Namespace) -> int:
     from cartlab.eval.config import EvalConfig
     from cartlab.eval.run import evaluate, format_table
 
+    args.checkpoint = checkpoint_arg(args.checkpoint)
     given = {"checkpoint": args.checkpoint, "tasks": args.tasks, "num_fewshot": args.num_fewshot,
-             "n_loops": args.n_loops, "db": args.db, "limit": args.limit, "batch_size": args.batch_size,
-             "device": args.device}
+             "n_loops": expand_loops(args.n_loops, args.checkpoint), "db": args.db, "limit": args.limit,
+             "batch_size": args.batch_size, "device": args.device}
     cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": []},
                                [f"{k}={v}" for k, v in given.items() if v is not None])
     rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
-                    db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device)
+                    db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
+                    output_path=args.output_path, log_samples=args.log_samples)
     print(format_table(rows))
     if rows.attrs["stored"]:
         print(f"cartlab: {len(rows)} metric rows -> {args.db}")
     return 0
+
+
+def expand_loops(spec: str | None, checkpoint: str) -> str | None:
+    """`--n-loops` as given, except 'profile': the depth-profile grid of the checkpoint's CART
+    (`cartlab.measures.depth.profile_grid`), e.g. "1,2,3,4,5,6,7,8,10,12,16" at R=4."""
+    if spec is None or spec.strip() != "profile":
+        return spec
+    from cartlab import checkpoint as ckpt
+    from cartlab.eval.lm import resolve_checkpoint
+    from cartlab.measures.depth import profile_grid
+    from cartlab.model import LMConfig
+
+    model_cfg = LMConfig.from_dict(ckpt.load_config(resolve_checkpoint(checkpoint))["model"])
+    if model_cfg.kind != "cart":
+        raise ValueError(f"--n-loops profile: only CART checkpoints loop; this one is {model_cfg.kind}")
+    return ",".join(str(r) for r in profile_grid(model_cfg))
+
+
+def checkpoint_arg(text: str) -> str:
+    """The checkpoint path of the positional argument: PATH, or lm-eval's `pretrained=PATH`."""
+    from pathlib import Path
+
+    key, sep, value = text.partition("=")
+    if not sep or Path(text).exists():
+        return text
+    if key in ("pretrained", "checkpoint") and value and "," not in value:
+        return value
+    raise ValueError(f"checkpoint: {text!r} is neither a path nor pretrained=PATH (the other model_args have "
+                     f"options of their own, e.g. --n-loops)")

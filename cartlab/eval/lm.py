@@ -4,11 +4,13 @@
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"], num_fewshot=0)
 
 Registered as "cartlab", so `--model cartlab --model_args checkpoint=...,n_loops=12` works in
-lm_eval's own CLI once this module is imported. Scoring runs the model on the harness's token
-ids: loglikelihood batches right-padded sequences (padding after the scored positions cannot
-change them: the model is causal), loglikelihood_rolling uses the harness's own rolling windows
+lm_eval's own CLI once this module is imported (`pretrained=` is accepted for `checkpoint=`, as
+lm-eval's hf model names it). Scoring runs the model on the harness's token ids: loglikelihood
+batches right-padded sequences (padding after the scored positions cannot change them: the model
+is causal), loglikelihood_rolling uses the harness's own rolling windows
 (`get_rolling_token_windows` + `make_disjoint_window`) of the trained context length, and
-generate_until decodes greedily with the KV cache, stopping at the first `until` string.
+generate_until decodes greedily with the KV cache, stopping at the first `until` string. Each
+kind of request shows a progress bar, as lm-eval's hf model does.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from cartlab.model import KVCache
 
@@ -40,6 +43,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      f"holding checkpoints/")
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """The device to evaluate on: 'auto' (or None) picks what the hardware supports, as training
+    does (`cartlab.train.device.select`, which also refuses 'cuda' without a GPU in one line);
+    any other torch device name (cuda:1, mps) is taken as given, as lm-eval takes it."""
+    from cartlab.train.device import DEVICES, Capabilities, select
+
+    if device is not None and device not in DEVICES:
+        return device
+    return select(Capabilities.detect(), device=device or "auto").device
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode on `device`, tokenizer, checkpoint config dict) of a cartlab checkpoint."""
     from cartlab import checkpoint
@@ -51,21 +65,26 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
 @register_model("cartlab")
 class CartlabLM(TemplateLM):
-    """A cartlab CART or Dense checkpoint as an lm-eval model. Model args: `checkpoint`,
-    `n_loops` (CART only: inference loop count, section 7.4), `max_length` (default: the trained
-    sequence length), `max_gen_toks`, plus the harness's `batch_size` and `device` (its
+    """A cartlab CART or Dense checkpoint as an lm-eval model. Model args: `checkpoint` (or
+    `pretrained`, lm-eval's name), `n_loops` (CART only: inference loop count, section 7.4),
+    `max_length` (default: the trained sequence length), `max_gen_toks`, plus the harness's
+    `batch_size` and `device` (default 'auto': chosen by capability, as training does; its
     `max_batch_size` is accepted and unused: batches are exactly `batch_size`). Any other
     argument is an error."""
 
-    MODEL_ARGS = ("checkpoint", "n_loops", "batch_size", "device", "max_length", "max_gen_toks")
+    MODEL_ARGS = ("checkpoint", "n_loops", "batch_size", "device", "max_length", "max_gen_toks", "pretrained")
 
     def __init__(self, checkpoint: str | None = None, n_loops: int | None = None, batch_size: int | str = 1,
-                 device: str = "cpu", max_length: int | None = None, max_gen_toks: int = 128, *,
-                 model=None, tokenizer=None, max_batch_size: int | None = None, **unknown):
+                 device: str | None = "auto", max_length: int | None = None, max_gen_toks: int = 128, *,
+                 pretrained: str | None = None, model=None, tokenizer=None, max_batch_size: int | None = None,
+                 **unknown):
         super().__init__()
         if unknown:  # a typo in --model_args must not be silently ignored (max_batch_size: lm-eval always passes it)
             raise ValueError(f"model_args: unknown argument(s) {sorted(unknown)} for the cartlab model; "
                              f"allowed: {list(self.MODEL_ARGS)}")
+        if checkpoint is not None and pretrained is not None:
+            raise ValueError("model_args: give checkpoint=PATH or pretrained=PATH, not both")
+        checkpoint = checkpoint if checkpoint is not None else pretrained
         if (checkpoint is None) == (model is None):
             raise ValueError("cartlab model: give either checkpoint=PATH or an already built model and tokenizer")
         if str(batch_size).startswith("auto"):
@@ -73,10 +92,10 @@ class CartlabLM(TemplateLM):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        self._device = torch.device(device)
+        self._device = torch.device(resolve_device(device))
         seq_len = None
         if checkpoint is not None:
-            model, tokenizer, config = load_checkpoint(checkpoint, device)
+            model, tokenizer, config = load_checkpoint(checkpoint, self._device)
             seq_len = config.get("train", {}).get("seq_len")
             self.run_id = config.get("run_id")
         self.model, self.tokenizer_ = model.to(self._device).eval(), tokenizer
@@ -139,6 +158,8 @@ class CartlabLM(TemplateLM):
                 raise ValueError(f"continuation: {len(requests[i][2])} tokens, longer than max_length="
                                  f"{self.max_length}; pass a larger max_length in --model_args")
         order = [i for i in order if results[i] is None]
+        bar = tqdm(total=len(requests), initial=len(requests) - len(order), disable=disable_tqdm,
+                   desc="Running loglikelihood requests")
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
             seqs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
@@ -150,6 +171,8 @@ class CartlabLM(TemplateLM):
                 lp = F.log_softmax(logits[row, len(seq) - n: len(seq)].float(), dim=-1).cpu()
                 target = torch.tensor(cont)
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+            bar.update(len(batch))
+        bar.close()
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -157,11 +180,12 @@ class CartlabLM(TemplateLM):
         windows of max_length predicted tokens: each token is predicted once, from a window of at
         most max_length input tokens (the first window starts with the end-of-text prefix)."""
         out = []
-        for (string,) in (req.args for req in requests):
+        for (string,) in tqdm([req.args for req in requests], disable=disable_tqdm,
+                              desc="Running loglikelihood_rolling requests"):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
-            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
             out.append(sum(s for s, _ in scores))
         return out
 
@@ -173,7 +197,8 @@ class CartlabLM(TemplateLM):
         and at least half of max_length: CART and Dense have no position limit, so a long answer
         may run past the trained length rather than lose its prompt."""
         out = []
-        for context, gen_kwargs in (req.args for req in requests):
+        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm,
+                                        desc="Running generate_until requests"):
             until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
             budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))

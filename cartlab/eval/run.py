@@ -65,10 +65,18 @@ def metric_rows(results: dict, num_fewshot: int, n_loops: int) -> list[dict]:
 
 def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,), n_loops=(None,),
              db: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 1,
-             device: str = "cpu", log=print) -> pd.DataFrame:
+             device: str = "auto", output_path: str | os.PathLike | None = None, log_samples: bool = False,
+             log=print) -> pd.DataFrame:
     """Run lm_eval.simple_evaluate for every (num_fewshot, n_loops) and store the metrics as
     downstream rows of the checkpoint's run in `db`. n_loops None means the trained R (stored as
     the trained value; 0 for Dense). Returns the rows as a DataFrame.
+
+    Every (task, few-shot count) and every R is checked before anything is evaluated (`preflight`),
+    so an impossible setting fails at once, in one line naming it, not after hours of the others.
+    `device` 'auto' picks what the hardware supports, as training does. With `output_path`, each
+    setting's results (and with `log_samples` its per-document samples) are written as lm-eval
+    writes them: results_<time>.json and samples_<task>_<time>.jsonl in a folder named after the
+    checkpoint path (`pretrained=`; `lm_eval.loggers.EvaluationTracker`).
 
     The downstream table holds one value per (run, task, metric, shots, R): the run's final
     weights on whole tasks. So `limit` (a quick look at the first documents) and a checkpoint
@@ -76,7 +84,7 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     import lm_eval
 
     from cartlab.checkpoint import latest
-    from cartlab.eval.lm import CartlabLM, resolve_checkpoint
+    from cartlab.eval.lm import CartlabLM, resolve_checkpoint, resolve_device
     from cartlab.results.db import ResultsDB
 
     for r in n_loops:
@@ -84,13 +92,15 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
             raise ValueError(f"--n-loops: every value must be an integer >= 1, got {r!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {limit}")
+    if log_samples and output_path is None:
+        raise ValueError("--log-samples: the samples are written under --output-path; give one")
     ckpt = resolve_checkpoint(checkpoint)
     task_list = resolve_tasks(list(tasks))
     if db is not None and not Path(db).is_file():
         raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
+    device = resolve_device(device)
     lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device)
-    if any(r is not None for r in n_loops) and not lm.loops:
-        raise ValueError("--n-loops: only CART checkpoints loop; this one is Dense")
+    preflight(lm, task_list, n_loops=n_loops, num_fewshot=num_fewshot)
     trained_r = getattr(lm.model.config, "n_loops", 0)
     store = None
     if db is not None:
@@ -109,10 +119,14 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
         for r in n_loops:
             lm.set_loops(r)
             for k in num_fewshot:
-                log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)}")
-                res = lm_eval.simple_evaluate(model=lm, tasks=task_list, num_fewshot=int(k), limit=limit,
-                                              batch_size=batch_size, device=device, log_samples=False,
+                log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)} ({device})")
+                tracker = tracker_for(output_path)
+                res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=task_list,
+                                              num_fewshot=int(k), limit=limit, batch_size=batch_size, device=device,
+                                              log_samples=log_samples, evaluation_tracker=tracker,
                                               bootstrap_iters=1000)
+                if tracker is not None:
+                    write_outputs(tracker, res, log_samples)
                 new = metric_rows(res, int(k), int(r or trained_r))
                 if store is not None:
                     store.log_downstream(lm.run_id, new)
@@ -123,6 +137,70 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     frame = pd.DataFrame(rows, columns=["task", "metric", "value", "stderr", "num_fewshot", "n_loops"])
     frame.attrs["stored"] = store is not None
     return frame
+
+
+def preflight(lm, task_list: list, *, n_loops, num_fewshot) -> None:
+    """Refuse, before anything is evaluated, an R the model cannot run (`check_loops`: e.g. more
+    loops than an unshared core has blocks) and a few-shot count a task cannot build (more examples
+    than its few-shot documents), in one line naming the R or the task and what is allowed."""
+    wanted = [r for r in n_loops if r is not None]
+    if wanted and not lm.loops:
+        raise ValueError(f"--n-loops: only CART checkpoints loop; this one is {lm.model.config.kind}")
+    for r in wanted:
+        try:
+            lm.model.check_loops(r)
+        except ValueError as err:
+            raise ValueError(f"--n-loops: R={r} cannot run on this checkpoint: {err}") from None
+    shots = sorted({int(k) for k in num_fewshot if int(k) > 0})
+    if not shots:
+        return
+    from lm_eval.tasks import TaskManager
+
+    for name, task in TaskManager().load(task_list)["tasks"].items():  # every task, groups flattened
+        doc = next(iter(task.eval_docs), None)
+        if builds_context(task, doc, shots[-1]):
+            continue
+        docs = task.fewshot_docs()
+        n_docs = 0 if docs is None else len(docs)
+        most = next((k for k in (n_docs, n_docs - 1) if k >= 0 and builds_context(task, doc, k)), 0)
+        raise ValueError(f"--num-fewshot: {shots[-1]} examples cannot be drawn for task {name!r}, which has "
+                         f"{n_docs} few-shot documents; allowed: 0..{most}")
+
+
+def builds_context(task, doc, k: int) -> bool:
+    """Whether lm-eval can build a k-shot prompt for `doc` of `task` (its own sampler decides whether
+    the evaluated document is left out of the examples)."""
+    if k == 0:
+        return True
+    if doc is None:
+        return False
+    try:
+        task.fewshot_context(doc=doc, num_fewshot=k)
+    except (ValueError, AssertionError, IndexError):  # random.sample: "Sample larger than population"
+        return False
+    return True
+
+
+def model_args(checkpoint: str | os.PathLike, n_loops: int | None) -> str:
+    """lm-eval's --model_args for this evaluation: `pretrained=` names the output folder."""
+    return f"pretrained={checkpoint}" + (f",n_loops={n_loops}" if n_loops is not None else "")
+
+
+def tracker_for(output_path: str | os.PathLike | None):
+    """lm-eval's EvaluationTracker writing under `output_path` (None: nothing is written)."""
+    if output_path is None:
+        return None
+    from lm_eval.loggers import EvaluationTracker
+
+    return EvaluationTracker(output_path=str(output_path))
+
+
+def write_outputs(tracker, results: dict, log_samples: bool) -> None:
+    """The results file, and the samples files, as lm-eval's CLI writes them."""
+    samples = results.pop("samples", None) if log_samples else None
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in (results["configs"] if samples else []):
+        tracker.save_results_samples(task_name=task, samples=samples[task])
 
 
 def format_table(rows: pd.DataFrame) -> str:

@@ -72,11 +72,10 @@ MODULES = ("depth", "lrt", "loops")
 
 
 def _load() -> None:
-    import importlib.util
+    import importlib
 
     for name in MODULES:
-        if importlib.util.find_spec(f"cartlab.measures.{name}") is not None:
-            importlib.import_module(f"cartlab.measures.{name}")
+        importlib.import_module(f"cartlab.measures.{name}")
 
 
 def measures_for(model_cfg: "LMConfig", names: list[str] | None = None) -> list[Measure]:

@@ -17,6 +17,15 @@ layer, so `train_forward_flops` (from `train_applications()`) is about 2x `forwa
 `train_flops_per_token` is 3x that (the backward runs through both passes). `memory_overhead`
 compares an LRT config with its Dense backbone.
 
+CART trained with variable depth (hooks `random_loops`, `truncated_bptt`): effective parameters
+and forward FLOPs are counted at the expected R of training (`cartlab.train.loops`; applications
+may be fractional), and the backward skips the loops truncated BPTT runs without gradient:
+
+    train FLOPs per sequence at R = 3 * forward(R) - 2 * max(0, R - k) * one loop's forward
+
+`train_flops_per_token()` is its expectation over the R distribution, exactly (forward(R) is
+linear in R); `train_flops_per_token(n_loops=R)` is one step's value at its drawn R.
+
 FLOPs follow the paper's Table 3 convention, which we reproduce to <1%: per sequence of length
 T, matmuls at 2 FLOPs per weight per token, attention scores and values at 4 T^2 d per attention
 application (no causal halving), LM head excluded (`lm_head_flops` has it separately).
@@ -42,7 +51,8 @@ from cartlab.model.layers import Attention
 @dataclass(frozen=True)
 class Accounting:
     stored_params: int
-    effective_params: int
+    effective_params: int | float
+    """Parameters applied per token (fractional under random loops: the expected count)."""
     embedding_params: int
     seq_len: int
     forward_flops: float
@@ -53,6 +63,15 @@ class Accounting:
     train_forward_flops: float
     """FLOPs of one training forward per sequence, LM head excluded: forward_flops, except for
     LRT, whose interleaved schedule adds an initialisation pass (about 2x)."""
+    mean_loops: float | None = None
+    """The R the counts above use: the trained R, its expectation under random loops (CART), or
+    None (a model without loops)."""
+    loop_flops: float = 0.0
+    """Forward FLOPs per sequence of one loop (everything that runs R times), LM head excluded."""
+    bptt_loops: int | None = None
+    """k of truncated BPTT (the backward covers the last k loops), None for all loops."""
+    frozen_loops: float = 0.0
+    """Expected loops per training forward that run without gradient: E[max(0, R - k)]."""
 
     @property
     def non_embedding_stored(self) -> int:
@@ -67,11 +86,16 @@ class Accounting:
         """effective / stored (Table 1)."""
         return self.effective_params / self.stored_params
 
-    def train_flops_per_token(self, include_lm_head: bool = True) -> float:
-        """3x the training forward (backward = 2x forward, section 4.5) per token; the LM head
-        runs once per token in every model."""
-        fwd = self.train_forward_flops + (self.lm_head_flops if include_lm_head else 0.0)
-        return 3.0 * fwd / self.seq_len
+    def train_flops_per_token(self, include_lm_head: bool = True, n_loops: int | None = None) -> float:
+        """The training forward plus a backward of 2x the forward (section 4.5) per token, the
+        backward skipping the loops truncated BPTT runs without gradient; the LM head runs once
+        per token in every model. `n_loops`: at that R (a step's draw) instead of on average."""
+        fwd, frozen = self.train_forward_flops, self.frozen_loops
+        if n_loops is not None and self.mean_loops is not None:
+            fwd += (n_loops - self.mean_loops) * self.loop_flops
+            frozen = max(0, n_loops - self.bptt_loops) if self.bptt_loops is not None else 0
+        fwd += self.lm_head_flops if include_lm_head else 0.0
+        return (3.0 * fwd - 2.0 * frozen * self.loop_flops) / self.seq_len
 
     def to_dict(self) -> dict:
         return {**asdict(self), "leverage": self.leverage}
@@ -96,21 +120,42 @@ def account(cfg: LMConfig, seq_len: int = 1024) -> Accounting:
     if seq_len < 1:
         raise ConfigError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
     model = build_meta(cfg)
-    parts = model.applications()
+    loops = loop_distribution(cfg)  # {R: probability}, None without loops
+    mean = None if loops is None else sum(r * p for r, p in loops.items())
+    at = {} if mean is None else {"n_loops": mean}
+
+    def forward(parts) -> float:
+        return sum(_part_flops(part, seq_len) * k for name, part, k in parts if name != "embedding")
+
+    parts = model.applications(**at)
     embedding = model.wte.weight.numel()
     effective = sum(sum(p.numel() for p in part.parameters()) * k for _, part, k in parts)
-    flops = sum(_part_flops(part, seq_len) * k for name, part, k in parts if name != "embedding")
-    train = sum(_part_flops(part, seq_len) * k for name, part, k in model.train_applications() if name != "embedding")
+    flops = forward(parts)
+    k = getattr(cfg, "bptt_loops", None)
     return Accounting(
         stored_params=model.num_params(),
-        effective_params=effective,
+        effective_params=int(effective) if float(effective).is_integer() else effective,
         embedding_params=embedding,
         seq_len=seq_len,
         forward_flops=flops,
         lm_head_flops=2.0 * seq_len * cfg.d_model * cfg.vocab_size,
         effective_layers=flops / dense_layer_flops(cfg, seq_len),
-        train_forward_flops=train,
+        train_forward_flops=forward(model.train_applications(**at)),
+        mean_loops=mean,
+        loop_flops=0.0 if mean is None else forward(model.applications(n_loops=mean + 1)) - flops,
+        bptt_loops=k,
+        frozen_loops=0.0 if k is None or loops is None else sum(p * max(0, r - k) for r, p in loops.items()),
     )
+
+
+def loop_distribution(cfg: LMConfig) -> dict[int, float] | None:
+    """{R: probability} of the loop counts training runs (CART: {n_loops: 1.0} unless
+    `random_loops`), None for a model without loops."""
+    if getattr(cfg, "n_loops", None) is None:
+        return None
+    from cartlab.train.loops import LoopSampler  # the sampler's package imports this one
+
+    return LoopSampler(cfg).distribution()
 
 
 def memory_backbone(cfg: DenseConfig) -> DenseConfig:

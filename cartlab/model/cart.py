@@ -9,10 +9,13 @@
     coda (1 MLA layer) -> norm -> tied LM head                               # section 3.3
 
 Which parts fill those slots is read from the config in one place (`__init__`); the ablation
-hooks of section 8 only change the config (see `cartlab.model.hooks`).
+hooks of section 8 only change the config (see `cartlab.model.hooks`). Two hooks change training
+only: `random_loops` (the training loop passes each step's R as `n_loops`) and `truncated_bptt`
+(`recur` runs the first R - k loops without gradient).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -60,16 +63,33 @@ class CART(CausalLM):
 
     def recur(self, e: torch.Tensor, rope, n_loops: int | None = None, cache: KVCache | None = None,
               observe: Observer | None = None) -> torch.Tensor:
-        """The recurrent core: R loop steps from h_0 = e; returns h_R (B, T, d)."""
+        """The recurrent core: R loop steps from h_0 = e; returns h_R (B, T, d).
+
+        Truncated BPTT (`bptt_loops` = k, in training with autograd on): the first R - k loops run
+        without gradient, so the states they leave in the history enter the last k loops as
+        constants. The loop's weights (core block, mixer, loop embedding, gate) then get gradient
+        from the last k loops only; the prelude and the anchor still get it through the anchor's
+        K, V (read by every graded loop) and through h_0 = e while e is still in the mixer's
+        history. The forward's values do not change."""
         n_loops = self.check_loops(n_loops)
         memory = self.anchor.begin(e, cache)  # K, V source for every loop
         history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
+        frozen = self.frozen_loops(n_loops)
         for r in range(n_loops):
-            h = self.step(history, LoopContext(r, rope, cache, memory))
+            with torch.no_grad() if r < frozen else contextlib.nullcontext():
+                h = self.step(history, LoopContext(r, rope, cache, memory))
             if observe is not None:
                 observe(r, h, history[0])
             history = [h] + history[:-1]
         return history[0]
+
+    def frozen_loops(self, n_loops: int) -> int:
+        """How many leading loops truncated BPTT runs without gradient: R - k in training with
+        autograd on (none when R <= k), else 0 (evaluation, probes, generation)."""
+        k = self.config.bptt_loops
+        if k is None or not (self.training and torch.is_grad_enabled()):
+            return 0
+        return max(0, n_loops - k)
 
     def step(self, history: list[torch.Tensor], loop: LoopContext) -> torch.Tensor:
         """One loop step (section 3.2): h_{r+1} (B, T, d) from the history [h_r, h_{r-1}, ...]
@@ -117,16 +137,33 @@ class CART(CausalLM):
             out["hyper_weights"] = self.mixer.weights().tolist()
         return out
 
-    def applications(self) -> list[tuple[str, nn.Module, int]]:
-        R = self.config.n_loops
+    def compile_loop(self, **compile_kw) -> None:
+        """torch.compile the loop body in place: each core block, the bulk of a loop's compute.
+        Compiling the whole forward specialises on the Python loop count (one graph per R); a
+        core block's graph does not depend on R, so training with a random R per step compiles
+        once per autograd mode (with and without gradient, for truncated BPTT). Variants whose
+        core reads the loop index (unfreeze_kv, self_attn_core name a cache site per loop)
+        specialise on it: at most one graph per loop index, never one per R."""
+        for block in self.core:
+            block.compile(**compile_kw)
+
+    def applications(self, n_loops: float | None = None) -> list[tuple[str, nn.Module, float]]:
+        """Which part runs how often per forward at R = `n_loops` (default: the configured R).
+        The accounting passes the expected R of random-loop training, which may be fractional;
+        an unshared core's blocks then count by their average use (R / blocks each)."""
+        R = self.config.n_loops if n_loops is None else n_loops
         return [
             ("embedding", self.wte, 1),
             ("prelude", self.prelude, 1),
             ("anchor", self.anchor, self.anchor.applications(R)),
-            ("core", self.core, R // len(self.core)),
+            ("core", self.core, R / len(self.core)),
             ("mixer", self.mixer, R),
             ("loop_embedding", self.loop_embedding, R),
             ("gate", self.gate, R),
             ("coda", self.coda, 1),
             ("norm", self.norm, 1),
         ]
+
+    def train_applications(self, n_loops: float | None = None) -> list[tuple[str, nn.Module, float]]:
+        """A training forward runs what inference runs (truncated BPTT shortens the backward only)."""
+        return self.applications(n_loops)

@@ -4,6 +4,7 @@
     cartlab model info dense d_model=1024 n_layers=7 --seq-len 1024
     cartlab model info cart --match-dense effective
     cartlab model info dense d_model=512 n_layers=12 --hooks lrt_kv,lrt_residual   # LRT: prints its overhead
+    cartlab model info cart --hooks random_loops,truncated_bptt    # counted at the expected R of training
 """
 from __future__ import annotations
 
@@ -54,7 +55,16 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  effective params   {acc.effective_params / 1e6:10.2f} M  (leverage {acc.leverage:.2f})")
     print(f"  forward GFLOPs     {acc.forward_flops / 1e9:10.1f}    per sequence of {acc.seq_len} (LM head excluded)")
     print(f"  effective layers   {acc.effective_layers:10.2f}")
-    print(f"  train GFLOPs/token {acc.train_flops_per_token() / 1e9:10.3f}    (3x training forward, LM head included)")
+    how = ("3x training forward" if acc.bptt_loops is None else
+           f"3x training forward, the backward through the last {acc.bptt_loops} loops only")
+    print(f"  train GFLOPs/token {acc.train_flops_per_token() / 1e9:10.3f}    ({how}, LM head included)")
+    if getattr(cfg, "loops_vary", False):
+        low, high = cfg.loop_range
+        print(f"  training loops     R ~ {cfg.train_loops} on {low}..{high} per step, expected R {acc.mean_loops:.2f} "
+              f"(counted above; inference default n_loops={cfg.n_loops})")
+    if acc.bptt_loops is not None:
+        print(f"  truncated BPTT     gradient through the last {acc.bptt_loops} loops; {acc.frozen_loops:.2f} loops "
+              f"per step run without gradient on average")
     if "memory_overhead" in report:
         o = report["memory_overhead"]
         shared = "shared" if cfg.memory_shared else "unshared"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 
-from cartlab.model.layers import MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, cache_site, split_heads
+from cartlab.model.layers import MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, split_heads
 
 if TYPE_CHECKING:
     from cartlab.model.config import CARTConfig
@@ -94,7 +94,7 @@ class RecomputedAnchor(AnchorKV):
     def begin(self, e: torch.Tensor, cache: KVCache | None):
         def memory(x: torch.Tensor, r: int, cache: KVCache | None):
             k, v = self.project(x)
-            site = cache_site(cache, f"loop.{r}")
+            site = None if cache is None else cache[f"loop.{r}"]  # no name built without a cache: one graph for every r
             return (k, v) if site is None else site.append(k, v)
 
         return memory
@@ -135,7 +135,8 @@ class CoreSelfAttention(SelfAttention):
         super().__init__(cfg, MLAKV(cfg, cfg.kv_latent_dim))
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, loop: LoopContext) -> torch.Tensor:
-        return super().forward(h, loop.rope, cache_site(loop.cache, f"loop.{loop.r}"))
+        site = None if loop.cache is None else loop.cache[f"loop.{loop.r}"]  # (as above: no per-r name to compile)
+        return super().forward(h, loop.rope, site)
 
 
 @dataclass(frozen=True)

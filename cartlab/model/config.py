@@ -3,9 +3,10 @@
 `CARTConfig` describes the paper's model (section 3) and every ablation variant of section 8.
 Variants are not separate flags sprinkled through the model: a config names the *components*
 the model is assembled from (which core attention, which state mixer, which gate, which loop
-embedding, shared or unshared core), and ablation hooks (`cartlab.model.hooks`) are named
-rewrites of those fields. `hooks` records which rewrites were applied, so a checkpoint that
-stores `to_dict()` rebuilds the same variant.
+embedding, shared or unshared core) and how it is trained (a fixed or a random loop count per
+step, full or truncated backpropagation through the loops), and hooks (`cartlab.model.hooks`)
+are named rewrites of those fields. `hooks` records which rewrites were applied, so a checkpoint
+that stores `to_dict()` rebuilds the same variant.
 
 Defaults are the paper's binding configuration: d=1024, P=6, R=6, Llama-2 vocabulary.
 """
@@ -22,6 +23,10 @@ from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIX
 
 HEAD_DIM = 64  # paper widths 256..1024 use 64-dim heads (4, 8, 12, 16 heads)
 MIN_VOCAB = 2
+TRAIN_LOOPS = ("fixed", "uniform", "poisson_lognormal")
+"""How a CART training step chooses its loop count R (`CARTConfig.train_loops`; drawn by
+`cartlab.train.loops.LoopSampler`)."""
+RANGE_FIELDS = ("loops_min", "loops_max", "loops_sigma")  # shape a random R; refused without one
 
 
 @dataclass
@@ -124,6 +129,29 @@ class CARTConfig(LMConfig):
     hooks: tuple[str, ...] = ()
     """Ablation hooks applied to this config (names from `cartlab.model.hooks.HOOKS`)."""
 
+    # -- variable-depth training (hooks random_loops, truncated_bptt; Huginn, paper 7.4) ------------
+    # Every field below is left out of `to_dict` at its default, so a fixed-R, full-BPTT config
+    # names and hashes exactly as before these fields existed.
+    train_loops: str = field("fixed", choices=TRAIN_LOOPS, elide_default=True)
+    """How each training step chooses R (set it through the hook `random_loops`): 'fixed' trains
+    every step at R = n_loops; 'uniform' draws R uniformly from loops_min..loops_max;
+    'poisson_lognormal' draws Huginn's R = 1 + Poisson(e^tau), tau ~ N(log(n_loops - 1) -
+    sigma^2 / 2, sigma), whose mean is n_loops, clipped to loops_min..loops_max
+    (`cartlab.train.loops`). With random loops n_loops is the mean R, and the R inference uses
+    unless told otherwise."""
+    loops_min: int = field(1, ge=1, elide_default=True)
+    """Smallest R a random-loops training step runs."""
+    loops_max: int | None = field(None, ge=1, elide_default=True, none="null for 2 * n_loops - loops_min")
+    """Largest R a random-loops training step runs. The default centres the range on n_loops (so
+    'uniform' has mean n_loops). An unshared core stores this many blocks, one per loop a step
+    can reach."""
+    loops_sigma: float = field(0.5, gt=0, elide_default=True)
+    """sigma of poisson_lognormal's log-rate tau (Huginn's 0.5)."""
+    bptt_loops: int | None = field(None, ge=1, elide_default=True, none="null to backpropagate through every loop")
+    """k of truncated backpropagation through the loops (set it through the hook
+    `truncated_bptt`): in training, the first R - k loops run without gradient and only the last
+    k loops (all R when R <= k) are backpropagated through."""
+
     kind: ClassVar[str] = "cart"
 
     def validate(self) -> None:
@@ -136,11 +164,70 @@ class CARTConfig(LMConfig):
             raise self.reject("causal_cross_attn", (
                 f"an unmasked cross-attention needs a cross-attention core (core_attention in {crosses}), got "
                 f"core_attention={self.core_attention!r}: there is no cross-attention to un-mask"))
+        self._check_training_depth()
+
+    def _check_training_depth(self) -> None:
+        """The variable-depth fields: each belongs to its hook, and the loop range must make sense."""
+        if self.loops_vary and "random_loops" not in self.hooks:
+            raise self.reject("train_loops", (
+                f"a random loop count is the hook random_loops: add it to hooks (train_loops={self.train_loops} "
+                f"then picks its distribution), or leave train_loops='fixed'"))
+        if self.bptt_loops is not None and "truncated_bptt" not in self.hooks:
+            raise self.reject("bptt_loops", (
+                "truncated backpropagation is the hook truncated_bptt: add it to hooks, or leave bptt_loops null"))
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in RANGE_FIELDS}
+        if not self.loops_vary:
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    raise self.reject(name, (
+                        f"{name} shapes the random loop count, which this model does not draw; add the hook "
+                        f"random_loops or leave {name} at its default ({show(default)})"))
+        else:
+            low, high = self.loop_range
+            if self.n_loops < low:
+                raise self.reject("n_loops", f"with random loops n_loops is the mean R and must be >= loops_min={low}")
+            if self.n_loops > high:  # only a loops_max given by hand: the default is >= n_loops
+                raise self.reject("loops_max", f"it must be >= n_loops={self.n_loops}, the mean R of random loops")
+            if low == high:
+                name = "loops_max" if self.loops_max is not None else "hooks"
+                raise ConfigError.value(name, self.loops_max if self.loops_max is not None else list(self.hooks), (
+                    f"random_loops would draw R from {low}..{high}, i.e. R={low} at every step (n_loops={self.n_loops}"
+                    f"{', set by single_loop' if 'single_loop' in self.hooks else ''}); drop random_loops, or widen "
+                    f"loops_min..loops_max"))
+            if self.train_loops == "poisson_lognormal" and self.n_loops < 2:
+                raise self.reject("n_loops", (
+                    "poisson_lognormal draws R = 1 + Poisson with mean n_loops - 1, so n_loops must be >= 2 "
+                    "(or use train_loops=uniform)"))
+            if self.train_loops != "poisson_lognormal" and self.loops_sigma != defaults["loops_sigma"]:
+                raise self.reject("loops_sigma", (
+                    f"loops_sigma shapes train_loops=poisson_lognormal only, not {self.train_loops}; leave it at "
+                    f"{show(defaults['loops_sigma'])}"))
+        high = self.loop_range[1]
+        if self.bptt_loops is not None and self.bptt_loops >= high:
+            raise self.reject("bptt_loops", (
+                f"truncated_bptt through the last {self.bptt_loops} loops truncates nothing when a step runs at most "
+                f"{high} loop{'s' if high > 1 else ''} (n_loops={self.n_loops}"
+                f"{', set by single_loop' if 'single_loop' in self.hooks else ''}); it must be < {high}, or drop "
+                f"truncated_bptt"))
+
+    @property
+    def loops_vary(self) -> bool:
+        """True when training draws R afresh for every step (hook `random_loops`)."""
+        return self.train_loops != "fixed"
+
+    @property
+    def loop_range(self) -> tuple[int, int]:
+        """(smallest, largest) R a training step runs: (n_loops, n_loops) unless loops vary."""
+        if not self.loops_vary:
+            return self.n_loops, self.n_loops
+        high = self.loops_max if self.loops_max is not None else 2 * self.n_loops - self.loops_min
+        return self.loops_min, high
 
     @property
     def n_core_blocks(self) -> int:
-        """Distinct core blocks stored: 1 when shared, R when unshared."""
-        return 1 if self.share_core else self.n_loops
+        """Distinct core blocks stored: 1 when shared; when unshared, one per loop a training step
+        can run (R, or loops_max under random loops)."""
+        return 1 if self.share_core else self.loop_range[1]
 
     @property
     def effective_depth(self) -> int:

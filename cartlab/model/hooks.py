@@ -19,16 +19,26 @@ Adding a variant touches neither `cart.py` nor this file: register a component i
         "Replace the LTI gate by ..."
         return {"state_gate": "my_gate"}
 
+Two CART hooks change how the model is trained, not what it computes (variable-depth
+training, Huginn: Geiping et al. 2025; the fixed-R problem of paper section 7.4):
+`random_loops` draws R afresh for every optimiser step (`cartlab.train.loops`; n_loops becomes
+the mean R) and `truncated_bptt` backpropagates through the last k loops only. Both compose with
+every other hook; `model.train_loops`, `model.loops_*` and `model.bptt_loops` tune them and are
+refused without their hook.
+
 Refused combinations are kept minimal and follow from two rules, not from a hand-kept list:
 1. two hooks that set the same field to different values are refused (e.g. `unfreeze_kv` and
    `self_attn_core` both decide where the core's K, V come from);
 2. the resulting config must be valid (e.g. `noncausal_cross_attn` needs a cross-attention
-   core, so it is refused together with `self_attn_core`).
-Every other combination of the seven paper ablations builds, trains and evaluates, and so does
-every combination of the two LRT hooks (with shared or unshared memory projections).
+   core, so it is refused together with `self_attn_core`; `single_loop` leaves R = 1, nothing
+   for `random_loops` to draw or `truncated_bptt` to truncate).
+Every other combination of the seven paper ablations builds, trains and evaluates, with or
+without `random_loops` and `truncated_bptt`, and so does every combination of the two LRT hooks
+(with shared or unshared memory projections).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -164,6 +174,19 @@ def noncausal_cross_attn(cfg):
 
 
 PAPER_ABLATIONS = ("unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie")
+
+
+# -- variable-depth training: how R is chosen per step, and how far the backward reaches ----------------
+@register_hook("random_loops", section="Huginn (Geiping et al. 2025) / paper 7.4 (fixed-R training)")
+def random_loops(cfg):
+    """Draw R for every optimiser step (poisson_lognormal unless train_loops=uniform); n_loops is its mean."""
+    return {"train_loops": cfg.train_loops if cfg.train_loops != "fixed" else "poisson_lognormal"}
+
+
+@register_hook("truncated_bptt", section="Huginn (Geiping et al. 2025) / paper 2 (Parcae)")
+def truncated_bptt(cfg):
+    """Backpropagate through the last k = bptt_loops loops only (default ceil(n_loops / 2))."""
+    return {"bptt_loops": cfg.bptt_loops or max(1, math.ceil(cfg.n_loops / 2))}
 
 
 # -- LRT, the Latent Recurrent Transformer (2026), on the Dense model ---------------------------------------

@@ -40,6 +40,9 @@ Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` p
   exact_reference  a slow loop with no cache at all: for each t the whole prefix is recomputed,
                  each position reading the memory found for it so far. O(T^2) work; for tests.
 
+`trace` runs either fast schedule and also returns the source states m_t, for the probe that
+measures how far the interleaved forward is from the exact recurrence (`cartlab.measures.lrt`).
+
 Refusals: `subsets` on a model without memory, a cache filled by a model without memory.
 """
 from __future__ import annotations
@@ -170,16 +173,18 @@ class LatentMemory(nn.Module):
             if subsets is not None:
                 raise ValueError(f"subsets={subsets!r} is not allowed with a cache: cached calls run the exact "
                                  f"recurrence one position at a time")
-            return self.sequential(model, x, cache)
+            return self.sequential(model, x, cache)[0]
         if subsets is not None or self.training:
-            return self.interleaved(model, x, self.subsets if subsets is None else subsets)
+            return self.interleaved(model, x, self.subsets if subsets is None else subsets)[0]
         if torch.is_grad_enabled():
-            return self.interleaved(model, x, x.size(1))
-        return self.sequential(model, x, KVCache())
+            return self.interleaved(model, x, x.size(1))[0]
+        return self.sequential(model, x, KVCache())[0]
 
-    def sequential(self, model: "Dense", x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    # Both schedules return the outputs and the source layer's states m_t (B, T, d) each: the
+    # model uses the outputs; the approximation probe (`trace`) compares the states.
+    def sequential(self, model: "Dense", x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact recurrence, one position at a time on `cache` (which carries m_{t-1})."""
-        outs = []
+        outs, sources = [], []
         for j in range(x.size(1)):
             if cache.pos == 0:
                 recall = None
@@ -191,9 +196,10 @@ class LatentMemory(nn.Module):
             out, source = model.run(x[:, j: j + 1], cache, recall)  # (B, 1, d) each
             cache.states[STATE] = source
             outs.append(out)
-        return torch.cat(outs, dim=1)
+            sources.append(source)
+        return torch.cat(outs, dim=1), torch.cat(sources, dim=1)
 
-    def interleaved(self, model: "Dense", x: torch.Tensor, subsets: int) -> torch.Tensor:
+    def interleaved(self, model: "Dense", x: torch.Tensor, subsets: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved parallel training (module docstring) with S = `subsets` (>= 1; S >= T is
         exact). Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
         if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
@@ -214,7 +220,7 @@ class LatentMemory(nn.Module):
             out = out.index_copy(1, rows, out_k)
             source = source.index_copy(1, rows, source_k)
         self.last_cost = (time.perf_counter() - start) / max(init, 1e-9)
-        return out
+        return out, source
 
     # -- accounting ----------------------------------------------------------------------------------------------
     @property
@@ -303,3 +309,19 @@ def exact_reference(model: "Dense", idx: torch.Tensor) -> torch.Tensor:
         memories.append(torch.zeros_like(x[:, 0]) if source is None else source[:, t])
         logits.append(model.head(out[:, t: t + 1], None)[0])
     return torch.cat(logits, dim=1)
+
+
+def trace(model: "Dense", idx: torch.Tensor, targets: torch.Tensor | None = None, subsets: int | None = None):
+    """One forward of an LRT model that also hands back the memory: the interleaved schedule with
+    S = `subsets`, or for None the exact recurrence (sequential, as the eval forward runs it).
+    Returns logits (B, T, V), the loss (None without targets) and the source layer's states m_t
+    (B, T, d). The approximation probe (`cartlab.measures.lrt`) compares the two schedules with it."""
+    if not isinstance(model.memory, LatentMemory):
+        raise ValueError("trace needs a model with the LRT memory (hooks lrt_kv / lrt_residual); this one has none")
+    x = model.wte(idx)  # (B, T, d)
+    if subsets is None:
+        out, source = model.memory.sequential(model, x, KVCache())
+    else:
+        out, source = model.memory.interleaved(model, x, subsets)
+    logits, loss = model.head(out, targets)
+    return logits, loss, source

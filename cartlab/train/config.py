@@ -22,6 +22,7 @@ from cartlab.config import Config, ConfigError, field, load_yaml
 from cartlab.model import CARTConfig, LMConfig, matched_dense
 from cartlab.model.config import format_overrides, model_overrides
 from cartlab.train.device import DEVICES, OPTIMIZERS, PRECISIONS
+from cartlab.trackers import INSTALL, TRACKERS, missing_module
 
 
 @dataclass
@@ -103,6 +104,14 @@ class TrainConfig(Config):
                                        elide_default=True)
     """Measurements stored in the `probes` table (`cartlab.measures`): e.g. depth_profile,
     lrt_gap, logit_lens, loop_contraction; null: every one that applies to the model; []: none."""
+    tracker: str = field("none", choices=tuple(TRACKERS), elide_default=True)
+    """Mirror the run live into an experiment tracker (`cartlab.trackers`): mlflow, wandb or
+    trackio (`pip install cartlab[trackers]`); the results database stays the source of truth."""
+    tracking_uri: str | None = field(None, elide_default=True, none="null for the tracker's default: MLflow "
+                                     "sqlite:///<results_db folder>/mlflow.db, W&B its own")
+    """Where the tracker writes: an MLflow tracking URI, or the W&B / trackio server's URL."""
+    tracker_project: str | None = field(None, none="null for 'cartlab'", elide_default=True)
+    """The MLflow experiment, or W&B / trackio project, the run goes to (e.g. its study's name)."""
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -110,6 +119,8 @@ class TrainConfig(Config):
             raise self.reject("preset", f"choose one of {', '.join(sorted(PRESETS))}")
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise self.reject("name", "must be a non-empty run name without '/'")
+        if gone := missing_module(self.tracker):
+            raise self.reject("tracker", f"needs the {gone!r} package: {INSTALL}")
         if self.dense_match and not isinstance(self.model, CARTConfig):
             raise self.reject("dense_match", f"needs model.kind='cart' (the CART to match), got {self.model.kind!r}")
         self._resolved = matched_dense(self.model, on=self.dense_match, seq_len=self.seq_len) \
@@ -217,7 +228,8 @@ def preset_dict(name: str) -> dict:
 
 
 OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "log_every",
-               "checkpoint_every", "keep_checkpoints", "quiet", "measures")
+               "checkpoint_every", "keep_checkpoints", "quiet", "measures", "tracker", "tracking_uri",
+               "tracker_project")
 
 NAME_KNOBS = ("optim.lr", "steps", "seq_len", "batch_size", "grad_accum", "data.recipe")
 

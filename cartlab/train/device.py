@@ -7,6 +7,8 @@ recorded with the run.
     auto on CUDA (bf16-capable) : bf16 autocast, bitsandbytes AdamW8bit, fused SDPA kernels
     auto on CPU                 : fp32, torch AdamW (bitsandbytes' 8-bit CPU path is ~3.5x slower),
                                   math/flash-CPU SDPA; bf16 autocast only when asked for
+    compile                     : the whole model, or only its loop body when R varies per step
+                                  (`compile_scope`)
 """
 from __future__ import annotations
 
@@ -121,6 +123,29 @@ def select(caps: Capabilities, device: str = "auto", precision: str = "auto", op
     name = caps.device_name if dev == "cuda" else f"cpu ({caps.device_name})"
     return Selection(dev, prec, opt, use_compile, name, peak_flops(caps.device_name) if dev == "cuda" else None,
                      tuple(notes))
+
+
+def compile_scope(selection: Selection, loops_vary: bool = False) -> str:
+    """What torch.compile wraps: 'none'; 'model', the whole forward as one graph; or 'loop' when
+    the loop count varies per step (hook random_loops). Dynamo specialises a whole forward on its
+    Python loop count, so it would trace one graph per R drawn (and run eagerly past its recompile
+    limit); compiling the loop body instead (`CART.compile_loop`) traces graphs that do not depend
+    on R."""
+    if not selection.compile:
+        return "none"
+    return "loop" if loops_vary else "model"
+
+
+def compiled(model: torch.nn.Module, selection: Selection, loops_vary: bool = False, **compile_kw):
+    """What a training step calls, per `compile_scope`: `model` itself ('none'),
+    `torch.compile(model)` ('model'), or `model` with its loop body compiled in place ('loop';
+    `model` may be DDP-wrapped). `compile_kw` go to torch.compile (tests pass a CPU backend)."""
+    scope = compile_scope(selection, loops_vary)
+    if scope == "model":
+        return torch.compile(model, **compile_kw)
+    if scope == "loop":
+        getattr(model, "module", model).compile_loop(**compile_kw)  # DDP keeps the model in .module
+    return model
 
 
 def build_optimizer(params, selection: Selection, lr: float, betas: tuple[float, float], eps: float,

@@ -21,7 +21,8 @@ What a run does, in order (`_train` reads as this list):
    checkpoints, marks the run interrupted and raises `TrainingInterrupted`; any other error
    marks it failed.
 Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU), each
-rank reads its share of every global batch, and rank 0 alone writes results and checkpoints.
+rank reads its share of every global batch, and rank 0 alone writes results and checkpoints
+(and mirrors them into the experiment tracker `tracker` names: `cartlab.trackers`).
 """
 from __future__ import annotations
 
@@ -49,9 +50,11 @@ from cartlab.model import account, build_model
 from cartlab.data.resolve import resolve_data
 from cartlab.measures import MeasureContext, measures_for, run_measures
 from cartlab.results.db import ResultsDB
+from cartlab.trackers import Mirror
 from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig, _flatten
-from cartlab.train.device import Capabilities, build_optimizer, select
+from cartlab.train.device import Capabilities, build_optimizer, compile_scope, compiled, select
+from cartlab.train.loops import LoopSampler, idle_parameters
 
 
 class TrainingInterrupted(Exception):
@@ -206,7 +209,10 @@ def preflight(cfg: TrainConfig) -> None:
 
     check_vocab(load_meta(resolve_data(cfg.data, progress=not cfg.quiet)), cfg.model_config())
     if str(cfg.results_db) != ":memory:":
-        if Path(cfg.results_db).exists():  # a directory, or a file that is not a results database
+        db = Path(cfg.results_db)
+        # a directory, or a file that is not a results database (an empty file is one that another
+        # run's process is creating right now: SQLite writes its header with the first table)
+        if db.is_dir() or (db.exists() and db.stat().st_size > 0):
             ResultsDB(cfg.results_db, readonly=True).close()
         check_writable(Path(cfg.results_db).parent, "results_db", cfg.results_db)
     check_writable(Path(cfg.out_dir), "out_dir", cfg.out_dir)
@@ -274,6 +280,7 @@ class _Run:
         self.model_cfg = cfg.model_config()
         self.ckpt_dir = Path(cfg.out_dir) / run_id / "checkpoints"
         self.db = ResultsDB(cfg.results_db)
+        self.tracker = Mirror(cfg, self.db, on=self.main)  # an MLflow/W&B view of what db gets (cartlab.trackers)
         self.existing: dict | None = None
         self.start, self.last = 0, None
 
@@ -319,16 +326,19 @@ class _Run:
                                          o.weight_decay)
         acc = account(self.model_cfg, self.cfg.seq_len)
         self.accounting = acc
-        self.flops_per_token = acc.train_flops_per_token(include_lm_head=True)
+        self.flops_per_token = acc.train_flops_per_token(include_lm_head=True)  # on average over R
         self.measures = measures_for(self.model_cfg, self.cfg.measures)
+        self.loops = LoopSampler(self.model_cfg, self.cfg.seed) if hasattr(self.model_cfg, "n_loops") else None
 
     def loops_at(self, step: int) -> int | None:
-        """The loop count R update `step` trains with (None: a model without loops)."""
-        return getattr(self.model_cfg, "n_loops", None)
+        """The loop count R update `step` trains with (None: a model without loops): n_loops, or
+        under random loops a draw that depends on (seed, step) only (`cartlab.train.loops`)."""
+        return None if self.loops is None else self.loops(step)
 
     def step_flops(self, step: int) -> float:
-        """Training FLOPs of update `step` over all ranks (LM head included)."""
-        return self.flops_per_token * self.cfg.tokens_per_step * self.world
+        """Training FLOPs of update `step` over all ranks (LM head included), at its R."""
+        per_token = self.accounting.train_flops_per_token(include_lm_head=True, n_loops=self.loops_at(step))
+        return per_token * self.cfg.tokens_per_step * self.world
 
     def restore(self) -> None:
         self.last = checkpoint.latest(self.ckpt_dir) if self.existing is not None else None
@@ -353,17 +363,26 @@ class _Run:
                 config_json={"train": cfg.to_dict(), "model": m.to_dict(), "identity": cfg.identity()},
                 git_commit=git_commit(), software_json=software(),
                 hardware_json={**self.selection.to_dict(), "world_size": self.world, "cpu_count": os.cpu_count(),
+                               "compile_scope": compile_scope(self.selection, self.loops_vary),
                                "data_dir": str(self.data_dir), "data_sha256": self.meta.get("sha256", {})},
             )
             self.db.truncate_after(run_id, self.start)
+            self.tracker.start(run_id, {**cfg.to_dict(), "model": m.to_dict(), **cfg.variant_fields(),
+                                        "stored_params": acc.stored_params, "effective_params": acc.effective_params})
             if self.start:
                 print(f"cartlab: resuming {run_id} from step {self.start} ({self.last})", file=sys.stderr)
         model = self.raw
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=idle_parameters(m))  # e.g. unshared blocks a short R skips
         self.model = model  # DDP-wrapped under torchrun; `raw` is the module itself
-        self.step_model = torch.compile(model) if self.selection.compile else model
+        self.step_model = compiled(model, self.selection, self.loops_vary)
+
+    @property
+    def loops_vary(self) -> bool:
+        """True when R is drawn per step (hook random_loops): the step passes it to the model."""
+        return self.loops is not None and self.loops.varies
 
     # -- 3. and 4. ------------------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -372,6 +391,7 @@ class _Run:
                         dynamic_ncols=True)
         self.t_last, self.tokens_since = time.perf_counter(), 0
         self.last_loss, self.last_tps = math.nan, None
+        status = "failed"  # what the tracker is told at the end (the database records the same)
         try:
             with _stop_on_signals() as stop:
                 for step in range(self.start, cfg.steps):
@@ -389,7 +409,9 @@ class _Run:
                         self._interrupt(done, stop["signal"])
             if main:
                 self.db.set_status(run_id, "completed", step=cfg.steps)
-        except (TrainingInterrupted, TrainingDiverged):
+            status = "completed"
+        except (TrainingInterrupted, TrainingDiverged) as err:
+            status = "interrupted" if isinstance(err, TrainingInterrupted) else "diverged"
             raise
         except BaseException as err:
             if main:
@@ -397,6 +419,7 @@ class _Run:
             raise
         finally:
             self.bar.close()
+            self.tracker.finish(status)
 
     def _step(self, step: int, lr: float, asked_to_stop: bool) -> tuple[float, float, bool]:
         """One optimizer update at `lr`: micro-batches with gradient accumulation, the loss
@@ -405,12 +428,13 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
+        at = {"n_loops": self.loops_at(step)} if self.loops_vary else {}  # one R for every micro-batch
         for micro in range(cfg.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)
             sync = world == 1 or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.selection.autocast():
-                _, loss = self.step_model(x, y)
+                _, loss = self.step_model(x, y, **at)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         loss_value, stopping = _reduce_step(total, asked_to_stop, world, self.device)
@@ -445,6 +469,7 @@ class _Run:
         self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
         if self.main:
             self.db.log_train(self.run_id, [row])
+            self.tracker.log_train(done, row)
 
     def _evaluate(self, done: int) -> None:
         """Loss and perplexity on every validation bin, then the measures due at this step (every
@@ -453,6 +478,7 @@ class _Run:
         if not self.main:
             return
         self.db.log_eval(self.run_id, done, results)
+        self.tracker.log_eval(done, results)
         if not self.cfg.quiet:  # nanoGPT's line at every eval, printed above the bar
             self.bar.write(eval_line(done, self.last_loss, results, self.last_tps))
         due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]

@@ -1,0 +1,30 @@
+"""`cartlab export`: a run or checkpoint as a transformers model folder (trust_remote_code), so it
+travels where cartlab is not installed: the Hugging Face Hub, `AutoModelForCausalLM`, plain lm-eval.
+
+    cartlab export runs/RUN --out exported/RUN
+    AutoModelForCausalLM.from_pretrained("exported/RUN", trust_remote_code=True)   # in Python, no cartlab needed
+    lm_eval --model hf --model_args pretrained=exported/RUN,trust_remote_code=True --tasks cartlab_mc \\
+        --include_path data/tasks                                          # n_loops=R in model_args for CART
+
+The folder's modeling file is generated from cartlab's own model modules (`bundle`) plus the
+transformers wrapper (`hf`); `write` writes the folder and checks that the exported model's logits
+equal the checkpoint's before it takes the folder's place.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cartlab.export.write import export
+
+    export(args.checkpoint, args.out, force=args.force)
+    return 0

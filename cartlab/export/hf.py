@@ -1,0 +1,159 @@
+"""transformers' view of a cartlab model: the config, the cache and the causal-LM wrapper that
+`cartlab export` appends to the bundled model source in modeling_cartlab.py (trust_remote_code).
+
+    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # n_loops=8 for R=8
+    model(ids).logits                                                            # cartlab's logits
+    model.generate(ids, max_new_tokens=64, do_sample=False, n_loops=8)
+
+`CartlabForCausalLM.model` is the cartlab model itself (CART or Dense, LRT included), rebuilt from
+the cartlab config that config.json stores under `cartlab`, so its logits are cartlab's by
+construction. Generation keeps cartlab's KV cache inside a transformers `Cache` (`CartlabCache`),
+which `generate()` hands from one forward to the next: each new token runs one position, as in
+cartlab's own `CausalLM.generate`. Sequences must be unpadded (an attention mask of ones): cartlab's
+attention has no padding mask, so a batch of prompts must share one length.
+
+This module imports cartlab only for names that the bundle defines in the same file; nothing in
+it may need cartlab at run time (`cartlab.export.bundle`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from cartlab.model.cart import CART
+from cartlab.model.config import LMConfig
+from cartlab.model.dense import Dense
+from cartlab.model.layers import KVCache
+
+ARCHITECTURES = {"cart": CART, "dense": Dense}
+"""cartlab model classes by config kind: `cartlab.model.MODELS` (which lives in the package
+__init__, with the accounting and probes, and so is not bundled)."""
+
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""What this transformers version calls the cache in model outputs and `forward` (transformers 5
+renamed `past_key_values` to `cache`)."""
+
+
+class CartlabConfig(PretrainedConfig):
+    """config.json of an exported cartlab model. `cartlab` is the cartlab model config
+    (`LMConfig.to_dict()`: kind, shape and hooks) the model is rebuilt from. `n_loops` is the loop
+    count R a CART model runs when a call does not give one: the trained R as exported; set it at
+    load time for variable-R inference (`from_pretrained(DIR, n_loops=8)`, or lm-eval's
+    `--model_args pretrained=DIR,n_loops=8`). None for Dense, which does not loop."""
+
+    model_type = "cartlab"
+
+    def __init__(self, cartlab: dict | None = None, n_loops: int | None = None, **kwargs):
+        self.cartlab = dict(cartlab or {})
+        self.n_loops = n_loops
+        kwargs.setdefault("tie_word_embeddings", True)  # cartlab ties the LM head to the embedding
+        super().__init__(**kwargs)
+
+
+class CartlabCache(Cache):
+    """A cartlab `KVCache` behind transformers' `Cache` interface. `kv` holds every attention
+    site's keys and values, LRT's memory and the count of positions seen; the cartlab model reads
+    and extends it. Beam search and assisted decoding, which reorder or crop a cache, are refused."""
+
+    def __init__(self):
+        super().__init__(layers=[])
+        self.kv = KVCache()
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.kv.pos
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]  # a cache of positions: generate() slices the inputs it has already seen
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self.kv = KVCache()
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("a cartlab cache cannot be reordered, cropped or repeated: beam search and "
+                                  "assisted decoding are not supported; use greedy decoding or sampling")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
+
+
+class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
+    """A cartlab CART or Dense model as a transformers causal LM (see the module docstring)."""
+
+    config_class = CartlabConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"model.lm_head.weight": "model.wte.weight"}
+
+    def __init__(self, config: CartlabConfig):
+        super().__init__(config)
+        cfg = LMConfig.from_dict(config.cartlab)
+        self.model = ARCHITECTURES[cfg.kind](cfg)
+        self.post_init()
+
+    def _init_weights(self, module) -> None:
+        """Nothing: the cartlab model initialises itself when built, and the weights are then loaded."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # `forward` makes a CartlabCache when generate() asks for a cache
+
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def set_input_embeddings(self, value) -> None:
+        self.model.wte = value
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def loop_kw(self, n_loops: int | None) -> dict:
+        """The cartlab forward's loop argument: this call's R, else the config's (CART only)."""
+        n = self.config.n_loops if n_loops is None else n_loops
+        if n is None:
+            return {}
+        if not isinstance(self.model, CART):
+            raise ValueError(f"n_loops={n!r} is not allowed: only CART models loop; this model is "
+                             f"{self.model.config.kind}")
+        return {"n_loops": n}
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None, n_loops: int | None = None,
+                return_dict: bool | None = None, cache: CartlabCache | None = None,
+                past_key_values: CartlabCache | None = None, **kwargs):
+        """input_ids (B, T) -> logits (B, T, V), and with `labels` (B, T) the mean next-token loss
+        (transformers' convention: labels are the inputs, shifted here; -100 is ignored). With a
+        cache (given, or made when `use_cache`) the call continues the cache's sequence."""
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unsupported:
+            raise ValueError(f"{type(self).__name__}.forward: unsupported argument(s) {unsupported}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("attention_mask has zeros: cartlab models have no padding mask, so the sequences of "
+                             "a batch must be unpadded and of one length (generate one prompt at a time)")
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = CartlabCache()
+        logits, _ = self.model(input_ids, cache=None if cache is None else cache.kv, **self.loop_kw(n_loops))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if return_dict is False:
+            return tuple(v for v in (loss, logits, cache) if v is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                                      use_cache: bool | None = None, n_loops: int | None = None, **kwargs) -> dict:
+        """The next forward's inputs: the positions the cache has not seen yet (all without a cache)."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds is not supported by cartlab models; pass input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
+                "n_loops": n_loops, CACHE_ARG: cache}
