@@ -47,17 +47,22 @@ def _one_variant_per(frame: pd.DataFrame, keys: list[str], what: str) -> None:
                          f"{describe_variants(rows, rows['variant'])}; narrow `where` (e.g. overrides='')")
 
 
+def _final_points(runs: pd.DataFrame, eval_log: pd.DataFrame, x: str, split: str, where: dict | None) -> pd.DataFrame:
+    """Final evaluations on `split` of the runs `where` selects, with the column `x` (section 7.3:
+    a runs column, or flops = 6 * effective_params * tokens)."""
+    if x not in SCALING_AXES:
+        raise ValueError(f"x: {x!r} not allowed; allowed: {list(SCALING_AXES)}")
+    fe = final_eval(_where(runs, where), eval_log)
+    fe = fe[fe["split"] == split]
+    return fe.assign(flops=6.0 * fe["effective_params"] * fe["tokens"]) if x == "flops" else fe
+
+
 def plot_scaling_fit(runs: pd.DataFrame, eval_log: pd.DataFrame, *, x: str = "d_model", split: str = "wiki",
                      metric: str = "ppl", where: dict | None = None, level: float = 0.95) -> Figure:
     """Power-law fit y = a x^b of the final `metric` on `split` with its `level` band, and log
     residuals (section 7.3). x is a runs column or "flops" = 6 * effective_params * tokens. Each
     point is the seed mean of one variant; `where` must leave one variant per x."""
-    if x not in SCALING_AXES:
-        raise ValueError(f"x: {x!r} not allowed; allowed: {list(SCALING_AXES)}")
-    fe = final_eval(_where(runs, where), eval_log)
-    fe = fe[fe["split"] == split]
-    if x == "flops":
-        fe = fe.assign(flops=6.0 * fe["effective_params"] * fe["tokens"])
+    fe = _final_points(runs, eval_log, x, split, where)
     _one_variant_per(fe, [x], "where")
     pts = fe.groupby(x)[metric].agg(["mean", "std"]).reset_index().dropna(subset=[x])
     fit = fit_power_law(pts[x], pts["mean"], level=level, n_boot=0)
@@ -296,7 +301,7 @@ def _variant_colors(frame: pd.DataFrame) -> dict:
 
 def plot_loop_profiles(runs: pd.DataFrame, probes: pd.DataFrame, *, metrics=("loss", "kl_to_final"), splits=None,
                        step: int | None = None, loops=None, where: dict | None = None) -> Figure:
-    """Loop measures against the loop index (issue 15; default: the logit lens's loss and KL to
+    """Loop measures against the loop index (section 3.2's loop steps, issue 15; default: the logit lens's loss and KL to
     the final distribution): each metric (rows) per validation domain (columns) at `step`
     (default: each run's last measured), one line per variant, seed mean with 1-sd error bars.
     `loops` keeps only those loop indices."""
@@ -335,7 +340,7 @@ def plot_loop_profiles(runs: pd.DataFrame, probes: pd.DataFrame, *, metrics=("lo
 
 def plot_loop_contraction(runs: pd.DataFrame, probes: pd.DataFrame, *, splits=None, step: int | None = None,
                           loops=None, where: dict | None = None) -> Figure:
-    """The loop map's contraction (issue 15) per validation domain at `step` (default: the last
+    """The loop map's contraction (section 6, beyond the gate's radius) per validation domain at `step` (default: the last
     measured): the spectral radius of dh_r/dh_(r-1) (solid, mean over tokens, seed-mean with 1-sd
     bars) and its 2-norm (dashed) against the loop, and the LTI gate's radius (dotted, the
     Jacobian's linear part) in the same colour. A run without a gate has no dotted line and is
@@ -381,7 +386,7 @@ def plot_loop_contraction(runs: pd.DataFrame, probes: pd.DataFrame, *, splits=No
 
 def plot_loop_trajectories(runs: pd.DataFrame, probes: pd.DataFrame, *, metric: str = "radius_mean",
                            loops=None, splits=None, where: dict | None = None) -> Figure:
-    """A loop measure over training steps (issue 15), per validation domain (columns), one colour
+    """A loop measure over training steps (section 6's trajectories, issue 15), per validation domain (columns), one colour
     per variant (seed mean with a 1-sd band) and one line style per loop in `loops` (default: each
     run's last loop R; settle_loop has no loop). For a radius or norm the gate's radius follows in
     the same colour, dotted, except for runs without a gate (labelled "no gate")."""
@@ -476,7 +481,7 @@ def plot_validation_curves(runs: pd.DataFrame, eval_log: pd.DataFrame, *, value:
 
 def plot_train_dynamics(runs: pd.DataFrame, train_log: pd.DataFrame, *, columns=("lr", "grad_norm", "tokens_per_s"),
                         where: dict | None = None) -> Figure:
-    """What the training loop logs besides the loss, against step (one panel per train_log
+    """What the training loop logs besides the loss (section 4.3's recipe), against step (one panel per train_log
     column that has values: by default the learning rate, the gradient norm before clipping (log
     axis) and the throughput), one line per variant: seed mean with a 1-sd band."""
     validate(train_log, "train_log")
@@ -504,12 +509,7 @@ def plot_scaling_groups(runs: pd.DataFrame, eval_log: pd.DataFrame, *, x: str = 
     against `x` and its power-law fit y = a x^b, labelled with b. Groups with fewer than
     `min_points` values of x are left out, as fit_groups leaves them; each point must be the
     seeds of one variant (narrow `where`, e.g. hooks='', overrides='')."""
-    if x not in SCALING_AXES:
-        raise ValueError(f"x: {x!r} not allowed; allowed: {list(SCALING_AXES)}")
-    fe = final_eval(_where(runs, where), eval_log)
-    fe = fe[fe["split"] == split]
-    if x == "flops":
-        fe = fe.assign(flops=6.0 * fe["effective_params"] * fe["tokens"])
+    fe = _final_points(runs, eval_log, x, split, where)
     by = list(by)
     _one_variant_per(fe, by + [x], "where")
     groups = [(dict(zip(by, key)), g) for key, g in fe.groupby(by, dropna=False) if g[x].nunique() >= min_points]
