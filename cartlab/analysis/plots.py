@@ -314,7 +314,7 @@ def plot_loop_profiles(runs: pd.DataFrame, probes: pd.DataFrame, *, metrics=("lo
     profiles = {m: loop_profile(runs, probes, metric=m, step=step) for m in metrics}
     panels = _loop_panels(pd.concat(profiles.values()), splits, ", ".join(metrics))
     colors = _variant_colors(pd.concat(profiles.values()))
-    fig = Figure(figsize=(3.6 * len(panels), 2.8 * len(metrics) + 0.6))
+    fig = Figure(figsize=(max(6.0, 3.6 * len(panels)), 2.8 * len(metrics) + 0.6))
     axes = fig.subplots(len(metrics), len(panels), squeeze=False, sharex=True)
     for i, (metric, prof) in enumerate(profiles.items()):
         if loops is not None:
@@ -359,7 +359,7 @@ def plot_loop_contraction(runs: pd.DataFrame, probes: pd.DataFrame, *, splits=No
         radius, norm = radius[radius["loop"].isin(loops)], norm[norm["loop"].isin(loops)]
     panels = _loop_panels(radius, splits, "the contraction")
     colors = _variant_colors(radius)
-    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    fig = Figure(figsize=(max(6.0, 4.2 * len(panels)), 3.8))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, split in zip(axes, panels):
         ax.axhline(1.0, color="grey", lw=0.8)
@@ -406,7 +406,7 @@ def plot_loop_trajectories(runs: pd.DataFrame, probes: pd.DataFrame, *, metric: 
     panels = _loop_panels(every, splits, metric)
     colors = _variant_colors(every)
     styles = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1))]
-    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    fig = Figure(figsize=(max(6.0, 4.2 * len(panels)), 3.8))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, split in zip(axes, panels):
         for k, (r, traj) in enumerate(trajs.items()):
@@ -427,7 +427,8 @@ def plot_loop_trajectories(runs: pd.DataFrame, probes: pd.DataFrame, *, metric: 
     axes[0].legend(fontsize=7)
     where_r = "" if metric in PER_EVALUATION else (
         f" at loop {', '.join(map(str, loops))}" if loops else " at the last loop")
-    fig.suptitle(f"{LOOP_MEASURES[metric].label}{where_r} over training")
+    label = LOOP_MEASURES[metric].label
+    fig.suptitle(f"{label[0].upper()}{label[1:]}{where_r}, over training")
     fig.tight_layout()
     return fig
 
