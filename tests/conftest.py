@@ -6,6 +6,30 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread: on 2 (shared) cores a second one only adds
+    synchronisation, ~100x slower under load for (32 x 32) matmuls. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def need(module: str, why: str = ""):
+    """Import `module` (an optional extra's package), or skip saying what is missing. In CI (CI set)
+    every extra is installed (`.[all]`), so a missing one fails there instead of skipping."""
+    import importlib
+    import os
+
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=why or f"{module} is not installed (pip install -e '.[all]')")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -12,10 +12,11 @@ import sys
 
 import pandas as pd
 import pytest
+from conftest import need
 import torch
 import torch.nn.functional as F
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = need("lm_eval")
 
 from cartlab import results  # noqa: E402
 from cartlab.cli import main  # noqa: E402

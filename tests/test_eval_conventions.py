@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import need
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = need("lm_eval")
 
 from lm_eval.utils import sanitize_model_name  # noqa: E402
 
@@ -24,21 +25,13 @@ from cartlab.eval.run import local_tasks, preflight, resolve_tasks  # noqa: E402
 from cartlab.results.db import ResultsDB  # noqa: E402
 from test_export import CART, write_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.slow  # lm-eval runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # lm-eval runs
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need
 import torch
 
 from cartlab.cli import main
 from cartlab.export.bundle import module_names
 from cartlab.export.write import MODELING, ROOTS, export
 
-pytestmark = pytest.mark.slow  # subprocesses that import torch and transformers, lm-eval runs
+# slow: subprocesses that import torch and transformers, lm-eval runs; tiny models on one thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SHAPE = {"vocab_size": 512, "d_model": 32, "n_heads": 4, "ffn_multiple_of": 16}
 CART = {"kind": "cart", "prelude_layers": 2, "n_loops": 3, **SHAPE}
@@ -49,16 +51,6 @@ OTHER_R = 2  # a loop count other than the trained R=3 (allowed by the unshared 
 def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, busy machine a thread pool spinning on
-    (32 x 32) matmuls is ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_checkpoint(folder: Path, model_cfg: dict, data_dir: Path, seed: int = 0, seq_len: int = 32) -> Path:
@@ -298,7 +290,7 @@ def test_plain_lm_eval_scores_an_export_as_the_cartlab_model_scores_its_checkpoi
     from cartlab.eval.lm import CartlabLM
     from cartlab.eval.run import local_tasks
 
-    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install 'lm-eval[hf]')")
+    need("accelerate", "lm-eval's hf model needs accelerate (pip install -e '.[eval]')")
     ckpt, folder = exported["cart"]
     lm_eval_bin = Path(sys.executable).with_name("lm_eval")
     command = [str(lm_eval_bin)] if lm_eval_bin.is_file() else [sys.executable, "-m", "lm_eval"]

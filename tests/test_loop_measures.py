@@ -39,13 +39,7 @@ CONTRACTION = ("radius_mean", "radius_max", "norm_mean", "norm_max", "iters")
 STEPS = (4, 8, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 def test_the_loop_measures_run_at_every_eval_on_cart_with_loops_only():

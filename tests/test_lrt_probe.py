@@ -25,13 +25,7 @@ from test_model_lrt import lively, tokens
 HOOKS = ("lrt_kv", "lrt_residual")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Position-by-position decoding of tiny models: one intra-op thread (see test_model_lrt)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 class Fixed(MeasureContext):

@@ -17,6 +17,7 @@ Run: pytest tests/test_model_lrt.py
 import re
 
 import pytest
+from conftest import need
 import torch
 import torch.nn.functional as F
 
@@ -30,14 +31,7 @@ COMBOS = [(h, shared) for h in HOOKS for shared in (True, False)]
 IDS = [f"{'+'.join(h)}-{'shared' if s else 'unshared'}" for h, s in COMBOS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny and decode position by position: on a shared CPU, intra-op threads
-    cost far more than they give (100x slower under load), so this module runs on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 def lively(hooks, shared=True, seed=0, n_layers=3, scale=3.0, **kw):
@@ -149,7 +143,7 @@ def test_generate_with_and_without_cache_and_variable_length_prompts(hooks, shar
 
 
 def test_lm_eval_right_padded_batches_equal_each_sequence_alone():
-    pytest.importorskip("lm_eval")
+    need("lm_eval")
     from cartlab.eval.lm import CartlabLM
 
     class Bytes:

@@ -19,13 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cartlab.model import PAPER_ABLATIONS, CARTConfig, DenseConfig, build_model
 from cartlab.model.probes import logit_lens, loop_contraction, loop_maps, mean_settle_loop
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (2.5x slower on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
 
 LOOP_HOOKS = [(), ("no_lti",), ("no_hyper",), ("no_lie",), ("unshare_core",), ("unfreeze_kv",), ("self_attn_core",),

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from cartlab import results, trackers
 from cartlab.config import ConfigError
@@ -173,8 +174,8 @@ def test_wandb_offline_run_equals_the_results_database(tiny_data, tmp_path):
     assert "exit" in kinds and [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed")
 def test_trackio_implements_the_same_api(tiny_data, tmp_path, monkeypatch):
+    need("trackio")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     import trackio.sqlite_storage as storage
     import trackio.utils

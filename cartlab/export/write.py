@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -83,24 +82,15 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     as a transformers folder at `out` (module docstring). Returns `out`."""
     from cartlab import checkpoint
     from cartlab.eval.lm import resolve_checkpoint
+    from cartlab.train.checkpoint import replacing_dir
 
     out = Path(out)
     check_out(out, force)
     ckpt = resolve_checkpoint(source)
     model, config = checkpoint.build(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with quiet_transformers():
-            diff = write_folder(tmp, model.eval(), tok, config, ckpt)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with replacing_dir(out, out.with_name(f".{out.name}.partial-{os.getpid()}")) as tmp, quiet_transformers():
+        diff = write_folder(tmp, model.eval(), tok, config, ckpt)
     log(f"cartlab export: {ckpt} -> {out} ({model.config.kind}, max |logit diff| {diff:.1e})")
     return out
 

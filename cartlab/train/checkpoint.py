@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +41,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def replacing_dir(final: Path, tmp: Path):
+    """Yield the empty folder `tmp` to fill; when the block succeeds `tmp` replaces `final` in one
+    rename (a reader sees the old folder or the new one, never half of one), and when it fails
+    `tmp` is removed. Checkpoints and `cartlab export` folders are written this way."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_state: dict, config: dict,
          keep: int, tokenizer: tuple[Path, dict] | None = None) -> tuple[Path, list[Path]]:
     """Write the checkpoint of `step` under ckpt_dir and delete all but the newest `keep`.
     Returns (the new checkpoint, the checkpoints deleted)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f"{TMP_PREFIX}{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with replacing_dir(final, ckpt_dir / f"{TMP_PREFIX}{step:08d}_{os.getpid()}") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader_state, "rng": rng_state()},
                    tmp / "state.pt")
@@ -58,12 +73,6 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_st
             file, info = tokenizer
             shutil.copyfile(file, tmp / "tokenizer.json")
             (tmp / "tokenizer_meta.json").write_text(json.dumps({**info, "file": "tokenizer.json"}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     pruned = all_checkpoints(ckpt_dir)[:-keep]
     for old in pruned:
         shutil.rmtree(old, ignore_errors=True)
