@@ -3,6 +3,10 @@
     <run dir>/checkpoints/step_00000120/
         model.safetensors   weights (tied embedding stored once)
         state.pt            optimizer, data-loader position, RNG states, step
+        -- or, written by a sharded run (parallel=fsdp, `cartlab.train.parallel`):
+        dcp/                weights and optimizer state in torch.distributed.checkpoint's format,
+                            written shard by shard by the ranks; loads into any number of ranks
+        state.pt            data-loader positions, RNG states, step
         config.json         the TrainConfig and the model config that built the weights
         tokenizer.json      the data build's tokenizer, and tokenizer_meta.json (name, eos, hash)
 
@@ -16,11 +20,24 @@ do not fit, instead of torch's page-long size-mismatch list.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 PREFIX = "step_"
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder of a sharded checkpoint
+
+
+def is_sharded(path: Path) -> bool:
+    """True for a checkpoint written shard by shard with torch.distributed.checkpoint."""
+    return (Path(path) / SHARDED / ".metadata").is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A complete checkpoint folder: its state and its weights, in either layout."""
+    path = Path(path)
+    return (path / "state.pt").is_file() and ((path / "model.safetensors").is_file() or is_sharded(path))
 
 
 def all_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -28,8 +45,7 @@ def all_checkpoints(ckpt_dir: Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                  and (p / "state.pt").is_file() and (p / "model.safetensors").is_file())
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_checkpoint(p))
 
 
 def latest(ckpt_dir: Path) -> Path | None:
@@ -43,24 +59,84 @@ def load_config(path: Path) -> dict:
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load model.safetensors of checkpoint `path` into `model`, or raise a ValueError saying
-    why it does not fit (see `misfit`)."""
+    """Load the weights of checkpoint `path` into `model`, or raise a ValueError saying why
+    they do not fit (see `misfit`)."""
     from safetensors.torch import load_model
 
     try:
-        load_model(model, str(Path(path) / "model.safetensors"))
-    except RuntimeError:  # size mismatch, missing or unexpected tensors
+        if is_sharded(path):
+            _load_sharded(Path(path), model)
+        else:
+            load_model(model, str(Path(path) / "model.safetensors"))
+    except _misfit():  # size mismatch, missing or unexpected tensors
         raise ValueError(misfit(Path(path), model)) from None
 
 
 def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
     """Load weights (and optimizer state) from a checkpoint folder; returns its state dict
-    (step, loader, rng) for the caller to restore."""
+    (step, loader, rng) for the caller to restore. `model` may be sharded with FSDP2 or not,
+    whichever layout the checkpoint has, except that a sharded model needs a sharded checkpoint
+    (or no optimizer): the optimizer state of model.safetensors' layout is one full tensor per
+    parameter, in the order of the optimizer that wrote it."""
+    path = Path(path)
+    state = torch.load(path / "state.pt", weights_only=False)
+    if is_sharded(path):
+        try:
+            _load_sharded(path, model, optimizer)
+        except _misfit():
+            raise ValueError(misfit(path, model)) from None
+        return state
+    if optimizer is not None and _is_fsdp(model):
+        raise ValueError(f"checkpoint {path} was written by an unsharded run (model.safetensors); resume it with "
+                         f"parallel=ddp, or on one process")
     load_weights(path, model)
-    state = torch.load(Path(path) / "state.pt", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state
+
+
+def _misfit() -> tuple[type[BaseException], ...]:
+    """The errors of weights that do not fit (evaluated only when an error is raised: DCP's module
+    is slow to import, and its error is a BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return RuntimeError, CheckpointException
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer=None) -> None:
+    """torch.distributed.checkpoint into `model` (and `optimizer`), resharded for however many
+    ranks load it; on one process without a process group it reads every shard itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = [optimizer] if optimizer is not None else []
+    model_state, optim_state = get_state_dict(model, optimizers)  # templates in this model's layout
+    state = {"model": model_state, **({"optim": optim_state} if optimizer is not None else {})}
+    with warnings.catch_warnings():  # on one process DCP warns that it reads every shard itself: the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+
+
+def stored_shapes(path: Path) -> dict[str, list[int]]:
+    """Name -> shape of every weight tensor stored in checkpoint `path` (either layout)."""
+    path = Path(path)
+    if is_sharded(path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+        return {k.removeprefix("model."): list(v.size) for k, v in meta.items()
+                if k.startswith("model.") and hasattr(v, "size")}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def build(path: Path) -> tuple[torch.nn.Module, dict]:
@@ -89,10 +165,7 @@ def misfit(path: Path, model: torch.nn.Module, limit: int = 4) -> str:
     """One line: why the weights of checkpoint `path` do not fit `model` — the model config
     fields in which config.json and the model differ, and the tensors whose names or shapes do
     not match."""
-    from safetensors import safe_open
-
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    stored = stored_shapes(path)
     state = model.state_dict()
     want = {k: list(v.shape) for k, v in state.items()}
     stored_ptrs = {state[k].data_ptr() for k in stored if k in state}

@@ -268,8 +268,14 @@ class SinusoidalLoopEmbedding(nn.Module):
 
     def __init__(self, cfg: "CARTConfig"):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.scale = nn.Parameter(torch.tensor([0.1]))  # (1,), not 0-d: FSDP2 shards no 0-d tensor
         self._codes: dict[tuple, torch.Tensor] = {}  # (r, dim, device) -> pe(r), computed once
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "scale"  # checkpoints written before the (1,) shape hold s as a 0-d tensor
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, r: int) -> torch.Tensor:
         key = (r, x.size(-1), x.device)

@@ -7,6 +7,8 @@ place, so a crash never leaves a folder named `step_*` that is incomplete. A sav
 (a full disk, say) removes its temporary folder and leaves the earlier checkpoints as they were;
 the temporary folders of processes killed mid-save are removed when the next run starts
 (`remove_stale_tmp`). `save` returns the folders it pruned, so the caller can forget them.
+A sharded run (parallel=fsdp) writes its weights and optimizer state with
+torch.distributed.checkpoint, every rank its shards, into the same temporary folder.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import json
 import os
 import random
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_model
 
-from cartlab.checkpoint import PREFIX, all_checkpoints, latest, load, load_config, load_tokenizer  # noqa: F401
+from cartlab.checkpoint import PREFIX, SHARDED, all_checkpoints, latest, load, load_config, load_tokenizer  # noqa: F401
 
 TMP_PREFIX = f".tmp_{PREFIX}"
 
@@ -58,25 +60,61 @@ def replacing_dir(final: Path, tmp: Path):
         raise
 
 
-def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_state: dict, config: dict,
-         keep: int, tokenizer: tuple[Path, dict] | None = None) -> tuple[Path, list[Path]]:
+def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, loader_state, config: dict,
+         keep: int, tokenizer: tuple[Path, dict] | None = None, sharded: bool = False,
+         world: int = 1) -> tuple[Path, list[Path]]:
     """Write the checkpoint of `step` under ckpt_dir and delete all but the newest `keep`.
-    Returns (the new checkpoint, the checkpoints deleted)."""
+    Returns (the new checkpoint, the checkpoints deleted). `world`: the number of ranks the
+    run's global batch is defined on (a resume on another number keeps that batch). `sharded` (a model sharded with
+    FSDP2): every rank calls this, each writes its own shards with torch.distributed.checkpoint
+    into rank 0's temporary folder, and rank 0 completes it; the others get (path, [])."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
+    if sharded:
+        return final, _save_sharded(ckpt_dir, final, step, model, optimizer, loader_state, config, keep, tokenizer,
+                                    world)
     with replacing_dir(final, ckpt_dir / f"{TMP_PREFIX}{step:08d}_{os.getpid()}") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader_state, "rng": rng_state()},
-                   tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            file, info = tokenizer
-            shutil.copyfile(file, tmp / "tokenizer.json")
-            (tmp / "tokenizer_meta.json").write_text(json.dumps({**info, "file": "tokenizer.json"}, indent=2))
+        _write_state(tmp, {"step": step, "world": world, "optimizer": optimizer.state_dict(), "loader": loader_state},
+                     config, tokenizer)
+    return final, _prune(ckpt_dir, keep)
+
+
+def _save_sharded(ckpt_dir: Path, final: Path, step: int, model, optimizer, loader_state, config: dict, keep: int,
+                  tokenizer, world: int) -> list[Path]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    main = dist.get_rank() == 0
+    name = [f"{TMP_PREFIX}{step:08d}_{os.getpid()}"]
+    dist.broadcast_object_list(name)  # rank 0's folder, the one every rank writes into
+    tmp = ckpt_dir / name[0]
+    model_state, optim_state = get_state_dict(model, [optimizer])  # this rank's shards
+    with replacing_dir(final, tmp) if main else nullcontext(tmp):
+        dist.barrier()  # rank 0 has made the folder
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
+        if main:
+            _write_state(tmp, {"step": step, "world": world, "loader": loader_state}, config, tokenizer)
+    dist.barrier()  # in place for every rank
+    return _prune(ckpt_dir, keep) if main else []
+
+
+def _write_state(folder: Path, state: dict, config: dict, tokenizer: tuple[Path, dict] | None) -> None:
+    """state.pt (`state` with the RNG states), config.json, and the data build's tokenizer."""
+    torch.save({**state, "rng": rng_state()}, folder / "state.pt")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        file, info = tokenizer
+        shutil.copyfile(file, folder / "tokenizer.json")
+        (folder / "tokenizer_meta.json").write_text(json.dumps({**info, "file": "tokenizer.json"}, indent=2))
+
+
+def _prune(ckpt_dir: Path, keep: int) -> list[Path]:
     pruned = all_checkpoints(ckpt_dir)[:-keep]
     for old in pruned:
         shutil.rmtree(old, ignore_errors=True)
-    return final, pruned
+    return pruned
 
 
 def remove_stale_tmp(ckpt_dir: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from cartlab.config import Config, ConfigError, field, load_yaml
 from cartlab.model import CARTConfig, LMConfig, matched_dense
 from cartlab.model.config import format_overrides, model_overrides
 from cartlab.train.device import DEVICES, OPTIMIZERS, PRECISIONS
+from cartlab.train.parallel import PARALLEL
 from cartlab.trackers import INSTALL, TRACKERS, missing_module
 
 
@@ -96,6 +97,9 @@ class TrainConfig(Config):
     device: str = field("auto", choices=DEVICES)
     precision: str = field("auto", choices=PRECISIONS)
     compile: bool = False
+    parallel: str = field("ddp", choices=PARALLEL, elide_default=True)
+    """Under torchrun: 'ddp', a full replica per rank, or 'fsdp', parameters, gradients and
+    optimizer state sharded over the ranks with FSDP2 (`cartlab.train.parallel`)."""
     log_every: int = field(10, ge=1)
     checkpoint_every: int = field(500, ge=1)
     keep_checkpoints: int = field(2, ge=1)
@@ -121,6 +125,9 @@ class TrainConfig(Config):
             raise self.reject("name", "must be a non-empty run name without '/'")
         if gone := missing_module(self.tracker):
             raise self.reject("tracker", f"needs the {gone!r} package: {INSTALL}")
+        if self.parallel == "fsdp" and self.optim.name == "adamw8bit":
+            raise self.reject("parallel", "'fsdp' needs optim.name='adamw' or 'auto': AdamW8bit does not take "
+                              "sharded parameters")
         if self.dense_match and not isinstance(self.model, CARTConfig):
             raise self.reject("dense_match", f"needs model.kind='cart' (the CART to match), got {self.model.kind!r}")
         self._resolved = matched_dense(self.model, on=self.dense_match, seq_len=self.seq_len) \
@@ -227,7 +234,7 @@ def preset_dict(name: str) -> dict:
     return {**copy.deepcopy(PRESETS[name]), "preset": name}
 
 
-OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "log_every",
+OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "parallel", "log_every",
                "checkpoint_every", "keep_checkpoints", "quiet", "measures", "tracker", "tracking_uri",
                "tracker_project")
 

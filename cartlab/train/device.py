@@ -84,9 +84,11 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def select(caps: Capabilities, device: str = "auto", precision: str = "auto", optimizer: str = "auto",
-           compile: bool = False) -> Selection:
+           compile: bool = False, parallel: str = "ddp") -> Selection:
     """Resolve requested settings against capabilities. Explicit requests the hardware cannot
-    honour are errors (asking for CUDA without a GPU); 'auto' falls back and says so."""
+    honour are errors (asking for CUDA without a GPU); 'auto' falls back and says so. AdamW8bit
+    keeps its state per whole tensor, so FSDP2's sharded parameters (parallel='fsdp') take torch
+    AdamW."""
     _check("device", device, DEVICES)
     _check("precision", precision, PRECISIONS)
     _check("optimizer", optimizer, OPTIMIZERS)
@@ -104,11 +106,17 @@ def select(caps: Capabilities, device: str = "auto", precision: str = "auto", op
             raise ValueError(f"precision='bf16' is not supported by {caps.device_name}; use 'fp32' or 'auto'")
         prec = precision
 
+    sharded = parallel == "fsdp"
     if optimizer == "auto":
-        opt = "adamw8bit" if dev == "cuda" and caps.bitsandbytes else "adamw"
-        if dev == "cuda" and not caps.bitsandbytes:
+        opt = "adamw8bit" if dev == "cuda" and caps.bitsandbytes and not sharded else "adamw"
+        if dev == "cuda" and sharded:
+            notes.append("parallel=fsdp: torch AdamW (bitsandbytes' AdamW8bit does not take sharded parameters)")
+        elif dev == "cuda" and not caps.bitsandbytes:
             notes.append("bitsandbytes not installed: torch AdamW instead of AdamW8bit")
     else:
+        if optimizer == "adamw8bit" and sharded:
+            raise ValueError("optimizer='adamw8bit' does not take FSDP2's sharded parameters (parallel='fsdp'); "
+                             "use optimizer='adamw' or 'auto', or parallel='ddp'")
         if optimizer == "adamw8bit" and not caps.bitsandbytes:
             raise ValueError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
                              "use optimizer='adamw' or 'auto'")

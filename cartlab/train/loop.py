@@ -20,9 +20,12 @@ What a run does, in order (`_train` reads as this list):
    one rank under torchrun: the ranks agree on it each step) finishes the current step,
    checkpoints, marks the run interrupted and raises `TrainingInterrupted`; any other error
    marks it failed.
-Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (NCCL on CUDA, gloo on CPU), each
-rank reads its share of every global batch, and rank 0 alone writes results and checkpoints
-(and mirrors them into the experiment tracker `tracker` names: `cartlab.trackers`).
+Under torchrun (WORLD_SIZE > 1) the model is replicated with DDP or sharded with FSDP2
+(`parallel`: `cartlab.train.parallel`; NCCL on CUDA, gloo on CPU), each rank reads its share of
+every global batch, and rank 0 alone writes results (and mirrors them into the experiment
+tracker `tracker` names: `cartlab.trackers`) and checkpoints (every rank writes its shards of a
+sharded one). A run resumes on another number of ranks with the same global batch: the gradient
+accumulation absorbs the difference (`regroup`).
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig, _flatten
 from cartlab.train.device import Capabilities, build_optimizer, compile_scope, compiled, select
 from cartlab.train.loops import LoopSampler, idle_parameters
+from cartlab.train.parallel import STRATEGIES
 
 
 class TrainingInterrupted(Exception):
@@ -84,6 +88,27 @@ def _dist_setup(device: str) -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def regroup(saved: dict | list, run_world: int, rank: int, world: int, grad_accum: int,
+            run_id: str) -> tuple[dict, int]:
+    """(this rank's loader state, micro-batches per step) for a run whose global batch was set on
+    `run_world` ranks, resumed on `world`: the run's grad_accum x run_world micro-batches per
+    step are split over the ranks there are now, and the loader continues after the windows
+    already read (`saved`: the checkpoint's loader states, one per rank that wrote it). Batches
+    are the same windows as before up to the end of the current epoch; the next epoch's
+    boundary falls where the new rank count puts it."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world:
+        return states[rank], grad_accum * run_world // world
+    micro = grad_accum * run_world  # micro-batches of batch_size per optimizer step, over all ranks
+    if micro % world:
+        raise ValueError(f"cannot resume run {run_id!r} on {world} ranks: its steps are {micro} micro-batches "
+                         f"(grad_accum={grad_accum} on {run_world} ranks); resume on a number of ranks that "
+                         f"divides {micro}")
+    written = len(states)
+    first = states[0]
+    return {**first, "world_size": world, "rank": rank, "step": first["step"] * written // world}, micro // world
 
 
 def _reduce_step(loss: float, stopping: bool, world: int, device) -> tuple[float, bool]:
@@ -271,9 +296,13 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, run_id: str):
         self.cfg, self.run_id = cfg, run_id
-        self.selection = select(Capabilities.detect(), cfg.device, cfg.precision, cfg.optim.name, cfg.compile)
+        self.selection = select(Capabilities.detect(), cfg.device, cfg.precision, cfg.optim.name, cfg.compile,
+                                cfg.parallel)
         self.rank, self.local_rank, self.world = _dist_setup(self.selection.device)
         self.main = self.rank == 0
+        self.strategy = STRATEGIES[cfg.parallel](self.world)
+        self.run_world = self.world  # the ranks the run's global batch is defined on (a resume keeps it)
+        self.accum = cfg.grad_accum  # micro-batches per rank and step (`regroup` on another rank count)
         self.device = torch.device(f"cuda:{self.local_rank}" if self.selection.device == "cuda" else "cpu")
         if self.selection.device == "cuda":
             torch.cuda.set_device(self.device)
@@ -322,8 +351,10 @@ class _Run:
         o = self.cfg.optim
         torch.manual_seed(self.cfg.seed)
         self.raw = build_model(self.model_cfg).to(self.device)
+        # DDP-wrapped, or sharded in place by FSDP2 (then `raw` is the sharded model), under torchrun
+        self.model = self.strategy.wrap(self.raw, self.device, idle=idle_parameters(self.model_cfg))
         self.optimizer = build_optimizer(self.raw.parameters(), self.selection, o.lr, (o.beta1, o.beta2), o.eps,
-                                         o.weight_decay)
+                                         o.weight_decay)  # after sharding: FSDP2 replaces the parameters
         acc = account(self.model_cfg, self.cfg.seq_len)
         self.accounting = acc
         self.flops_per_token = acc.train_flops_per_token(include_lm_head=True)  # on average over R
@@ -338,14 +369,22 @@ class _Run:
     def step_flops(self, step: int) -> float:
         """Training FLOPs of update `step` over all ranks (LM head included), at its R."""
         per_token = self.accounting.train_flops_per_token(include_lm_head=True, n_loops=self.loops_at(step))
-        return per_token * self.cfg.tokens_per_step * self.world
+        return per_token * self.tokens_per_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer update over all ranks: the run's global batch."""
+        return self.cfg.tokens_per_step * self.run_world
 
     def restore(self) -> None:
         self.last = checkpoint.latest(self.ckpt_dir) if self.existing is not None else None
         if self.last is not None:
             state = checkpoint.load(self.last, self.raw, self.optimizer)
             loader = state["loader"]
-            self.loader.load_state_dict(loader[self.rank] if isinstance(loader, list) else loader)
+            self.run_world = state.get("world", len(loader) if isinstance(loader, list) else 1)
+            mine, self.accum = regroup(loader, self.run_world, self.rank, self.world, self.cfg.grad_accum,
+                                       self.run_id)
+            self.loader.load_state_dict(mine)
             checkpoint.set_rng_state(state["rng"])
             self.start = int(state["step"])
         self.flops_done = sum(self.step_flops(s) for s in range(self.start))
@@ -359,10 +398,11 @@ class _Run:
                 n_layers=getattr(m, "n_layers", None), hooks=",".join(sorted(getattr(m, "hooks", ()))),
                 seed=cfg.seed, n_seeds=1, stage=cfg.stage, **cfg.variant_fields(),
                 stored_params=acc.stored_params, effective_params=acc.effective_params,
-                tokens=cfg.steps * cfg.tokens_per_step * self.world, status="running", message=None, step=self.start,
+                tokens=cfg.steps * self.tokens_per_step, status="running", message=None, step=self.start,
                 config_json={"train": cfg.to_dict(), "model": m.to_dict(), "identity": cfg.identity()},
                 git_commit=git_commit(), software_json=software(),
-                hardware_json={**self.selection.to_dict(), "world_size": self.world, "cpu_count": os.cpu_count(),
+                hardware_json={**self.selection.to_dict(), "world_size": self.world, "parallel": cfg.parallel,
+                               "grad_accum_per_rank": self.accum, "cpu_count": os.cpu_count(),
                                "compile_scope": compile_scope(self.selection, self.loops_vary),
                                "data_dir": str(self.data_dir), "data_sha256": self.meta.get("sha256", {})},
             )
@@ -370,14 +410,10 @@ class _Run:
             self.tracker.start(run_id, {**cfg.to_dict(), "model": m.to_dict(), **cfg.variant_fields(),
                                         "stored_params": acc.stored_params, "effective_params": acc.effective_params})
             if self.start:
-                print(f"cartlab: resuming {run_id} from step {self.start} ({self.last})", file=sys.stderr)
-        model = self.raw
-        if self.world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=idle_parameters(m))  # e.g. unshared blocks a short R skips
-        self.model = model  # DDP-wrapped under torchrun; `raw` is the module itself
-        self.step_model = compiled(model, self.selection, self.loops_vary)
+                regrouped = (f"; {self.world} ranks x {self.accum} micro-batches per step instead of "
+                             f"{self.run_world} x {cfg.grad_accum}") if self.world != self.run_world else ""
+                print(f"cartlab: resuming {run_id} from step {self.start} ({self.last}){regrouped}", file=sys.stderr)
+        self.step_model = compiled(self.model, self.selection, self.loops_vary)
 
     @property
     def loops_vary(self) -> bool:
@@ -424,29 +460,29 @@ class _Run:
     def _step(self, step: int, lr: float, asked_to_stop: bool) -> tuple[float, float, bool]:
         """One optimizer update at `lr`: micro-batches with gradient accumulation, the loss
         averaged over ranks (with the ranks' stop flags), divergence check, clip, step."""
-        cfg, world = self.cfg, self.world
+        cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total, accum = 0.0, self.accum
         at = {"n_loops": self.loops_at(step)} if self.loops_vary else {}  # one R for every micro-batch
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.selection.autocast():
-                _, loss = self.step_model(x, y, **at)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        loss_value, stopping = _reduce_step(total, asked_to_stop, world, self.device)
+            with self.strategy.accumulating(self.model, sync=micro == accum - 1):  # sync on the last only
+                with self.selection.autocast():
+                    _, loss = self.step_model(x, y, **at)
+                (loss / accum).backward()
+            total += loss.item() / accum
+        loss_value, stopping = _reduce_step(total, asked_to_stop, self.world, self.device)
         if not math.isfinite(loss_value):
             if self.main:
                 self.db.set_status(self.run_id, "diverged", f"loss {loss_value} at step {step + 1}", step=step)
             raise TrainingDiverged(f"run {self.run_id} diverged: loss {loss_value} at step {step + 1}")
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = self.strategy.clip(self.model, clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens_since += cfg.tokens_per_step * world
+        self.tokens_since += self.tokens_per_step
         self.flops_done += self.step_flops(step)
         self.bar.update(1)
         return loss_value, grad_norm, stopping
@@ -457,7 +493,8 @@ class _Run:
         elapsed = time.perf_counter() - self.t_last
         tps = self.tokens_since / elapsed
         self.t_last, self.tokens_since = time.perf_counter(), 0
-        diag = self.raw.diagnostics()
+        view = self.strategy.replica(self.raw, self.model_cfg)  # rank 0's full model (collective if sharded)
+        diag = view.diagnostics() if view is not None else {}
         peak = self.selection.peak_flops
         row = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
                "rho_max": diag.get("rho_max"), "rho_mean": diag.get("rho_mean"),
@@ -475,15 +512,17 @@ class _Run:
         """Loss and perplexity on every validation bin, then the measures due at this step (every
         eval, or the last one: `cartlab.measures`) into the `probes` table."""
         results = evaluate(self.raw, self.val_bins, self.cfg, self.selection, self.device)
+        due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]
+        view = self.strategy.replica(self.raw, self.model_cfg) if due else None  # collective if sharded
         if not self.main:
             return
         self.db.log_eval(self.run_id, done, results)
         self.tracker.log_eval(done, results)
         if not self.cfg.quiet:  # nanoGPT's line at every eval, printed above the bar
             self.bar.write(eval_line(done, self.last_loss, results, self.last_tps))
-        due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]
         if due:
-            ctx = MeasureContext(self.raw, self.model_cfg, self.cfg, self.val_bins, done, self.device, self.selection)
+            device = next(view.parameters()).device  # a sharded run's replica is on the CPU
+            ctx = MeasureContext(view, self.model_cfg, self.cfg, self.val_bins, done, device, self.selection)
             self.db.log_probes(self.run_id, run_measures(due, ctx))
 
     def _checkpoint(self, done: int) -> None:
@@ -491,11 +530,14 @@ class _Run:
         registered as an artifact, and the checkpoints it prunes are unregistered."""
         cfg, meta = self.cfg, self.meta
         loaders = [self.loader.state_dict()] if self.world == 1 else _gather(self.loader.state_dict(), self.world)
-        if self.main:
+        sharded = self.strategy.sharded and self.world > 1
+        if self.main or sharded:
             path, pruned = checkpoint.save(
                 self.ckpt_dir, done, self.raw, self.optimizer, loaders[0] if self.world == 1 else loaders,
                 {"train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "run_id": self.run_id},
-                cfg.keep_checkpoints, tokenizer=(self.data_dir / meta["tokenizer"]["file"], meta["tokenizer"]))
+                cfg.keep_checkpoints, tokenizer=(self.data_dir / meta["tokenizer"]["file"], meta["tokenizer"]),
+                sharded=sharded, world=self.run_world)
+        if self.main:
             self.db.add_artifact(self.run_id, "checkpoint", str(path), done)
             for old in pruned:
                 self.db.remove_artifact(self.run_id, "checkpoint", str(old))
