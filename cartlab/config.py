@@ -226,8 +226,14 @@ class Config:
             node, owner = child, tp
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not (f.metadata.get("elide_default") and getattr(self, f.name) == _default(f))}
+        """The config as plain data. A field marked `elide_default` is left out while it holds its
+        default, compared as plain data (a section compares as the dict it is written as)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = _plain(getattr(self, f.name))
+            if not (f.metadata.get("elide_default") and value == _default(f)):
+                out[f.name] = value
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -403,9 +409,10 @@ def _kind(value: Any) -> str:
 
 
 def _default(f: dataclasses.Field) -> Any:
+    """The field's default as plain data (what `to_dict` would write for it)."""
     if f.default_factory is not dataclasses.MISSING:
         return _plain(f.default_factory())
-    return f.default
+    return _plain(f.default)
 
 
 def _plain(value: Any) -> Any:

@@ -191,6 +191,8 @@ class Study(Config):
                         config = TrainConfig.from_dict(base, ovr)
                         if budget:
                             config = TrainConfig.from_dict(base, [*ovr, f"steps={budget_steps(config, *budget)}"])
+                        if config.tracker != "none" and config.tracker_project is None:
+                            config = config.replace(tracker_project=self.name)  # the study's runs together
                     except ConfigError as err:
                         raise ConfigError(f"runs[{i}] ({label}): {err}", err.path, err.tail) from None
                     out.append(StudyRun(label, seed, config))

@@ -150,6 +150,9 @@ def test_slurm_resources_are_validated(tmp_path):
         Study.from_dict({**spec, "slurm": {"time_min": 0}})
     with pytest.raises(ConfigError, match=r"^slurm.gpu is not a field"):
         Study.from_dict({**spec, "slurm": {"gpu": 2}})
+    # a study written without cluster resources is written back without them, and with them, with them
+    assert "slurm" not in Study.from_dict(spec).to_dict()
+    assert Study.from_dict({**spec, "slurm": {"partition": "gpu"}}).to_dict()["slurm"]["partition"] == "gpu"
 
 
 # -- 1. and 2. jobs -----------------------------------------------------------------------------------------------

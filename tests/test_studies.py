@@ -69,6 +69,19 @@ def test_overrides_reach_every_run():
     assert {r.config.optim.lr for r in runs} == {1e-3}
 
 
+def test_a_studys_runs_go_to_a_tracker_project_named_after_the_study():
+    from conftest import need
+
+    need("mlflow")
+    runs = load_study("cpu-demo").expand(["tracker=mlflow"])
+    assert {r.config.tracker_project for r in runs} == {"cpu-demo"}
+    mine = load_study("cpu-demo").expand(["tracker=mlflow", "tracker_project=mine"])
+    assert {r.config.tracker_project for r in mine} == {"mine"}
+    untracked = load_study("cpu-demo").expand()
+    assert {r.config.tracker_project for r in untracked} == {None}  # no tracker, nothing set
+    assert [r.run_id for r in runs] == [r.run_id for r in untracked]  # an operational field: same runs
+
+
 @pytest.mark.parametrize("body, message", [
     ("preset: smoke\nruns: [{label: a}]\nseeds: [1]\nbogus: 1\n", "bogus is not a field"),
     ("runs: [{label: a}]\n", "preset is missing"),
