@@ -75,9 +75,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
     """Load weights (and optimizer state) from a checkpoint folder; returns its state dict
     (step, loader, rng) for the caller to restore. `model` may be sharded with FSDP2 or not,
-    whichever layout the checkpoint has, except that a sharded model needs a sharded checkpoint
-    (or no optimizer): the optimizer state of model.safetensors' layout is one full tensor per
-    parameter, in the order of the optimizer that wrote it."""
+    whichever layout the checkpoint has (a run may change `parallel` when it resumes)."""
     path = Path(path)
     state = torch.load(path / "state.pt", weights_only=False)
     if is_sharded(path):
@@ -86,9 +84,9 @@ def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
         except _misfit():
             raise ValueError(misfit(path, model)) from None
         return state
-    if optimizer is not None and _is_fsdp(model):
-        raise ValueError(f"checkpoint {path} was written by an unsharded run (model.safetensors); resume it with "
-                         f"parallel=ddp, or on one process")
+    if _is_fsdp(model):
+        _shard_plain(path, model, optimizer, state)
+        return state
     load_weights(path, model)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -107,6 +105,35 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _shard_plain(path: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """An unsharded checkpoint into a model sharded with FSDP2: load it into a plain copy of the
+    model (and of the optimizer, parameter by parameter) on the CPU, then let set_state_dict
+    shard the full tensors, the optimizer state matched to the parameters by name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from cartlab.model import build_model
+
+    plain = build_model(model.config)
+    load_weights(path, plain)
+    optimizers, copies = ([optimizer], [_plain_copy(optimizer, model, plain)]) if optimizer is not None else ([], [])
+    for copy in copies:
+        copy.load_state_dict(state["optimizer"])
+    model_state, optim_state = get_state_dict(plain, copies, options=StateDictOptions(full_state_dict=True))
+    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state if copies else {},
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _plain_copy(optimizer, sharded: torch.nn.Module, plain: torch.nn.Module):
+    """`optimizer` rebuilt over `plain`'s parameters: the same groups and settings, the
+    parameters of `sharded` replaced by `plain`'s of the same name (the ids a state dict of
+    `optimizer`'s layout refers to)."""
+    name_of = {id(p): n for n, p in sharded.named_parameters()}
+    by_name = dict(plain.named_parameters())
+    groups = [{**{k: v for k, v in g.items() if k not in ("params", "fused")},
+               "params": [by_name[name_of[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
+    return type(optimizer)(groups)
 
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer=None) -> None:

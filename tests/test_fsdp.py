@@ -1,6 +1,7 @@
 """FSDP2 (issue 19, acceptance 4): `parallel=fsdp` on 2 gloo ranks on CPU follows DDP's loss over
 20 steps within 1e-5 in fp32, writes torch.distributed.checkpoint checkpoints, and its checkpoint
-resumes on 1 rank with the same global batch, continuing the same losses. Plus what the sharded
+resumes on 1 rank with the same global batch, continuing the same losses; a DDP run resumes
+sharded. Plus what the sharded
 path decides without ranks: the regrouping of a resume on another rank count, the optimizer
 choice, the one-line refusals.
 Run: pytest tests/test_fsdp.py
@@ -91,15 +92,9 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(fsdp_and_ddp, tiny_data)
     """Kill the sharded run after its step-10 checkpoint (as a preempted job would be): resumed
     by one process, the run keeps its global batch (2 micro-batches of 2 instead of 2 ranks x 1)
     and continues the losses of the uninterrupted runs."""
-    root, runs = fsdp_and_ddp
-    out = root / "resumed"
-    shutil.copytree(root / "fsdp", out)
-    db = out / "results.db"
-    ckpts = out / "sharded" / "checkpoints"
-    shutil.rmtree(ckpts / f"step_{STEPS:08d}")
-    rdb = ResultsDB(str(db))
-    rdb.set_status("sharded", "interrupted", "killed after the step-10 checkpoint", step=10)
-    rdb.close()
+    root, _ = fsdp_and_ddp
+    out = _rewind(root, "fsdp", "resumed")
+    db, ckpts = out / "results.db", out / "sharded" / "checkpoints"
     cfg = tiny_config(tiny_data, out, steps=STEPS, batch_size=2, grad_accum=1, checkpoint_every=10, eval_every=10,
                       name="sharded", parallel="fsdp")
     err = _run(cfg, ranks=1)
@@ -112,6 +107,33 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(fsdp_and_ddp, tiny_data)
     final = latest(ckpts)
     assert final.name == f"step_{STEPS:08d}" and not is_sharded(final)  # one process writes the plain layout
     assert load_config(final)["run_id"] == "sharded"
+
+
+def _rewind(root, source: str, name: str):
+    """A copy of run folder `source` as if its process had been killed after the step-10
+    checkpoint: the step-20 checkpoint gone, the run marked interrupted at 10."""
+    out = root / name
+    shutil.copytree(root / source, out)
+    shutil.rmtree(out / "sharded" / "checkpoints" / f"step_{STEPS:08d}")
+    rdb = ResultsDB(str(out / "results.db"))
+    rdb.set_status("sharded", "interrupted", "killed after the step-10 checkpoint", step=10)
+    rdb.close()
+    return out
+
+
+def test_a_ddp_run_resumes_sharded_and_keeps_its_losses(fsdp_and_ddp, tiny_data):
+    """`parallel` is operational: a run checkpointed by DDP (safetensors, full optimizer state)
+    continues under FSDP2, its weights and AdamW moments sharded as they load."""
+    root, _ = fsdp_and_ddp
+    out = _rewind(root, "ddp", "ddp-then-fsdp")
+    cfg = tiny_config(tiny_data, out, steps=STEPS, batch_size=2, grad_accum=1, checkpoint_every=10, eval_every=10,
+                      name="sharded", parallel="fsdp")
+    err = _run(cfg, ranks=2)
+    assert "resuming sharded from step 10" in err
+    resumed, ddp = _losses(out / "results.db"), _losses(root / "ddp" / "results.db")
+    assert list(resumed.index) == list(range(1, STEPS + 1))
+    assert (resumed - ddp).abs().max() < 1e-5
+    assert is_sharded(latest(out / "sharded" / "checkpoints"))
 
 
 def test_regroup_keeps_the_global_batch_and_refuses_what_cannot_keep_it():
