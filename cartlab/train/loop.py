@@ -98,16 +98,15 @@ def regroup(saved: dict | list, run_world: int, rank: int, world: int, grad_accu
     already read (`saved`: the checkpoint's loader states, one per rank that wrote it). Batches
     are the same windows as before up to the end of the current epoch; the next epoch's
     boundary falls where the new rank count puts it."""
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) == world:
-        return states[rank], grad_accum * run_world // world
     micro = grad_accum * run_world  # micro-batches of batch_size per optimizer step, over all ranks
     if micro % world:
         raise ValueError(f"cannot resume run {run_id!r} on {world} ranks: its steps are {micro} micro-batches "
                          f"(grad_accum={grad_accum} on {run_world} ranks); resume on a number of ranks that "
                          f"divides {micro}")
-    written = len(states)
-    first = states[0]
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world:  # written by as many ranks as there are now
+        return states[rank], micro // world
+    written, first = len(states), states[0]
     return {**first, "world_size": world, "rank": rank, "step": first["step"] * written // world}, micro // world
 
 
