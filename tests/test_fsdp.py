@@ -136,6 +136,20 @@ def test_a_ddp_run_resumes_sharded_and_keeps_its_losses(fsdp_and_ddp, tiny_data)
     assert is_sharded(latest(out / "sharded" / "checkpoints"))
 
 
+def test_an_fsdp_run_resumes_replicated_and_keeps_its_losses(fsdp_and_ddp, tiny_data):
+    """And back: the sharded checkpoint loads into DDP's full replica on each of 2 ranks."""
+    root, _ = fsdp_and_ddp
+    out = _rewind(root, "fsdp", "fsdp-then-ddp")
+    cfg = tiny_config(tiny_data, out, steps=STEPS, batch_size=2, grad_accum=1, checkpoint_every=10, eval_every=10,
+                      name="sharded", parallel="ddp")
+    err = _run(cfg, ranks=2)
+    assert "resuming sharded from step 10" in err
+    resumed, ddp = _losses(out / "results.db"), _losses(root / "ddp" / "results.db")
+    assert list(resumed.index) == list(range(1, STEPS + 1))
+    assert (resumed - ddp).abs().max() < 1e-5
+    assert not is_sharded(latest(out / "sharded" / "checkpoints"))
+
+
 def test_regroup_keeps_the_global_batch_and_refuses_what_cannot_keep_it():
     two = [{"step": 6, "epoch": 0, "world_size": 2, "rank": r, "batch_size": 2} for r in range(2)]
     state, accum = regroup(two, run_world=2, rank=0, world=1, grad_accum=3, run_id="r")
