@@ -121,33 +121,21 @@ def _rewind(root, source: str, name: str):
     return out
 
 
-def test_a_ddp_run_resumes_sharded_and_keeps_its_losses(fsdp_and_ddp, tiny_data):
+@pytest.mark.parametrize("before, after", [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_run_resumes_under_the_other_parallel_mode_and_keeps_its_losses(fsdp_and_ddp, tiny_data, before, after):
     """`parallel` is operational: a run checkpointed by DDP (safetensors, full optimizer state)
-    continues under FSDP2, its weights and AdamW moments sharded as they load."""
+    continues under FSDP2, its weights and AdamW moments sharded as they load; and back, the
+    sharded checkpoint loads into DDP's full replica on each of 2 ranks."""
     root, _ = fsdp_and_ddp
-    out = _rewind(root, "ddp", "ddp-then-fsdp")
+    out = _rewind(root, before, f"{before}-then-{after}")
     cfg = tiny_config(tiny_data, out, steps=STEPS, batch_size=2, grad_accum=1, checkpoint_every=10, eval_every=10,
-                      name="sharded", parallel="fsdp")
+                      name="sharded", parallel=after)
     err = _run(cfg, ranks=2)
     assert "resuming sharded from step 10" in err
     resumed, ddp = _losses(out / "results.db"), _losses(root / "ddp" / "results.db")
     assert list(resumed.index) == list(range(1, STEPS + 1))
     assert (resumed - ddp).abs().max() < 1e-5
-    assert is_sharded(latest(out / "sharded" / "checkpoints"))
-
-
-def test_an_fsdp_run_resumes_replicated_and_keeps_its_losses(fsdp_and_ddp, tiny_data):
-    """And back: the sharded checkpoint loads into DDP's full replica on each of 2 ranks."""
-    root, _ = fsdp_and_ddp
-    out = _rewind(root, "fsdp", "fsdp-then-ddp")
-    cfg = tiny_config(tiny_data, out, steps=STEPS, batch_size=2, grad_accum=1, checkpoint_every=10, eval_every=10,
-                      name="sharded", parallel="ddp")
-    err = _run(cfg, ranks=2)
-    assert "resuming sharded from step 10" in err
-    resumed, ddp = _losses(out / "results.db"), _losses(root / "ddp" / "results.db")
-    assert list(resumed.index) == list(range(1, STEPS + 1))
-    assert (resumed - ddp).abs().max() < 1e-5
-    assert not is_sharded(latest(out / "sharded" / "checkpoints"))
+    assert is_sharded(latest(out / "sharded" / "checkpoints")) == (after == "fsdp")
 
 
 def test_regroup_keeps_the_global_batch_and_refuses_what_cannot_keep_it():
