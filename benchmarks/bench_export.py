@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import cart_args, check
 
 
 def timed(fn) -> tuple[float, float]:
@@ -35,16 +36,9 @@ def rate(tokens: int, seconds: tuple[float, float]) -> str:
     return f"{tokens / seconds[0]:7.1f} tok/s wall, {tokens / seconds[1]:7.1f} tok/s CPU"
 
 
-def check(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--prelude-layers", type=int, default=6)
-    p.add_argument("--n-loops", type=int, default=6)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    cart_args(p)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8, 128])
     p.add_argument("--only", type=int, nargs="+", choices=[1, 2], help="run only these items")

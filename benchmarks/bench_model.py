@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from common import cart_args, check
 
 from cartlab.model import CARTConfig, DenseConfig, account, build_model, matched_dense
 
@@ -51,16 +52,9 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     return account(cfg, seq_len).train_flops_per_token(include_lm_head=True)
 
 
-def check(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--prelude-layers", type=int, default=6)
-    p.add_argument("--n-loops", type=int, default=6)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    cart_args(p)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)

@@ -102,8 +102,10 @@ def _misfit() -> tuple[type[BaseException], ...]:
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no public FSDP2, so no model is sharded with it
+        return False
     return isinstance(model, FSDPModule)
 
 

@@ -93,7 +93,7 @@ class TrainJob:
 
 def _export_distributed_env() -> None:
     """A job of several tasks (gpus_per_run > 1) is one run over its GPUs (DDP, or FSDP2 with the
-    study's train.parallel=fsdp): give torch.distributed the
+    study's `set: {parallel: fsdp}`): give torch.distributed the
     RANK, WORLD_SIZE, MASTER_ADDR, ... the training loop reads."""
     import submitit
 

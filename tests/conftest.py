@@ -30,6 +30,15 @@ def need(module: str, why: str = ""):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=why or f"{module} is not installed (pip install -e '.[all]')")
 
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """Hugging Face libraries (datasets, hub, transformers) stay offline: a test that would
+    download anything fails instead. `pytestmark = pytest.mark.usefixtures("hf_offline")`."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -27,7 +27,7 @@ from cartlab.export.bundle import module_names
 from cartlab.export.write import MODELING, ROOTS, export
 
 # slow: subprocesses that import torch and transformers, lm-eval runs; tiny models on one thread
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "hf_offline")]
 
 SHAPE = {"vocab_size": 512, "d_model": 32, "n_heads": 4, "ffn_multiple_of": 16}
 CART = {"kind": "cart", "prelude_layers": 2, "n_loops": 3, **SHAPE}
@@ -45,12 +45,6 @@ VARIANTS = {
 PROMPT = "Once upon a time there was a little fox"
 NEW_TOKENS = 12
 OTHER_R = 2  # a loop count other than the trained R=3 (allowed by the unshared core's 3 blocks)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def write_checkpoint(folder: Path, model_cfg: dict, data_dir: Path, seed: int = 0, seq_len: int = 32) -> Path:
@@ -285,12 +279,10 @@ def test_config_and_tokenizer_files(exported):
 
 
 def test_plain_lm_eval_scores_an_export_as_the_cartlab_model_scores_its_checkpoint(exported, tmp_path, repo):
-    import lm_eval
-
+    lm_eval = need("lm_eval")
+    need("accelerate", "lm-eval's hf model needs accelerate (pip install -e '.[eval]')")
     from cartlab.eval.lm import CartlabLM
     from cartlab.eval.run import local_tasks
-
-    need("accelerate", "lm-eval's hf model needs accelerate (pip install -e '.[eval]')")
     ckpt, folder = exported["cart"]
     lm_eval_bin = Path(sys.executable).with_name("lm_eval")
     command = [str(lm_eval_bin)] if lm_eval_bin.is_file() else [sys.executable, "-m", "lm_eval"]

@@ -7,6 +7,7 @@ choice, the one-line refusals.
 Run: pytest tests/test_fsdp.py
 """
 import shutil
+import sqlite3
 import subprocess
 
 import pytest
@@ -118,6 +119,10 @@ def _rewind(root, source: str, name: str):
     rdb = ResultsDB(str(out / "results.db"))
     rdb.set_status("sharded", "interrupted", "killed after the step-10 checkpoint", step=10)
     rdb.close()
+    with sqlite3.connect(out / "results.db") as con:  # and no row of a step it had not reached
+        for table in ("train_log", "eval_log", "probes"):
+            con.execute(f"DELETE FROM {table} WHERE step > 10")
+    con.close()
     return out
 
 
@@ -136,6 +141,7 @@ def test_a_run_resumes_under_the_other_parallel_mode_and_keeps_its_losses(fsdp_a
     assert list(resumed.index) == list(range(1, STEPS + 1))
     assert (resumed - ddp).abs().max() < 1e-5
     assert is_sharded(latest(out / "sharded" / "checkpoints")) == (after == "fsdp")
+    assert results.runs(out / "results.db").status[0] == "completed"
 
 
 def test_regroup_keeps_the_global_batch_and_refuses_what_cannot_keep_it():
@@ -264,3 +270,73 @@ def test_fsdp_follows_ddp_on_every_model_family_and_hook_combination():
     for label in VARIANTS:
         ddp, fsdp = losses[(label, "ddp")], losses[(label, "fsdp")]
         assert max(abs(a - b) for a, b in zip(ddp, fsdp)) < 1e-5, (label, ddp, fsdp)
+
+
+def test_fsdp_on_a_torch_without_fully_shard_is_one_line(monkeypatch):
+    import torch.distributed.fsdp
+
+    from cartlab.config import ConfigError
+    from cartlab.train import TrainConfig
+
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")  # torch 2.4-2.5 had it only as a private API
+    with pytest.raises(ConfigError, match=r"^parallel='fsdp' is not allowed: 'fsdp' needs torch >= 2.6"):
+        TrainConfig.from_preset("smoke", ["parallel=fsdp"])
+    assert TrainConfig.from_preset("smoke").parallel == "ddp"  # DDP needs nothing more
+
+
+def _save_with_rank0_failing(rank: int, port: int, folder: str, out) -> None:
+    """Spawned rank of 2: a sharded save whose rank-0 part (state.pt, a full disk) fails."""
+    import os
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    import cartlab.train.checkpoint as ckpt
+    from cartlab.model import LMConfig, build_model
+    from cartlab.train.parallel import Sharded
+    from train_helpers import TINY_MODEL
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = Sharded(2).wrap(build_model(LMConfig.from_dict(TINY_MODEL)), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    if rank == 0:
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        ckpt._write_state = full_disk
+    try:
+        ckpt.save(Path(folder), 5, model, optimizer, [{}, {}], {}, keep=2, sharded=True, world=2)
+        out[rank] = "saved"
+    except Exception as err:  # noqa: BLE001 - what each rank saw is the result
+        out[rank] = f"{type(err).__name__}: {err}"
+    dist.destroy_process_group()
+
+
+def test_a_sharded_save_that_fails_on_rank_0_fails_on_every_rank_and_leaves_nothing(tmp_path):
+    """Rank 0 alone writes state.pt and renames the folder: when that fails the other ranks must
+    not wait for it forever nor train on as if the checkpoint existed."""
+    import torch.multiprocessing as mp
+
+    from test_train_engine import free_port
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        port = int(free_port())
+        procs = [ctx.Process(target=_save_with_rank0_failing, args=(r, port, str(tmp_path), out)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        hung = [p.pid for p in procs if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        seen = dict(out)
+    assert not hung, f"ranks still waiting: {hung}"
+    assert seen[0] == "OSError: [Errno 28] No space left on device"
+    assert seen[1] == "RuntimeError: the checkpoint of step 5 failed on rank 0"
+    assert list(tmp_path.iterdir()) == []  # neither step_00000005 nor its temporary folder

@@ -231,6 +231,18 @@ def test_loop_profile_is_the_seed_mean_per_variant_domain_and_loop():
         spectral.loop_profile(runs, None, metric="loss")
 
 
+def test_loop_profile_compares_seeds_at_the_last_step_they_all_reached():
+    """A seed that stopped early (crashed, or still training) is not averaged at its step 100 with
+    the other seed's step 200: both are taken at step 100."""
+    runs, probes = synthetic_store()
+    probes = probes[~((probes.run_id == "base-1") & (probes.step == 200))]
+    prof = spectral.loop_profile(runs, probes, metric="loss")
+    base = prof[(prof.variant_label == "cart d=64 P=6 R=3") & (prof.split == "prose")]
+    assert set(base.step) == {100} and set(base.n) == {2}
+    np.testing.assert_allclose(base["mean"], [3 + 0.05 - r / 10 + 0.1 for r in (1, 2, 3)])
+    assert set(prof[prof.hooks == "no_lti"].step) == {200}  # another variant keeps its own last step
+
+
 def test_loop_trajectory_follows_the_last_loop_or_the_one_asked_for():
     runs, probes = synthetic_store()
     traj = spectral.loop_trajectory(runs, probes, metric="radius_mean")

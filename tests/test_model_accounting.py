@@ -88,3 +88,10 @@ def test_matched_dense_at_paper_corner():
     assert matched_dense(CARTConfig.paper(d_model=1024, n_loops=10), on="flops").n_layers == 15
     with pytest.raises(ConfigError, match=r"on='params'.*\['stored', 'effective', 'flops'\]"):
         matched_dense(cfg, on="params")
+
+
+def test_a_step_r_for_a_model_without_loops_is_refused():
+    acc = account(DenseConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=256))
+    assert acc.train_flops_per_token(n_loops=None) == acc.train_flops_per_token()
+    with pytest.raises(ValueError, match="n_loops=4 is not allowed: this model has no loops"):
+        acc.train_flops_per_token(n_loops=4)

@@ -56,6 +56,7 @@ def final_from_db(db, run_id) -> dict[str, float]:
 
 # -- MLflow ----------------------------------------------------------------------------------------------------
 def test_mlflow_store_equals_the_results_database_and_a_resume_continues_its_run(tiny_data, tmp_path, monkeypatch):
+    need("mlflow")
     from mlflow.tracking import MlflowClient
 
     import cartlab.train.loop as loop
@@ -142,6 +143,7 @@ def _items(items) -> dict:
 
 
 def test_wandb_offline_run_equals_the_results_database(tiny_data, tmp_path):
+    need("wandb")
     cfg = tiny_config(tiny_data, tmp_path, tracker="wandb", tracker_project="cartlab-test", **SHORT)
     run_id = train(cfg)
     (run_file,) = (tmp_path / "wandb_dir").glob(f"wandb/offline-run-*/run-{run_id}.wandb")

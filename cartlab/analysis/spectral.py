@@ -228,15 +228,19 @@ def _seed_stats(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def loop_profile(runs: pd.DataFrame, probes: pd.DataFrame | None, *, metric: str = "loss",
                  step: int | None = None) -> pd.DataFrame:
-    """`metric` against the loop index (section 3.2's loop steps) per variant and domain at `step` (default: each run's last
-    measured step), seed mean, sd and n: the logit lens's loss / KL / agreement by loop, or the
-    contraction by loop. Columns: variant, split, loop, DESCRIBE_COLUMNS, step, mean, sd, n."""
+    """`metric` against the loop index (section 3.2's loop steps) per variant and domain at `step`
+    (default: the last step every seed of the variant reached, so seeds stopped at different
+    steps are still compared at one step), seed mean, sd and n: the logit lens's loss / KL /
+    agreement by loop, or the contraction by loop. Columns: variant, split, loop,
+    DESCRIBE_COLUMNS, step, mean, sd, n."""
     f = loop_measure(runs, probes, metric)
     if step is not None:
         f = f[f["step"] == step]
         if f.empty:
             raise ValueError(f"step: no {metric} measured at step {step}")
-    f = f[f["step"] == f.groupby("run_id")["step"].transform("max")]
+    else:
+        last = f.groupby("run_id")["step"].transform("max")  # each run's last measured step
+        f = f[f["step"] == last.groupby(f["variant"]).transform("min")]
     out = _seed_stats(f, ["variant", "split", "loop"])
     steps = f.groupby("variant")["step"].max().rename("step")
     return out.join(steps, on="variant")[["variant", "split", "loop", *DESCRIBE_COLUMNS, "step", "mean", "sd", "n"]]

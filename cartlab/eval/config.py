@@ -23,7 +23,8 @@ class EvalConfig(Config):
     limit: int | None = field(None, ge=1, none="null for whole tasks")
     """Evaluate only the first N documents of each task (printed, not stored)."""
     batch_size: int = field(8, ge=1)
-    device: str = field("cpu", choices=DEVICES)
+    device: str = field("auto", choices=DEVICES)
+    """'auto' picks what the hardware supports, as training does."""
 
     def validate(self) -> None:
         if not self.tasks:

@@ -45,8 +45,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def resolve_device(device: str | None = "auto") -> str:
     """The device to evaluate on: 'auto' (or None) picks what the hardware supports, as training
-    does (`cartlab.train.device.select`, which also refuses 'cuda' without a GPU in one line);
-    any other torch device name (cuda:1, mps) is taken as given, as lm-eval takes it."""
+    does (`cartlab.train.device.select`, which also refuses 'cuda' without a GPU in one line).
+    From Python any other torch device name (cuda:1, mps) is taken as given, as lm-eval takes
+    it; `cartlab eval --device` takes auto, cpu or cuda."""
     from cartlab.train.device import DEVICES, Capabilities, select
 
     if device is not None and device not in DEVICES:

@@ -185,7 +185,7 @@ def model_card(cfg, ckpt: Path) -> str:
     return f"""# cartlab {kind} model
 
 Exported by `cartlab export` from `{ckpt}` (hooks: {hooks}). The modeling code is
-`modeling_cartlab.py`, generated from cartlab's model modules; it needs torch and transformers,
+`modeling_cartlab.py`, generated from cartlab's model modules; it needs torch and transformers >= 5,
 not cartlab.{loops}
 
 ```python

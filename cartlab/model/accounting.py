@@ -91,7 +91,9 @@ class Accounting:
         backward skipping the loops truncated BPTT runs without gradient; the LM head runs once
         per token in every model. `n_loops`: at that R (a step's draw) instead of on average."""
         fwd, frozen = self.train_forward_flops, self.frozen_loops
-        if n_loops is not None and self.mean_loops is not None:
+        if n_loops is not None and self.mean_loops is None:
+            raise ValueError(f"n_loops={n_loops!r} is not allowed: this model has no loops; pass n_loops=None")
+        if n_loops is not None:
             fwd += (n_loops - self.mean_loops) * self.loop_flops
             frozen = max(0, n_loops - self.bptt_loops) if self.bptt_loops is not None else 0
         fwd += self.lm_head_flops if include_lm_head else 0.0

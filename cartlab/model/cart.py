@@ -141,9 +141,10 @@ class CART(CausalLM):
         """torch.compile the loop body in place: each core block, the bulk of a loop's compute.
         Compiling the whole forward specialises on the Python loop count (one graph per R); a
         core block's graph does not depend on R, so training with a random R per step compiles
-        once per autograd mode (with and without gradient, for truncated BPTT). Variants whose
-        core reads the loop index (unfreeze_kv, self_attn_core name a cache site per loop)
-        specialise on it: at most one graph per loop index, never one per R."""
+        once per autograd mode (with and without gradient, for truncated BPTT). In training there
+        is no KV cache, so no variant's core block reads the loop index; decoding with a cache,
+        unfreeze_kv and self_attn_core name a cache site per loop and specialise on it: at most
+        one graph per loop index, never one per R."""
         for block in self.core:
             block.compile(**compile_kw)
 

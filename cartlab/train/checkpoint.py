@@ -91,12 +91,21 @@ def _save_sharded(ckpt_dir: Path, final: Path, step: int, model, optimizer, load
     dist.broadcast_object_list(name)  # rank 0's folder, the one every rank writes into
     tmp = ckpt_dir / name[0]
     model_state, optim_state = get_state_dict(model, [optimizer])  # this rank's shards
-    with replacing_dir(final, tmp) if main else nullcontext(tmp):
-        dist.barrier()  # rank 0 has made the folder
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
-        if main:
-            _write_state(tmp, {"step": step, "world": world, "loader": loader_state}, config, tokenizer)
-    dist.barrier()  # in place for every rank
+    failed = None
+    try:
+        with replacing_dir(final, tmp) if main else nullcontext(tmp):
+            dist.barrier()  # rank 0 has made the folder
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
+            if main:
+                _write_state(tmp, {"step": step, "world": world, "loader": loader_state}, config, tokenizer)
+    except Exception as err:  # rank 0's own files or rename (a full disk); DCP's errors reach every rank
+        failed = err
+    outcome = [None] * dist.get_world_size()
+    dist.all_gather_object(outcome, failed is None)  # every rank learns whether the save is in place
+    if failed is not None:
+        raise failed
+    if not all(outcome):
+        raise RuntimeError(f"the checkpoint of step {step} failed on rank {outcome.index(False)}")
     return _prune(ckpt_dir, keep) if main else []
 
 

@@ -5,6 +5,7 @@
     cartlab train --config my_run.yaml model.hooks=unshare_core,no_lti
     cartlab train --preset smoke dense_match=flops        # the FLOPs-matched Dense baseline
     cartlab train --resume RUN_ID                         # continue an interrupted run
+    torchrun --nproc_per_node 4 -m cartlab.cli train --preset paper-stage2 parallel=fsdp   # 4 GPUs, FSDP2 (default ddp)
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from cartlab.config import Config, ConfigError, field, load_yaml
 from cartlab.model import CARTConfig, LMConfig, matched_dense
 from cartlab.model.config import format_overrides, model_overrides
 from cartlab.train.device import DEVICES, OPTIMIZERS, PRECISIONS
-from cartlab.train.parallel import PARALLEL
+from cartlab.train.parallel import PARALLEL, fsdp_available
 from cartlab.trackers import INSTALL, TRACKERS, missing_module
 
 
@@ -125,6 +125,11 @@ class TrainConfig(Config):
             raise self.reject("name", "must be a non-empty run name without '/'")
         if gone := missing_module(self.tracker):
             raise self.reject("tracker", f"needs the {gone!r} package: {INSTALL}")
+        if self.parallel == "fsdp" and not fsdp_available():
+            import torch
+
+            raise self.reject("parallel", f"'fsdp' needs torch >= 2.6 (FSDP2's fully_shard); this is torch "
+                              f"{torch.__version__}: use 'ddp' or upgrade torch")
         if self.parallel == "fsdp" and self.optim.name == "adamw8bit":
             raise self.reject("parallel", "'fsdp' needs optim.name='adamw' or 'auto': AdamW8bit does not take "
                               "sharded parameters")

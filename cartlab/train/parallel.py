@@ -36,6 +36,13 @@ import torch.nn as nn
 PARALLEL = ("ddp", "fsdp")
 
 
+def fsdp_available() -> bool:
+    """FSDP2's public `fully_shard` (torch >= 2.6; cartlab itself needs torch >= 2.4)."""
+    import torch.distributed.fsdp as fsdp
+
+    return hasattr(fsdp, "fully_shard")
+
+
 class Replicated:
     """One process, or DDP over several: every rank holds the whole model."""
 
