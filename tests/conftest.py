@@ -166,7 +166,9 @@ def tiny_study(tmp_path_factory, tiny_data):
            "--quiet"]
     env = dict(os.environ)
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first_log = root / "first_ablate.log"  # a file, not a pipe nobody reads: a chatty run cannot stall on it
+    with first_log.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if db.exists() and _completed_runs(db) >= 1:
@@ -174,6 +176,8 @@ def tiny_study(tmp_path_factory, tiny_data):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
     proc.wait()
+    assert db.exists() and _completed_runs(db) >= 1, \
+        f"the first ablate completed no run before it was killed:\n{first_log.read_text()[-3000:]}"
     after_kill = dict(db_rows(db, "SELECT run_id, status FROM runs"))
     executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
 
