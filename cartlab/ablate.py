@@ -3,7 +3,7 @@
     cartlab ablate cpu-demo                          # ablations/cpu-demo.yaml
     cartlab ablate paper-diagnostics --workers 4     # four runs at a time (one GPU each if present)
     cartlab ablate my_study.yaml --db lab.db optim.lr=1e-3   # overrides apply to every run
-    cartlab ablate cpu-demo --list                   # what would run, and what is already done
+    cartlab ablate cpu-demo --list                   # each run: completed, running, interrupted, failed or pending
     cartlab ablate paper-diagnostics --launcher slurm   # one Slurm job per run (cartlab.cluster)
 
 Each run's executed notebook is kept as reports/<study>/runs/<run_id>.ipynb. Runs already
@@ -43,6 +43,81 @@ def study_runs(study: str, overrides: list[str] | None = None) -> tuple[str, lis
     for run in s.expand(overrides):
         unique.setdefault(run.run_id, run)
     return s.name, list(unique.values())
+
+
+STATES = ("completed", "running", "interrupted", "failed", "diverged", "pending")
+"""What `cartlab ablate STUDY --list` says of a run: completed; running (a live process holds the
+run's lock and trains it now); interrupted (its row says running or interrupted but no live process
+holds it, or it left a checkpoint and no row); failed or diverged (its row says so); pending
+(nothing of it yet)."""
+
+
+def run_lock(run: StudyRun) -> Path:
+    """The lock a live trainer holds on `run` (`cartlab.train.loop`'s `_run_lock`)."""
+    return Path(f"{run.config.results_db}.locks") / run.run_id.replace(os.sep, "_")
+
+
+def lock_held(path: Path) -> bool:
+    """True when a live process holds the `cartlab.filelock` lock `path`; creates nothing. The
+    probe takes the lock for an instant when it is free (a trainer starting in that instant
+    would be refused, as for any second holder); False where there is no fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        handle = open(path, "rb")
+    except OSError:  # no lock file: never trained here
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def run_states(runs: list[StudyRun]) -> dict[str, tuple[str, str]]:
+    """{run_id: (state, detail)} for `--list`, one of `STATES`; detail is how far a run got
+    (`step 120/200`) or why it failed. Reads each results database read-only: a missing one
+    means nothing has run, and nothing is created."""
+    from cartlab.checkpoint import latest
+    from cartlab.results.db import ResultsDB
+
+    rows: dict[str, dict] = {}
+    for path in {str(r.config.results_db) for r in runs}:
+        if not Path(path).is_file() or Path(path).stat().st_size == 0:  # none yet, or being created now
+            continue
+        db = ResultsDB(path, readonly=True)
+        try:
+            for r in runs:
+                if str(r.config.results_db) == path:
+                    row = db.get_run(r.run_id)
+                    if row is not None:
+                        logged = db.conn.execute("SELECT MAX(step) FROM train_log WHERE run_id = ?",
+                                                 (r.run_id,)).fetchone()[0]
+                        rows[r.run_id] = {**row, "step": max(row["step"] or 0, logged or 0)}
+        finally:
+            db.close()
+    states = {}
+    for r in runs:
+        row = rows.get(r.run_id)
+        status = row["status"] if row else None
+        at = f"step {row['step']}/{r.config.steps}" if row else ""
+        if status == "completed":
+            states[r.run_id] = ("completed", "")
+        elif lock_held(run_lock(r)):
+            states[r.run_id] = ("running", at)
+        elif status in ("running", "interrupted"):  # and no live process holds it: killed, or stopped
+            states[r.run_id] = ("interrupted", at)
+        elif row is not None:  # failed or diverged: the row's message says why
+            states[r.run_id] = (status, row["message"] or at)
+        elif (ckpt := latest(Path(r.config.out_dir) / r.run_id / "checkpoints")) is not None:
+            states[r.run_id] = ("interrupted", f"checkpoint {ckpt.name}, no database row")
+        else:
+            states[r.run_id] = ("pending", "")
+    return states
 
 
 def pending(runs: list[StudyRun]) -> list[StudyRun]:
@@ -151,6 +226,13 @@ class StepWatcher:
             self.show(self.steps())
 
 
+def phase(step: int, steps: int) -> str:
+    """What a run in a notebook kernel is doing, from its newest logged train step: `120/200`
+    while it trains; after its last step, the final evaluation, the measures (e.g. the depth
+    profile) and the notebook's plots, which the train log cannot tell apart."""
+    return f"{step}/{steps}" if step < steps else "final eval, measures"
+
+
 def worker_env(index: int, n_workers: int, gpus: list[str], cpu_count: int) -> dict[str, str]:
     """Environment of worker `index`: one GPU each (round robin) when there are GPUs, else an
     equal share of the CPU threads so that workers do not oversubscribe the cores."""
@@ -180,10 +262,12 @@ def _init_worker(slot, n_workers: int, gpus: list[str]) -> None:
 
 
 def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, reports_dir: str | Path = "reports",
-           progress: bool = True, log=print, launcher: str = "local", jobs: dict | None = None) -> list[Outcome]:
+           progress: bool = True, log=print, launcher: str = "local", jobs: dict | None = None,
+           next_hint: bool = True) -> list[Outcome]:
     """Train every unfinished run of `study`, `workers` at a time, or as cluster jobs (`launcher`
     slurm or submitit-local; `jobs`: keyword arguments of `cartlab.cluster.run_jobs`); returns the
-    outcomes of the runs attempted (completed ones are skipped and not listed)."""
+    outcomes of the runs attempted (completed ones are skipped and not listed). `next_hint`: end
+    with the `cartlab report` line (a caller that renders the report itself turns it off)."""
     from tqdm.auto import tqdm
 
     if workers < 1:
@@ -213,8 +297,8 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     watched = progress and len(dbs) == 1 and launcher == "local"  # cluster jobs write shards, not the db
     watcher = StepWatcher(next(iter(dbs)) if watched else None, lambda steps: show(steps))
 
-    def show(steps: dict[str, int]) -> None:  # inside each running run: its newest logged step
-        bar.set_postfix_str(", ".join(f"{by_id[rid].label} s{by_id[rid].seed} {step}/{by_id[rid].config.steps}"
+    def show(steps: dict[str, int]) -> None:  # inside each running run: its newest logged step, or its phase
+        bar.set_postfix_str(", ".join(f"{by_id[rid].label} s{by_id[rid].seed} {phase(step, by_id[rid].config.steps)}"
                                       for rid, step in sorted(steps.items()) if rid in watcher.active))
 
     def report(o: Outcome) -> None:
@@ -257,7 +341,7 @@ def ablate(study: str, overrides: list[str] | None = None, *, workers: int = 1, 
     drawn = sum(o.ok and o.run.run_id not in train_ids for o in outcomes)
     log(f"cartlab: study {name}: {trained} trained, " + (f"{drawn} notebooks drawn, " if drawn else "")
         + f"{len(failed)} failed" + (f" (see {', '.join(str(o.notebook) for o in failed)})" if failed else ""))
-    if not failed:
+    if not failed and next_hint:
         db = runs[0].config.results_db if runs else "runs/results.db"
         log(f"cartlab: next: cartlab report {study}" + (f" --db {db}" if str(db) != "runs/results.db" else ""))
     return outcomes
@@ -271,7 +355,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="runs executed at once (default 1); each worker gets one GPU, or a share of the CPU cores")
     p.add_argument("--reports-dir", default="reports", help="where executed notebooks go (default: reports)")
-    p.add_argument("--list", action="store_true", help="list the runs and their status, train nothing")
+    p.add_argument("--list", action="store_true",
+                   help="list the runs and their state (completed, running: a live process trains it; interrupted; "
+                        "failed; pending), train nothing and create nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local",
                    help="local (default): notebooks on this machine; slurm: one job per run with the study's "
@@ -283,11 +369,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"results_db={args.db}"] if args.db else [])
     if args.list:
         name, runs = study_runs(args.study, overrides)
-        todo = {r.run_id for r in pending(runs)}
+        states = run_states(runs)
+        width = max(len(s) for s in STATES)
         for r in runs:
-            final = "" if r.run_id in todo else final_metrics(r)
-            print(f"{'pending  ' if r.run_id in todo else 'completed'}  {r.label:<24} seed {r.seed:<4} {r.run_id}"
-                  + (f"  {final}" if final else ""))
+            state, detail = states[r.run_id]
+            detail = final_metrics(r) if state == "completed" else detail
+            print(f"{state:<{width}}  {r.label:<24} seed {r.seed:<4} {r.run_id}" + (f"  {detail}" if detail else ""))
         return 0
     outcomes = ablate(args.study, overrides, workers=args.workers, reports_dir=args.reports_dir,
                       progress=not args.quiet, launcher=args.launcher)

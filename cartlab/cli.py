@@ -10,6 +10,11 @@ Errors meet one boundary (`run_guarded`, also used by `python -m cartlab.eval`):
 bad config field, a file that is missing or not what it should be, an unwritable folder) is
 printed as one line, `cartlab: error: ...`, with exit code 2; anything else as one line naming
 the exception, with exit code 1. `--debug` (or CARTLAB_DEBUG=1) shows the traceback instead.
+
+A reader that closes the output early (`cartlab ablate cpu-demo --list | head -1`) ends the
+command quietly, as coreutils do: no `Broken pipe` and no traceback on stderr, and exit code 141
+(128 + SIGPIPE, what `seq 100 | head -1` gives): the shell reports the pipeline's last command
+(head's 0), and under `set -o pipefail` a command cut short is not taken for one that finished.
 """
 from __future__ import annotations
 
@@ -92,12 +97,50 @@ USER_ERRORS = (ValueError, OSError, sqlite3.Error)
 files, full disks, unwritable folders, files that are not databases."""
 
 
+CLOSED_PIPE = 141
+"""The exit code when stdout's reader went away (128 + SIGPIPE, as a tool killed by SIGPIPE)."""
+
+
 def run_guarded(fn, *, debug: bool = False, prog: str = "cartlab") -> int:
-    """Call `fn()` -> exit code; turn an exception into one line on stderr and an exit code."""
+    """Call `fn()` -> exit code; turn an exception into one line on stderr and an exit code, and a
+    closed stdout into a quiet `CLOSED_PIPE`."""
+    try:
+        code = _guarded(fn, debug=debug, prog=prog)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints "Exception ignored"
+        return code
+    except BrokenPipeError:
+        if not stdout_closed():  # another pipe (a subprocess, a kernel): an error like any other
+            if debug or os.environ.get("CARTLAB_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"{prog}: error: {one_line(sys.exc_info()[1])}", file=sys.stderr)
+            return 2
+        # the Python docs' recipe (library/signal, "Note on SIGPIPE"): point stdout at devnull so
+        # the interpreter's last flush of what is still buffered does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return CLOSED_PIPE
+
+
+def stdout_closed() -> bool:
+    """True when nobody reads stdout any more (its pipe's read end is closed), or when that
+    cannot be told (stdout is not a file descriptor: take the BrokenPipeError at its word)."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no fileno (a captured stdout)
+        return True
+
+
+def _guarded(fn, *, debug: bool, prog: str) -> int:
     if debug or os.environ.get("CARTLAB_DEBUG", "") not in ("", "0"):
         return int(fn() or 0)
     try:
         return int(fn() or 0)
+    except BrokenPipeError:  # before USER_ERRORS (it is an OSError): run_guarded decides
+        raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

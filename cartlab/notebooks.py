@@ -12,6 +12,12 @@ catches the plain `papermill` command line too. papermill executes the cell it i
 `injected-parameters`, its source opening with `# Parameters`) right after the `parameters`
 cell, so the kernel's input history holds both: the names assigned in the first must be among
 those assigned in the second.
+
+A parameter whose name ends in `_yaml` (train_variant's `config_yaml`) holds a YAML mapping as
+text: `execute` parses it before the kernel starts, and the notebook reads it with
+`yaml_parameter`, so a syntax error is one line naming the parameter and the error's line and
+column (`notebook parameter config_yaml:2:9: YAML syntax error: ...`) instead of PyYAML's
+ParserError from inside the kernel.
 """
 from __future__ import annotations
 
@@ -79,6 +85,35 @@ def refuse_unknown(given, declared, where: str = "this notebook") -> None:
                          f"allowed: {', '.join(sorted(declared)) or 'none'}")
 
 
+YAML_SUFFIX = "_yaml"
+"""A parameter named `*_yaml` holds YAML text (a mapping, or empty)."""
+
+
+def yaml_parameter(name: str, text: str) -> dict:
+    """The mapping that notebook parameter `name` holds as YAML text ({} when empty). A syntax
+    error, or YAML that is not a mapping, is one ConfigError line naming the parameter (and the
+    error's line and column)."""
+    import yaml
+
+    from cartlab.config import ConfigError
+
+    where = f"notebook parameter {name}"
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}={text!r} is not allowed: must be YAML text (a string)", name)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{at}: YAML syntax error: {problem}", name) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a YAML mapping of field: value, got a {type(value).__name__}", name)
+    return value
+
+
 INJECTED_COMMENT = "# Parameters"
 """How papermill's Python translator opens the cell of injected parameters."""
 
@@ -118,6 +153,9 @@ def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | o
     import papermill as pm
 
     refuse_unknown(parameters, declared_parameters(name), f"notebooks/{name}.ipynb")
+    for key, value in parameters.items():
+        if key.endswith(YAML_SUFFIX) and value:
+            yaml_parameter(key, value)  # a syntax error is refused here, before a kernel starts
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(output)

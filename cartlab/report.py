@@ -3,10 +3,18 @@
     cartlab report cpu-demo                 # the runs of ablations/cpu-demo.yaml in runs/results.db
     cartlab report paper-diagnostics --db lab.db
     cartlab report paper                    # the paper's published numbers alone (data/paper/)
+    cartlab report variable_depth --partial # render a study whose runs are not all trained yet
+
+A study's report opens with "k of n runs trained" and "What this study shows": each comparison
+(CART vs Dense, each ablation, matched compute, loops past the trained R) on every validation
+domain with its seed-noise interval and verdict (cartlab.analysis.findings), also stored in the
+database's `findings` table. A study with runs missing is refused unless --partial is given, and
+then every page carries a banner naming the missing runs.
 
 writes reports/<study>/:
     index.html            the report notebook rendered by nbconvert, code hidden
-    summary.md            the headline tables (gap, decomposition, fits) in markdown, figure links
+    summary.md            what the study shows, the headline tables (gap, decomposition, fits) in
+                          markdown, figure links
     figures/*.png         every figure, tables/*.csv every table
     notebooks/*.ipynb     the executed analysis notebooks (and their code-hidden .html)
 
@@ -20,15 +28,85 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from cartlab.tables import (figure_labels, format_value, markdown_table, show, show_table, styled,  # noqa: F401
+                            tidy)
 
 ANALYSES = ("scaling_fit", "scaling_law", "seed_noise", "screen_correlation", "spectral_radius",
             "gap_decomposition", "variable_R", "compute")
 PAPER = "paper"
+
+
+@dataclass
+class Completeness:
+    """Which runs of a study are trained: every (label, seed, run id) the study's YAML expands to,
+    with its state in the database (completed, running, interrupted, failed, ... or absent)."""
+
+    study: str
+    expected: list[tuple[str, int, str]]
+    states: dict[str, str]
+
+    @property
+    def missing(self) -> list[tuple[str, int, str]]:
+        return [r for r in self.expected if self.states.get(r[2]) != "completed"]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def line(self) -> str:
+        """`4 of 6 runs trained; missing: random_loops seed 1 (not started), ...`."""
+        n, k = len(self.expected), len(self.expected) - len(self.missing)
+        if not self.missing:
+            return f"{k} of {n} runs trained: the study is complete."
+        missing = ", ".join(f"{label} seed {seed} ({self.states.get(rid, 'not started')})"
+                            for label, seed, rid in self.missing)
+        return f"{k} of {n} runs trained; missing: {missing}."
+
+
+def completeness(study: str, db: str | os.PathLike = "runs/results.db") -> Completeness:
+    """The trained and missing runs of ablations/<study>.yaml in `db` (read-only; a missing
+    database means no run is trained)."""
+    from cartlab.results.db import ResultsDB
+    from cartlab.studies import load_study
+
+    s = load_study(study)
+    expected = list({r.run_id: (r.label, r.seed, r.run_id) for r in s.expand()}.values())
+    states: dict[str, str] = {}
+    if Path(db).exists():
+        handle = ResultsDB(db, readonly=True)
+        try:
+            runs = handle.frame("runs")
+        finally:
+            handle.close()
+        states = dict(zip(runs.run_id, runs.status))
+    return Completeness(s.name, expected, states)
+
+
+class IncompleteStudy(ValueError):
+    """A study whose runs are not all trained, rendered without --partial."""
+
+
+def check_study_name(study: str) -> None:
+    """An unknown study is one line listing the choices, `paper` among them (with a "did you
+    mean" from `load_study` when a name is close); a traversal is refused there too."""
+    from cartlab.config import ConfigError
+    from cartlab.studies import load_study
+
+    if study == PAPER:
+        return
+    try:
+        load_study(study)
+    except ConfigError as err:
+        if "not found" in str(err) and not Path(study).suffix:
+            raise ConfigError(f"{err}; or '{PAPER}' for the paper's published numbers", err.path, err.tail) from None
+        raise
 
 
 def load_results(study: str, db: str | os.PathLike = "runs/results.db"):
@@ -86,104 +164,6 @@ def run_overview(study: str, res) -> pd.DataFrame:
     return runs.set_index("run_id")[cols].join(ppl).reset_index(drop=True)
 
 
-def show(fig) -> bytes:
-    """Display a matplotlib Figure in the notebook as a PNG and return the PNG bytes. (A Figure
-    made outside pyplot has no inline display of its own.)"""
-    import io
-
-    from IPython.display import Image, display
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    display(Image(data=buf.getvalue()))
-    return buf.getvalue()
-
-
-def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame` as a reader should see it, values unrounded: a named index (e.g. d_model) becomes
-    columns and an unnamed one is dropped; columns with no value at all are dropped; whole-number
-    columns are integers (nullable Int64 where some are missing, so n_loops reads 3, not 3.0; a
-    CSV read back or a column with NaN would otherwise be float); missing text is blank, not NaN.
-    Whole-number column labels (a pivot over n_loops) read 2, not 2.0."""
-    frame = frame.reset_index(drop=all(n is None for n in frame.index.names))
-    frame = frame.rename(columns=_whole_label)
-    out = {}
-    for col, s in frame.items():
-        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
-            s = s.astype(object).where(s.notna(), "").map(_number_or_text)  # "0.902" read back from a CSV
-            if (s.astype(str).str.strip() == "").all():
-                continue
-        elif s.notna().any():
-            v = s.dropna().to_numpy(float)
-            if np.isfinite(v).all() and (v == np.round(v)).all() and np.abs(v).max() < 2 ** 53:
-                s = s.astype("Int64")
-        else:
-            continue
-        out[col] = s
-    return pd.DataFrame(out, index=frame.index)
-
-
-def _number_or_text(value):
-    """A number written as text (a CSV column mixing numbers and words, e.g. 0.902 and "no gate")
-    as the number, so it is formatted like one; any other value unchanged."""
-    if not isinstance(value, str) or not value.strip():
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() and abs(number) < 2 ** 53 else number
-
-
-def _whole_label(label):
-    if isinstance(label, float) and label.is_integer():
-        return int(label)
-    if isinstance(label, str) and label.endswith(".0") and label[:-2].lstrip("-").isdigit():
-        return label[:-2]
-    return label
-
-
-def format_value(value, digits: int = 3) -> str:
-    """One table cell: blank if missing; integers plain below 10^4 (widths, R), with thousands
-    separators up to 10^10 (parameters, tokens), in e-notation beyond (FLOPs); floats with
-    `digits` decimals between 10^-digits and 10^6, in e-notation with `digits` significant
-    figures outside (a p-value of 4e-05, FLOPs)."""
-    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        value = int(value)
-        return str(value) if abs(value) < 10_000 else f"{value:,}" if abs(value) < 10 ** 10 else f"{value:.4g}"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}" if value == 0 or 10.0 ** -digits <= abs(value) < 1e6 else f"{value:.{digits}g}"
-    return str(value)
-
-
-def styled(frame: pd.DataFrame, digits: int = 3):
-    """`tidy(frame)` as a pandas Styler for the notebook and its HTML: no index column, every
-    cell through `format_value`, text columns (header and cells) left-aligned."""
-    frame = tidy(frame)
-    text = [i for i, c in enumerate(frame.columns) if not pd.api.types.is_numeric_dtype(frame[c])]
-    return (frame.style.hide(axis="index").format(lambda v: format_value(v, digits))
-            .set_table_styles([{"selector": f".col{i}", "props": "text-align: left"} for i in text]))
-
-
-def show_table(frame: pd.DataFrame, digits: int = 3) -> None:
-    """Display `frame` as `styled` shows it."""
-    from IPython.display import display
-
-    display(styled(frame, digits))
-
-
-def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """`tidy(frame)` as a markdown table (summary.md), cells as `format_value` writes them."""
-    frame = tidy(frame)
-    align = ["right" if pd.api.types.is_numeric_dtype(frame[c]) else "left" for c in frame.columns]
-    cells = frame.astype(object).apply(lambda col: col.map(lambda v: format_value(v, digits)))
-    return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
-
-
 class Outputs:
     """Figures and tables of one analysis notebook: each is displayed in the notebook and, when
     `report_dir` is given, saved (figures/NAME.png, tables/NAME.csv) and listed in order in
@@ -227,6 +207,17 @@ class Outputs:
             self._write()
         display(Markdown(text))
 
+    def unavailable(self, text: str) -> None:
+        """What this section cannot show for this study, in one line (e.g. "no scaling fit: needs
+        runs at 3+ widths"). Shown in the notebook; the report collects a section's such lines at
+        its end ("Not shown for this study") instead of opening a page with them."""
+        from IPython.display import Markdown, display
+
+        if self.dir:
+            self.section["items"].append({"kind": "unavailable", "text": text})
+            self._write()
+        display(Markdown(f"*Not shown: {text}*"))
+
     def _add(self, kind: str, path: Path, caption: str, **extra) -> None:
         self.section["items"].append({"kind": kind, "path": str(path.relative_to(self.dir)), "caption": caption,
                                       **extra})
@@ -239,39 +230,44 @@ class Outputs:
         os.replace(tmp, path)
 
 
-def figure_labels(fig) -> dict:
-    """What a figure says about itself in its PNG: `title` (its suptitle, or the title of its one
-    plotted axes) and `unlabelled`, the plotted axes (by their title or position) missing an x or
-    y label. A label on one of several axes sharing x (or y) counts for all of them, and a
-    colorbar needs one label. A figure reads without the page around it when title is set and
-    unlabelled is empty."""
-    plotted = [ax for ax in fig.axes if ax.has_data()]
-    panels = [ax for ax in plotted if not hasattr(ax, "_colorbar")]
-    title = fig.get_suptitle() or (panels[0].get_title() if len(panels) == 1 else "")
-    unlabelled = []
-    for i, ax in enumerate(plotted):
-        xs = ax.get_shared_x_axes().get_siblings(ax)
-        ys = ax.get_shared_y_axes().get_siblings(ax)
-        has_x, has_y = any(a.get_xlabel() for a in xs), any(a.get_ylabel() for a in ys)
-        if hasattr(ax, "_colorbar"):  # a colorbar has one axis to name
-            has_x = has_y = has_x or has_y
-        for axis, ok in (("x", has_x), ("y", has_y)):
-            if not ok:
-                unlabelled.append(f"{ax.get_title() or f'axes {i}'}: no {axis} label")
-    return {"title": title, "unlabelled": unlabelled}
-
-
 def read_sections(report_dir: str | os.PathLike) -> list[dict]:
     """The sections the analysis notebooks left in `report_dir`, in ANALYSES order."""
     root = Path(report_dir) / "sections"
     return [json.loads((root / f"{name}.json").read_text()) for name in ANALYSES if (root / f"{name}.json").is_file()]
 
 
+def shown_sections(sections: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(sections with something to show, each without its `unavailable` lines; (section title,
+    line) for every `unavailable` line), so a report collects what it cannot show at its end."""
+    shown, absent = [], []
+    for sec in sections:
+        items = [i for i in sec["items"] if i["kind"] != "unavailable"]
+        absent += [(sec["title"], i["text"]) for i in sec["items"] if i["kind"] == "unavailable"]
+        if items:
+            shown.append({**sec, "items": items})
+    return shown, absent
+
+
+def absent_markdown(absent: list[tuple[str, str]]) -> str:
+    """The closing "Not shown for this study" list, one line per section item ('' if none)."""
+    if not absent:
+        return ""
+    return "\n".join(["## Not shown for this study", "",
+                      *(f"- *{title}*: {text}" for title, text in absent), ""])
+
+
 def summary_markdown(study: str, report_dir: str | os.PathLike, runs: pd.DataFrame) -> str:
-    """summary.md: the runs, then every section's notes, tables (markdown) and figure links."""
+    """summary.md: the banner of a partial report, what the study shows (shows.md), the runs, then
+    every section's notes, tables (markdown) and figure links, then what it cannot show."""
     root = Path(report_dir)
-    lines = [f"# cartlab report: {study}", "", f"{len(runs)} runs; rendered {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    for sec in read_sections(root):
+    lines = [f"# cartlab report: {study}", ""]
+    if (root / BANNER).is_file():
+        lines += [f"> **{(root / BANNER).read_text(encoding='utf-8').strip()}**", ""]
+    if (root / SHOWS).is_file():
+        lines += [(root / SHOWS).read_text(encoding="utf-8"), ""]
+    lines += [f"{len(runs)} runs; rendered {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    sections, absent = shown_sections(read_sections(root))
+    for sec in sections:
         lines += [f"## {sec['title']}", ""]
         for item in sec["items"]:
             if item["kind"] == "note":
@@ -281,7 +277,51 @@ def summary_markdown(study: str, report_dir: str | os.PathLike, runs: pd.DataFra
                 lines += [f"**{item['caption']}**" if item["caption"] else "", "", table, ""]
             else:
                 lines += [f"![{item['caption']}]({item['path']})", ""]
+    lines.append(absent_markdown(absent))
     return "\n".join(lines)
+
+
+SHOWS = "shows.md"
+"""The "What this study shows" block `render` writes into the report folder (findings in words)."""
+BANNER = "banner.txt"
+"""The partial-report banner `render` writes into the report folder when runs are missing."""
+
+
+def code_version() -> str:
+    """The git commit of the cartlab checkout (with `+dirty` for uncommitted changes), else the
+    package version: what a stored finding was computed with."""
+    from cartlab import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return f"cartlab {__version__}"
+    if head.returncode != 0:
+        return f"cartlab {__version__}"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def store_findings(study: str, db: str | os.PathLike, found, log=print) -> None:
+    """Write `found` (a list of `Finding`) into the `findings` table of `db`, replacing the
+    study's earlier ones. A database that cannot be written is said in one line, not fatal."""
+    from dataclasses import asdict
+
+    from cartlab.results.db import ResultsDB
+
+    if not Path(db).exists():
+        return
+    try:
+        handle = ResultsDB(db)
+        try:
+            handle.replace_findings(study, [asdict(f) for f in found], code_version())
+        finally:
+            handle.close()
+    except (ValueError, OSError) as err:
+        log(f"cartlab: findings not stored in {db}: {err}")
 
 
 # JupyterLab's page without the scripts it fetches from a CDN (require.js for widgets, MathJax, mermaid):
@@ -293,9 +333,10 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 """
 
 
-def to_html(notebook: Path, output: Path) -> Path:
+def to_html(notebook: Path, output: Path, banner: str = "") -> Path:
     """Render an executed notebook to standalone HTML with the code cells hidden: images inline,
-    nothing fetched from the network (OFFLINE_TEMPLATE)."""
+    nothing fetched from the network (OFFLINE_TEMPLATE); `banner` (a partial report's) opens the
+    page."""
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
@@ -303,6 +344,13 @@ def to_html(notebook: Path, output: Path) -> Path:
                             template_file="cartlab-report.html.j2", exclude_input=True,
                             exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_filename(str(notebook))
+    if banner:
+        import html
+
+        div = (f'<div class="cartlab-banner" style="background:#fff3cd;border:2px solid #d39e00;padding:0.8em;'
+               f'margin:0.5em;font-weight:bold">{html.escape(banner)}</div>')
+        at = body.find(">", body.find("<body")) + 1
+        body = body[:at] + div + body[at:]
     tmp = output.with_suffix(".tmp")
     tmp.write_text(body, encoding="utf-8")
     os.replace(tmp, output)
@@ -310,41 +358,69 @@ def to_html(notebook: Path, output: Path) -> Path:
 
 
 def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: str | os.PathLike = "reports",
-           log=print) -> Path:
+           log=print, *, partial: bool = False) -> Path:
     """Execute every analysis notebook and the report notebook for `study` (or "paper") into
-    reports/<study>/ and render index.html and summary.md; returns the index path."""
-    from cartlab.notebooks import execute
-    from cartlab.studies import load_study
+    reports/<study>/ and render index.html and summary.md; returns the index path.
 
+    A study with runs missing is refused (`IncompleteStudy`, naming them) unless `partial`: then
+    every page opens with a banner saying which runs are missing. The findings of the study
+    (`cartlab.analysis.findings`) open the report and summary.md ("What this study shows") and
+    are stored in the database's `findings` table."""
+    from cartlab.analysis.findings import shows_markdown, study_findings
+    from cartlab.notebooks import execute
+
+    check_study_name(study)
+    state = None if study == PAPER else completeness(study, db)
+    if state is not None and not Path(db).exists():
+        raise ValueError(f"db: {db} does not exist; {state.line()} Train the study first: cartlab ablate {study}")
+    if state is not None and not state.complete and not partial:
+        raise IncompleteStudy(f"study {state.study}: {state.line()} Train them (cartlab ablate {study}) or render "
+                              f"what is there with --partial")
     res = load_results(study, db)  # fail here, with a clear message, before any kernel starts
-    name = study if study == PAPER else load_study(study).name
+    name = study if study == PAPER else state.study
     out = Path(reports_dir) / name
     for sub in ("sections", "figures", "tables"):  # a report is remade whole, never mixed with an older one
         for old in (out / sub).glob("*"):
             old.unlink()
+    for old in (out / SHOWS, out / BANNER):
+        old.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    banner = "" if state is None or state.complete else f"Partial report: {state.line()}"
+    if banner:
+        (out / BANNER).write_text(banner + "\n", encoding="utf-8")
+    found = [] if study == PAPER else study_findings(res)
+    status = ("The paper's published numbers (seed means): the sections below show them; findings with seed noise "
+              "need per-seed runs." if state is None else state.line())
+    (out / SHOWS).write_text(shows_markdown(found, completeness=status), encoding="utf-8")
+    if state is not None:
+        store_findings(name, db, found, log)
     params = {"study": study, "db": str(db), "report_dir": str(out)}
     static = {"spectral_radius": {"interactive": False}}  # no widgets in a rendered page
     for nb in ANALYSES:
         t0 = time.time()
         executed = execute(nb, out / "notebooks" / f"{nb}.ipynb", {**params, **static.get(nb, {})})
-        to_html(executed, executed.with_suffix(".html"))
+        to_html(executed, executed.with_suffix(".html"), banner)
         log(f"  {nb}: {time.time() - t0:.0f} s")
     report_nb = execute("report", out / "notebooks" / "report.ipynb", params)
-    index = to_html(report_nb, out / "index.html")
+    index = to_html(report_nb, out / "index.html", banner)
     (out / "summary.md").write_text(summary_markdown(name, out, res.runs), encoding="utf-8")
     return index
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", help="a study under ablations/ (or a study YAML), or 'paper' for the published numbers")
+    p.add_argument("study", help="a study under ablations/ (or a study YAML), or 'paper' for the published numbers "
+                                 "(data/paper/)")
     p.add_argument("--db", default="runs/results.db", help="results database (default: runs/results.db)")
     p.add_argument("--reports-dir", default="reports", help="where reports go (default: reports)")
+    p.add_argument("--partial", action="store_true",
+                   help="render a study whose runs are not all trained (every page says which are missing); "
+                        "without it such a study is refused")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
-    index = render(args.study, args.db, args.reports_dir)
+    index = render(args.study, args.db, args.reports_dir, partial=args.partial)
     print(f"cartlab: report in {index} ({time.time() - t0:.0f} s); summary in {index.with_name('summary.md')}")
     return 0

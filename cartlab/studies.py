@@ -57,6 +57,18 @@ BUDGET_LABELS = {"tokens": "t", "flops": "f"}
 """How a budget grid value shows in a run's label: tokens 2e5 -> t2e5."""
 
 
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}"
+SAFE_NAME_RULE = ("must be a name of letters, digits and . _ + = - (starting with a letter or digit, at most 128), "
+                  "not a path")
+"""Study names and run labels become file and folder names (reports/<study>/...): no '/', no '..'."""
+
+
+def is_safe_name(value) -> bool:
+    import re
+
+    return isinstance(value, str) and re.fullmatch(SAFE_NAME, value) is not None and ".." not in value
+
+
 def studies_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "ablations"
 
@@ -99,6 +111,8 @@ class RunSpec(Config):
     def validate(self) -> None:
         if not self.label.strip():
             raise self.reject("label", "must be a non-empty name")
+        if not is_safe_name(self.label):
+            raise self.reject("label", SAFE_NAME_RULE)
         _one_budget(self)
 
 
@@ -126,6 +140,8 @@ class Study(Config):
     """Cluster resources of every run's job under `cartlab ablate --launcher slurm` (cartlab.cluster)."""
 
     def validate(self) -> None:
+        if not is_safe_name(self.name):
+            raise self.reject("name", SAFE_NAME_RULE)
         if not self.runs:
             raise self.reject("runs", "a study needs at least one entry under runs")
         labels = [r.label for r in self.runs]
@@ -252,13 +268,26 @@ def _yaml(value) -> str:
 
 
 def load_study(name_or_path: str | Path) -> Study:
-    """ablations/NAME.yaml (or a path to a study YAML), validated: every run must make a valid
-    config now, not hours into the study. Errors start with the file's name."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = studies_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"study {str(name_or_path)!r} not found; choose one of {list_studies()} or give a YAML path")
+    """ablations/NAME.yaml (a NAME is a name, never a path that leaves ablations/) or an explicit
+    path to a .yaml/.yml file, validated: every run must make a valid config now, not hours into
+    the study. Errors start with the file's name."""
+    given = str(name_or_path)
+    if given.endswith((".yaml", ".yml")):
+        path = Path(given)
+        if not path.is_file():
+            raise ConfigError(f"study file {given!r} not found" + (" (it is a directory)" if path.is_dir() else ""))
+    elif is_safe_name(given):
+        path = studies_dir() / f"{given}.yaml"
+        if not path.is_file():
+            import difflib
+
+            close = difflib.get_close_matches(given, list_studies(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"study {given!r} not found{hint}; choose one of {list_studies()} "
+                              f"or give a path to a .yaml file")
+    else:
+        raise ConfigError(f"study {given!r} is not allowed: give a study name in ablations/ "
+                          f"(one of {list_studies()}) or a path to a .yaml file")
     d = load_yaml(path, "study")
     if not isinstance(d, dict):
         raise ConfigError(f"{path.name}: a study must be a mapping (name, preset, runs, ...), got {type(d).__name__}")

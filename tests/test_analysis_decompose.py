@@ -120,8 +120,12 @@ def test_decomposition_with_missing_ablation_names_it():
     runs, ev = store(ablations)
     dec = decompose.decompose_gap(runs, ev, cart=CART)
     eff = dec[dec.path == "effective"].set_index("component")
-    assert "loop_index_embedding" not in eff.index
-    assert "loop_index_embedding" in eff.loc["residual_framing", "note"]
+    assert "loop_index_embedding" not in eff.index and "residual_framing" not in eff.index
+    rest = eff.loc["unattributed (includes loop_index_embedding)"]
+    assert "loop_index_embedding" in rest["note"] and rest["label"] == "unattributed"  # not judged as one component
+    trained = set(dec["with"]) - {"baseline"}
+    assert rest["with"] in {"baseline"} | {h for h in ablations}  # it starts from a configuration that was trained
+    assert trained <= {"baseline", *ablations}
     assert eff.loc["lti_gate", "label"] == "signal" and eff.loc["lti_gate", "value"] == pytest.approx(-0.6)
     assert eff.drop("total")["value"].sum() == pytest.approx(eff.loc["total", "value"])
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cartlab.analysis import laws, scaling
+from cartlab.analysis import joint_law, laws
 
 TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. (2022), approach 3
 REPS, N_BOOT = 20, 100
@@ -42,13 +42,13 @@ def chinchilla_fits():
     fits = []
     for s in range(REPS):
         n, d, loss, config = _chinchilla_data(s)
-        fits.append(scaling.fit_chinchilla(n, d, loss, groups=config, n_boot=N_BOOT, seed=s))
+        fits.append(joint_law.fit_chinchilla(n, d, loss, groups=config, n_boot=N_BOOT, seed=s))
     return fits
 
 
 def test_chinchilla_recovers_parameters_from_low_noise_data():
     n, d, loss, _ = _chinchilla_data(0, sigma=0.0005)
-    fit = scaling.fit_chinchilla(n, d, loss, n_boot=0)
+    fit = joint_law.fit_chinchilla(n, d, loss, n_boot=0)
     for name, value in TRUE.items():
         assert getattr(fit, name) == pytest.approx(value, rel=0.03), name
 
@@ -78,10 +78,10 @@ def test_chinchilla_keeps_bootstrap_samples(chinchilla_fits):
 
 def test_fit_is_deterministic_for_a_seed():
     n, d, loss, config = _chinchilla_data(3)
-    a, b = (scaling.fit_chinchilla(n, d, loss, groups=config, n_boot=20, seed=7) for _ in range(2))
+    a, b = (joint_law.fit_chinchilla(n, d, loss, groups=config, n_boot=20, seed=7) for _ in range(2))
     np.testing.assert_array_equal(a.samples, b.samples)
     assert a.ci == b.ci
-    other = scaling.fit_chinchilla(n, d, loss, groups=config, n_boot=20, seed=8)
+    other = joint_law.fit_chinchilla(n, d, loss, groups=config, n_boot=20, seed=8)
     assert not np.array_equal(a.samples, other.samples)
     assert other.alpha == a.alpha  # the point fit does not depend on the seed
 
@@ -93,8 +93,8 @@ def test_cluster_bootstrap_widens_when_seeds_share_a_configuration_effect():
     rng = np.random.default_rng(0)
     n, d, loss, config = _chinchilla_data(0, sigma=0.002)
     loss = loss * np.exp(rng.normal(0, 0.01, config.max() + 1)[config])
-    by_config = scaling.fit_chinchilla(n, d, loss, groups=config, n_boot=60, seed=0)
-    by_point = scaling.fit_chinchilla(n, d, loss, groups=np.arange(len(loss)), n_boot=60, seed=0)
+    by_config = joint_law.fit_chinchilla(n, d, loss, groups=config, n_boot=60, seed=0)
+    by_point = joint_law.fit_chinchilla(n, d, loss, groups=np.arange(len(loss)), n_boot=60, seed=0)
     assert np.median(by_config.samples.std(axis=0) / by_point.samples.std(axis=0)) > 1.2
 
 
@@ -133,7 +133,7 @@ def _phi_frame(seed, sigma=0.003, seeds=3):
 
 
 def test_phi_recovered_and_covered_in_18_of_20():
-    fits = [scaling.fit_recurrence_exponent(_phi_frame(s), n_boot=N_BOOT, seed=s) for s in range(REPS)]
+    fits = [joint_law.fit_recurrence_exponent(_phi_frame(s), n_boot=N_BOOT, seed=s) for s in range(REPS)]
     phis = np.array([f.phi for f in fits])
     covered = sum(f.ci["phi"][0] <= PHI_TRUE["phi"] <= f.ci["phi"][1] for f in fits)
     assert covered >= 18, f"phi covered in {covered} of {REPS}"
@@ -146,12 +146,12 @@ def test_phi_recovered_and_covered_in_18_of_20():
 def test_phi_bootstrap_resamples_seeds_of_a_configuration_together():
     """Three seeds per configuration: 20 clusters (8 Dense + 12 CART), not 60 points."""
     f = _phi_frame(0)
-    fit = scaling.fit_recurrence_exponent(f, n_boot=5)
+    fit = joint_law.fit_recurrence_exponent(f, n_boot=5)
     assert fit.data["group"].nunique() == 20
-    by_seed = scaling.fit_recurrence_exponent(f, n_boot=5, groups=["model", "n_layers", "n_loops", "n_once", "seed"])
+    by_seed = joint_law.fit_recurrence_exponent(f, n_boot=5, groups=["model", "n_layers", "n_loops", "n_once", "seed"])
     assert by_seed.data["group"].nunique() == 60
     with pytest.raises(ValueError, match=r"groups: need one or more columns of frame, got \['config'\]"):
-        scaling.fit_recurrence_exponent(f, groups="config")
+        joint_law.fit_recurrence_exponent(f, groups="config")
 
 
 # --- allocation, extrapolation, diagnostics ---------------------------------------------------
@@ -159,7 +159,7 @@ def test_phi_bootstrap_resamples_seeds_of_a_configuration_together():
 @pytest.fixture(scope="module")
 def fit():
     n, d, loss, config = _chinchilla_data(1)
-    return scaling.fit_chinchilla(n, d, loss, groups=config, n_boot=100, seed=1)
+    return joint_law.fit_chinchilla(n, d, loss, groups=config, n_boot=100, seed=1)
 
 
 def _brute_force(fit, C, flops_per_token):
@@ -210,11 +210,11 @@ def test_residual_diagnostics_flag_a_missing_term():
     """A one-variable law E + A N^-alpha fitted to data that also falls with D leaves residuals
     that trend with log D: the flag names that axis, and only that one."""
     n, d, loss, config = _chinchilla_data(2)
-    sat = scaling.fit_saturating(n, loss)
+    sat = joint_law.fit_saturating(n, loss)
     diag = sat.residual_diagnostics(log_d=np.log(d)).set_index("axis")
     assert diag.loc["log_d", "missing_term"] and diag.loc["log_d", "rho"] < -0.5
     assert not diag.loc["log_x", "missing_term"]
-    assert not scaling.fit_chinchilla(n, d, loss, n_boot=0).residual_diagnostics()["missing_term"].any()
+    assert not joint_law.fit_chinchilla(n, d, loss, n_boot=0).residual_diagnostics()["missing_term"].any()
 
 
 # --- the one-variable law on the same engine -----------------------------------------------
@@ -223,12 +223,12 @@ def test_saturating_fit_gains_cluster_bootstrap_intervals():
     rng = np.random.default_rng(0)
     x = np.repeat(np.geomspace(1e7, 1e10, 8), 3)
     y = (1.7 + 400 * x ** -0.34) * np.exp(rng.normal(0, 0.005, x.size))
-    fit = scaling.fit_saturating(x, y, n_boot=100, seed=0)
+    fit = joint_law.fit_saturating(x, y, n_boot=100, seed=0)
     assert fit.samples.shape == (100, 3)
     for name, true in (("E", 1.7), ("A", 400.0), ("alpha", 0.34)):
         lo, hi = fit.ci[name]
         assert lo < getattr(fit, name) < hi and lo < true < hi, name
-    assert np.isnan(scaling.fit_saturating(x, y).ci["alpha"][0])  # n_boot = 0: no interval
+    assert np.isnan(joint_law.fit_saturating(x, y).ci["alpha"][0])  # n_boot = 0: no interval
 
 
 # --- engine internals --------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_fit_chinchilla_rejects_bad_input(kwargs, match):
     args = dict(n=[1e7, 2e7, 4e7, 1e7, 2e7, 4e7], d=[1e9, 1e9, 1e9, 4e9, 8e9, 2e10],
                 loss=[3.0, 2.9, 2.8, 2.9, 2.7, 2.6])
     with pytest.raises(ValueError, match=match):
-        scaling.fit_chinchilla(**{**args, **kwargs})
+        joint_law.fit_chinchilla(**{**args, **kwargs})
 
 
 def test_allocation_and_loo_reject_bad_input(fit):
@@ -286,7 +286,7 @@ def test_allocation_and_loo_reject_bad_input(fit):
         fit.optimal_allocation(-1.0)
     with pytest.raises(ValueError, match=r"flops_per_token: must be a number > 0 \(C = k N D\) or a callable"):
         fit.optimal_allocation(1e20, flops_per_token=0)
-    few = scaling.fit_chinchilla([1e7, 2e7, 4e7] * 2, [1e9] * 3 + [4e9] * 2 + [8e9], [3.0, 2.9, 2.8, 2.9, 2.7, 2.6],
+    few = joint_law.fit_chinchilla([1e7, 2e7, 4e7] * 2, [1e9] * 3 + [4e9] * 2 + [8e9], [3.0, 2.9, 2.8, 2.9, 2.7, 2.6],
                                  n_boot=0)
     with pytest.raises(ValueError, match=r"n: leave-one-size-out needs >= 4 distinct sizes"):
         few.loo_size_errors()

@@ -58,7 +58,7 @@ def test_scaling_fit_plot(res):
     assert f"b = {slope:.2f}" in ax.get_legend().get_texts()[1].get_text()
     fig = plots.plot_scaling_fit(res.runs, res.eval_log, x="effective_params",
                                  where={"stage": "stage2", "prelude_layers": 6, "n_loops": 6})
-    assert fig.axes[1].get_xlabel() == "effective_params"
+    assert fig.axes[1].get_xlabel() == "effective parameters"
     with pytest.raises(ValueError, match="allowed"):
         plots.plot_scaling_fit(res.runs, res.eval_log, x="width")
 
@@ -86,7 +86,8 @@ def test_gap_waterfall_plot():
     fig = plots.plot_gap_waterfall(runs, ev, cart=CART)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["shared_weights", "residual_framing", "total"]  # only measured components
+    # only measured components, and the path's rest (residual framing, or what absorbs the unmeasured)
+    assert labels[0] == "shared_weights" and labels[-1] == "total" and len(labels) == 3
     assert len(ax.containers) == len(labels) + 1  # one bar per component and the total, and the error bars
     errorbars = ax.containers[-1]
     assert len(errorbars.lines[2][0].get_segments()) == len(labels)  # one noise bar each
@@ -135,3 +136,91 @@ def test_band_comparisons_flags_a_far_config_and_not_a_near_one():
     assert "n=3" in out.attrs["caveat"]
     with pytest.raises(ValueError, match=">= 2 seeds"):
         band_comparisons(runs[~runs.run_id.isin(["b2", "b3"])], ev, split="wiki")
+
+
+# -- one FLOPs source: the scaling figures' FLOPs axis is the model accounting ------------------------------------
+def test_scaling_fit_flops_axis_is_the_model_accounting():
+    import json
+
+    from cartlab.analysis.runs import run_flops
+    from cartlab.model import CARTConfig, account
+
+    train = {"batch_size": 4, "grad_accum": 1, "seq_len": 32, "steps": 50}
+    widths, ppl = [32, 64, 128], {32: 30.0, 64: 24.0, 128: 20.0}
+    runs, evals = [], {}
+    for d in widths:
+        model = CARTConfig.tiny(d_model=d)
+        acc = account(model, train["seq_len"])
+        for seed in (0, 1):
+            rid = f"w{d}-s{seed}"
+            runs.append(run_row(rid, d_model=d, seed=seed, tokens=50 * 4 * 32, stage="stage2",
+                                effective_params=acc.effective_params, stored_params=acc.stored_params,
+                                variant=f"w{d}", variant_label=f"cart d={d}")
+                        | {"config_json": json.dumps({"model": model.to_dict(), "train": train})})
+            evals[rid] = {"wiki": ppl[d] * (1.01 if seed else 0.99)}
+    runs = pd.DataFrame(runs)
+    fig = plots.plot_scaling_fit(runs, eval_rows(evals, step=50), x="flops")
+    xs = np.sort(fig.axes[1].lines[-1].get_xdata().astype(float))  # the residual axis: one point per width
+    expected = sorted(account(CARTConfig.tiny(d_model=d), 32).train_flops_per_token() * 50 * 4 * 32 for d in widths)
+    np.testing.assert_allclose(xs, expected, rtol=1e-12)
+    np.testing.assert_allclose(xs, np.sort(run_flops(runs).drop_duplicates("flops")["flops"]), rtol=1e-12)
+    six_nd = np.sort(6.0 * runs.drop_duplicates("variant")["effective_params"] * runs["tokens"].iloc[0])
+    assert not np.allclose(xs, six_nd, rtol=0.05)  # not 6 N D: the LM head and attention count at this size
+    assert "model accounting" in fig.axes[1].get_xlabel()
+    with pytest.raises(ValueError, match="no stored training config"):  # published rows: no FLOPs to plot
+        plots.plot_scaling_fit(runs.assign(config_json=None), eval_rows(evals, step=50), x="flops")
+
+
+# -- the seed-noise training-loss figure: smoothed, per domain when the log says which ----------------------------
+def _domain_log(per_domain: bool):
+    """Two variants x two seeds, 200 steps whose batches alternate between a 'code' domain (loss ~1)
+    and a 'prose' domain (loss ~8): the raw per-step loss zig-zags between 1 and 8."""
+    rng = np.random.default_rng(0)
+    runs, rows = [], []
+    for variant, shift in (("a", 0.0), ("b", 0.3)):
+        for seed in (0, 1):
+            rid = f"{variant}-s{seed}"
+            runs.append(run_row(rid, seed=seed, variant=variant, variant_label=f"cart {variant}"))
+            for step in range(1, 201):
+                domain = "code" if step % 2 else "prose"
+                loss = (1.0 if domain == "code" else 8.0) + shift + 2.0 / step + rng.normal(0, 0.05)
+                rows.append({"run_id": rid, "step": step, "loss": loss, **({"domain": domain} if per_domain else {})})
+    log = pd.DataFrame(rows)
+    for c in ("grad_norm", "lr", "rho_max", "rho_mean", "tokens_per_s", "mfu"):
+        log[c] = np.nan
+    return pd.DataFrame(runs), log
+
+
+def test_train_loss_figure_is_per_domain_and_smoothed_when_the_log_names_domains():
+    from cartlab.analysis import stats
+
+    runs, log = _domain_log(per_domain=True)
+    curve = stats.smoothed_train_loss(runs, log, window=10)
+    assert set(curve["domain"]) == {"code", "prose"} and curve.attrs["window"] == 10
+    assert "per domain" in curve.attrs["how"]
+    fig = plots.plot_train_loss(runs, log, window=10)
+    assert [ax.get_title() for ax in fig.axes] == ["code", "prose"]
+    for ax, level in zip(fig.axes, (1.0, 8.0)):
+        assert len(ax.lines) == 2  # one line per variant
+        for line in ax.lines:
+            y = np.asarray(line.get_ydata(), float)
+            assert abs(np.median(y) - level) < 0.5  # the domain's own loss, no zig-zag to the other domain
+            assert np.abs(np.diff(y[20:])).max() < 0.05  # smoothed: raw noise sd 0.05 would jump by ~0.1
+
+
+def test_train_loss_figure_smooths_the_mixture_and_says_so_when_domains_are_not_logged():
+    from cartlab.analysis import stats
+
+    runs, log = _domain_log(per_domain=False)
+    raw_jump = np.abs(np.diff(log[log.run_id == "a-s0"].sort_values("step")["loss"])).mean()  # ~7: the zig-zag
+    curve = stats.smoothed_train_loss(runs, log, window=20)
+    assert set(curve["domain"]) == {stats.MIXED} and "does not record which domain" in curve.attrs["how"]
+    fig = plots.plot_train_loss(runs, log, window=20)
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2
+    for line in ax.lines:
+        y = np.asarray(line.get_ydata(), float)[20:]
+        assert np.abs(np.diff(y)).max() < raw_jump / 20  # the running mean removes the zig-zag
+    assert "running mean over 20 logged steps" in fig.texts[0].get_text()
+    with pytest.raises(ValueError, match="window"):
+        stats.smoothed_train_loss(runs, log, window=0)

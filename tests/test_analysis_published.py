@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cartlab.analysis import accounting, published, scaling, schema, spectral, stats
+from cartlab.analysis import accounting, published, scaling, schema, screen, spectral, stats
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +94,20 @@ def test_stage1_best_R_differs_from_stage2_at_every_width(final):
     """Sections 5.2 / 9.5: Stage 1 picks R=6 at d=256 and R=8 above; Stage 2 reverses both."""
     s1, s2 = _cells(final, "stage1"), _cells(final, "stage2")
     for shared_only in (False, True):
-        agree = stats.best_setting_agreement(s1, s2, shared_only=shared_only).set_index("d_model")
+        agree = screen.best_setting_agreement(s1, s2, shared_only=shared_only).set_index("d_model")
         assert agree.index.tolist() == [256, 512, 768, 1024]
         assert not agree["agree"].any()
-    agree = stats.best_setting_agreement(s1, s2, shared_only=True).set_index("d_model")
+    agree = screen.best_setting_agreement(s1, s2, shared_only=True).set_index("d_model")
     assert agree["best_screen"].tolist() == [6, 8, 8, 8]
     assert agree["best_full"].tolist() == [8, 6, 6, 6]
-    rev = stats.detect_reversals(s1, s2)
+    rev = screen.detect_reversals(s1, s2)
     assert len(rev) == 4 and rev["reversed"].all()  # R=6 vs R=8 flips at all four widths
 
 
 def test_screen_spearman_section_9_5(final):
     """Section 9.5: Spearman over the 8 shared cells d in {256..1024} x R in {6, 8}. Ranking by
     hand, each width's two cells swap places, so sum d_i^2 = 8 and rho = 1 - 6*8/(8*63)."""
-    res = stats.screen_correlation(_cells(final, "stage1"), _cells(final, "stage2"))
+    res = screen.screen_correlation(_cells(final, "stage1"), _cells(final, "stage2"))
     assert res.n == 8
     assert res.rho == pytest.approx(1 - 6 * 8 / (8 * 63))
 

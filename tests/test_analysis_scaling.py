@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cartlab.analysis import scaling
+from cartlab.analysis import joint_law, scaling
 
 TRUE_A, TRUE_B, SIGMA = 3.0, -0.3, 0.05
 
@@ -85,7 +85,7 @@ def test_power_law_rejects_bad_bootstrap_name():
 @pytest.mark.parametrize("E,A,alpha", [(1.7, 400.0, 0.34), (2.5, 1e3, 0.5), (0.5, 20.0, 0.1)])
 def test_saturating_fit_recovers_parameters_within_5_percent(E, A, alpha):
     x = np.geomspace(1e7, 1e10, 8)
-    fit = scaling.fit_saturating(x, E + A * x ** -alpha)
+    fit = joint_law.fit_saturating(x, E + A * x ** -alpha)
     assert fit.E == pytest.approx(E, rel=0.05)
     assert fit.A == pytest.approx(A, rel=0.05)
     assert fit.alpha == pytest.approx(alpha, rel=0.05)
@@ -96,9 +96,9 @@ def test_saturating_fit_is_robust_to_one_outlier():
     x = np.geomspace(1e7, 1e10, 10)
     y = 1.7 + 400 * x ** -0.34
     y[4] *= 1.3
-    assert scaling.fit_saturating(x, y).alpha == pytest.approx(0.34, rel=0.05)
+    assert joint_law.fit_saturating(x, y).alpha == pytest.approx(0.34, rel=0.05)
     # a huge Huber delta is plain least squares on log residuals, which the outlier drags away
-    assert abs(scaling.fit_saturating(x, y, delta=10.0).alpha - 0.34) > 0.05
+    assert abs(joint_law.fit_saturating(x, y, delta=10.0).alpha - 0.34) > 0.05
 
 
 def _phi_frame(E=2.0, A=300.0, alpha=0.3, phi=0.6):
@@ -112,7 +112,7 @@ def _phi_frame(E=2.0, A=300.0, alpha=0.3, phi=0.6):
 
 @pytest.mark.parametrize("phi", [0.3, 0.6, 1.0])
 def test_recurrence_exponent_recovered(phi):
-    fit = scaling.fit_recurrence_exponent(_phi_frame(phi=phi))
+    fit = joint_law.fit_recurrence_exponent(_phi_frame(phi=phi))
     assert fit.phi == pytest.approx(phi, abs=0.02)
     assert fit.alpha == pytest.approx(0.3, rel=0.05)
     assert fit.E == pytest.approx(2.0, rel=0.05)
@@ -121,7 +121,7 @@ def test_recurrence_exponent_recovered(phi):
 def test_recurrence_exponent_with_noise_stays_close():
     f = _phi_frame()
     f["loss"] *= np.exp(np.random.default_rng(0).normal(0, 0.001, len(f)))
-    assert scaling.fit_recurrence_exponent(f).phi == pytest.approx(0.6, abs=0.1)
+    assert joint_law.fit_recurrence_exponent(f).phi == pytest.approx(0.6, abs=0.1)
 
 
 def test_recurrence_exponent_not_enough_data():
@@ -130,9 +130,9 @@ def test_recurrence_exponent_not_enough_data():
     f = f[(f.model == "cart") & (f.n_loops == 6) | f.n_layers.isin([7, 12])]
     with pytest.raises(ValueError, match=r"not enough data: need Dense runs at >= 3 depths .*have 2: \[7, 12\].*"
                                          r"CART runs at >= 2 loop counts .*have 1: \[6\]"):
-        scaling.fit_recurrence_exponent(f)
+        joint_law.fit_recurrence_exponent(f)
     with pytest.raises(ValueError, match="missing columns \\['n_rec'\\]"):
-        scaling.fit_recurrence_exponent(_phi_frame().drop(columns="n_rec"))
+        joint_law.fit_recurrence_exponent(_phi_frame().drop(columns="n_rec"))
 
 
 def test_fit_groups_recovers_each_groups_exponent_and_skips_thin_groups():

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cartlab.analysis import screen as agreement
 from cartlab.analysis import stats, synthetic
 
 BASE = [20.2, 20.35, 20.5]  # sample sd 0.15
@@ -51,18 +52,35 @@ def test_seed_summary_groups_seeds():
 def test_spearman_matches_rank_formula_and_detects_reversal():
     screen = pd.DataFrame({"d_model": [1, 1, 2, 2, 3, 3], "n_loops": [6, 8] * 3, "ppl": [10, 9, 8, 7, 6, 5]})
     full = screen.assign(ppl=[9, 10, 7, 8, 5, 6])  # each pair swapped: sum d^2 = 6
-    res = stats.screen_correlation(screen, full)
+    res = agreement.screen_correlation(screen, full)
     assert res.rho == pytest.approx(1 - 6 * 6 / (6 * 35))
-    rev = stats.detect_reversals(screen, full)
+    rev = agreement.detect_reversals(screen, full)
     assert rev["reversed"].all()
-    same = stats.detect_reversals(screen, screen)
+    same = agreement.detect_reversals(screen, screen)
     assert not same["reversed"].any()
-    assert stats.best_setting_agreement(screen, screen)["agree"].all()
+    assert agreement.best_setting_agreement(screen, screen)["agree"].all()
 
 
 def test_screen_correlation_needs_shared_cells():
     a = pd.DataFrame({"d_model": [1, 2], "n_loops": [6, 6], "ppl": [3, 2]})
     with pytest.raises(ValueError, match="need >= 3 shared cells"):
-        stats.screen_correlation(a, a)
+        agreement.screen_correlation(a, a)
     with pytest.raises(ValueError, match="average seeds first"):
-        stats.screen_correlation(pd.concat([a, a]), a)
+        agreement.screen_correlation(pd.concat([a, a]), a)
+
+
+def test_band_comparisons_cover_every_validation_split():
+    """The seed-noise table compares on every domain, not one default split: a variant can be a
+    signal on one domain and within noise on another."""
+    runs = pd.DataFrame([synthetic.run_row(f"b{s}", seed=s) for s in range(3)]
+                        + [synthetic.run_row("lti", hooks="no_lti")])
+    ev = synthetic.eval_rows({"b0": {"wiki": 20.2, "code": 5.0}, "b1": {"wiki": 20.35, "code": 5.1},
+                              "b2": {"wiki": 20.5, "code": 5.2}, "lti": {"wiki": 20.3, "code": 6.0}}, step=100)
+    out = stats.band_comparisons(runs, ev)
+    assert list(out.columns[:2]) == ["split", "baseline"]
+    assert sorted(out["split"]) == ["code", "wiki"]
+    labels = out.set_index("split")["label"]
+    assert labels["code"] == "signal" and labels["wiki"] == "within noise"
+    assert list(stats.band_comparisons(runs, ev, split="wiki")["split"]) == ["wiki"]
+    with pytest.raises(ValueError, match="not evaluated"):
+        stats.band_comparisons(runs, ev, split="math")

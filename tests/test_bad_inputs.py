@@ -2,9 +2,18 @@
 non-zero exit code, no traceback, and nothing that existed before is changed.
 
 Each case runs `cartlab ...` (in process, through the same `main` as the console script) against
-a lab folder holding a results database with one completed run and its files; the folder's
-every byte and the database's rows are compared before and after. A few cases run in a real
-subprocess to check the exit code and stderr a user sees. Run: pytest tests/test_bad_inputs.py
+a lab folder holding a results database with one completed run and its files; a manifest of the
+folder (every path and the SHA-256 of its bytes, SQLite's -wal and -shm files included) and the
+database's rows are compared before and after, and so is the folder of malformed inputs. No
+staging leftover (`.tmp_*`, `*.partial*`, `*-wal`, `*-shm`) may remain anywhere the case wrote.
+A few cases run in a real subprocess to check the exit code and stderr a user sees.
+
+Some cases run with a patch in place (`P`): a disk that fills (SQLite's own SQLITE_FULL, made by
+pinning `max_page_count`; torch's writer failing as it does on a full disk), a machine without
+the Hugging Face hub (offline switches, or a host name that does not resolve). The two training
+runs whose checkpoint hits the full disk are not refusals at the edge: they write into a scratch
+folder beside the lab, where the run is recorded as failed and no partial checkpoint may remain.
+Run: pytest tests/test_bad_inputs.py
 """
 from __future__ import annotations
 
@@ -62,14 +71,17 @@ LAB_FILES = {
     "recipe_source.yaml": ("name: r\ntrain_tokens: 100000\ndomains:\n  - {name: a, ratio: 1, train: {type: ftp}}\n"),
     "recipe_list.yaml": "- name: r\n",
     "not_a_db.db": "this is not a SQLite database\n" * 20,
+    "study_name_traversal.yaml": "name: ../../../x\npreset: smoke\nruns: [{label: a}]\n",
+    "study_name_absolute.yaml": "name: /tmp/x\npreset: smoke\nruns: [{label: a}]\n",
+    "study_label_slash.yaml": "preset: smoke\nruns: [{label: a/b}]\n",
+    "study_label_dotdot.yaml": "preset: smoke\nruns: [{label: ..}]\n",
 }
 
 
 def _snapshot(root: Path) -> dict[str, str]:
+    """The manifest of `root`: relative path -> SHA-256 of the file's bytes ('' for a folder)."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.name.endswith(("-wal", "-shm")):
-            continue  # SQLite's transient companions of a WAL database (any reader makes them); rows are compared
         if p.is_file():
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
         elif p.is_dir():
@@ -77,8 +89,18 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+LEFTOVERS = (".tmp_*", "*.partial*", "*-wal", "*-shm", "*.tmp")
+"""What a write that failed half-way could leave: staging folders and files, SQLite's WAL."""
+
+
+def _leftovers(*roots: Path) -> list[str]:
+    return sorted(str(p) for root in roots if root.exists() for pattern in LEFTOVERS for p in root.rglob(pattern))
+
+
 def _rows(db: Path) -> dict[str, list]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    # read as immutable (no WAL to read through): a plain `mode=ro` reader leaves -wal and -shm files
+    wal = db.with_name(db.name + "-wal").exists()
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
     try:
         tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
         return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
@@ -111,8 +133,105 @@ def lab(tmp_path_factory, tiny_data):
     config["model"]["prelude_layers"] += 1  # config.json edited: the weights no longer fit it
     (misfit / "config.json").write_text(json.dumps(config))
     ckpt = sorted((root / "runs" / run_id / "checkpoints").iterdir())[-1]
+    _damaged_inputs(inputs, ckpt, tiny_data)
+    _tampered_resume(inputs, root / "runs", run_id)
+    _renamed_shard(inputs, root / "runs" / "results.db", run_id)
+    (inputs / "recipe_tokenizer_dir.yaml").write_text(
+        f"name: r\ntrain_tokens: 100000\ntokenizer: {{name: llama2, path: {inputs / 'a_dir.db'}}}\n"
+        f"domains:\n  - {{name: a, ratio: 1, train: {{type: embedded, name: prose}}}}\n")
+    scratch = tmp_path_factory.mktemp("scratch")
+    (scratch / "hf_cache").mkdir()
     return {"root": root, "db": root / "runs" / "results.db", "run": run_id, "ckpt": ckpt, "inputs": inputs,
-            "data": tiny_data}
+            "data": tiny_data, "scratch": scratch}
+
+
+class _Payload:
+    """Unpickling this runs `touch <inputs>/pwned` (a tampered checkpoint's payload)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _damaged_inputs(inputs: Path, ckpt: Path, data: Path) -> None:
+    """Damaged copies of the lab's checkpoint and data build, and a sharded checkpoint whose
+    dcp/.metadata carries a payload."""
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from cartlab.checkpoint import build
+
+    for name, damage in {"cut_weights": lambda d: os.truncate(d / "model.safetensors", 3000),
+                         "garbage_weights": lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 4000),
+                         "cut_config": lambda d: (d / "config.json").write_text((d / "config.json").read_text()[:21]),
+                         }.items():
+        shutil.copytree(ckpt, inputs / name)
+        damage(inputs / name)
+    sharded = inputs / "tampered_dcp"
+    shutil.copytree(ckpt, sharded)
+    model, _ = build(ckpt)
+    (sharded / "model.safetensors").unlink()
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(sharded / "dcp"))
+    (sharded / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(inputs / "pwned")))
+    for name, damage in {"no_tokenizer_build": lambda d: (d / "tokenizer.json").unlink(),
+                         "dir_tokenizer_build": lambda d: ((d / "tokenizer.json").unlink(),
+                                                           (d / "tokenizer.json").mkdir()),
+                         "bad_tokenizer_build": lambda d: (d / "tokenizer.json").write_text('{"model": '),
+                         "bad_ids_build": _poke_id}.items():
+        shutil.copytree(data, inputs / name)
+        damage(inputs / name)
+    del torch
+
+
+def _tampered_resume(inputs: Path, runs: Path, run_id: str) -> None:
+    """inputs/resume: a copy of the lab's run marked interrupted (its own database and run folder),
+    whose newest checkpoint's state.pt carries a payload writing inputs/pwned when unpickled."""
+    import torch
+
+    out = inputs / "resume"
+    shutil.copytree(runs / run_id, out / run_id)
+    shutil.copyfile(runs / "results.db", out / "results.db")
+    shutil.copytree(runs / "results.db.locks", out / "results.db.locks")  # the run's lock file, kept by design
+    conn = sqlite3.connect(out / "results.db")
+    conn.execute("UPDATE runs SET status = 'interrupted' WHERE run_id = ?", (run_id,))
+    conn.commit()
+    conn.close()
+    state_file = sorted((out / run_id / "checkpoints").iterdir())[-1] / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "note": _Payload(inputs / "pwned")}, state_file)
+
+
+def _renamed_shard(inputs: Path, db: Path, run_id: str) -> None:
+    """inputs/other_shard.db: the lab's database with its run renamed (a run the lab lacks), its
+    message long enough that merging it needs new pages."""
+    shard = inputs / "other_shard.db"
+    shutil.copyfile(db, shard)
+    conn = sqlite3.connect(shard)
+    tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+              if "run_id" in [c[1] for c in conn.execute(f"PRAGMA table_info({t})")]]
+    for table in tables:
+        conn.execute(f"UPDATE {table} SET run_id = ? WHERE run_id = ?", ("other-run", run_id))
+    conn.execute("UPDATE runs SET message = ? WHERE run_id = 'other-run'", ("x" * 20000,))
+    conn.commit()
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.close()
+
+
+def _poke_id(build_dir: Path) -> None:
+    """Write token id 600 (the vocabulary is 512) into train.bin, its header left as it was."""
+    import numpy as np
+
+    from cartlab.data.binfile import read_header
+
+    path = build_dir / "train.bin"
+    n = read_header(path).n_tokens
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+", offset=path.stat().st_size - 2 * n)
+    tokens[100] = 600
+    tokens.flush()
 
 
 def _execute(lab, notebook: str, parameters: dict):
@@ -135,6 +254,102 @@ def E(*args):
 def F(command, name, *rest):
     """A command given one of the malformed input files."""
     return lambda lab: [*command, str(lab["inputs"] / name), *rest]
+
+
+def P(setup, argv):
+    """A case run with `setup(monkeypatch, lab)` in place (a full disk, an offline machine),
+    undone when the command returns."""
+    def case(lab):
+        def run():
+            from cartlab.cli import _dispatch
+
+            with pytest.MonkeyPatch.context() as mp:
+                setup(mp, lab)
+                return _dispatch(argv(lab))
+        return run
+    return case
+
+
+def _sqlite_full_in_merge(mp, lab):
+    """SQLite's own SQLITE_FULL ("database or disk is full") at the first page the merge needs:
+    the target's max_page_count pinned to its size once the merge's transaction has begun."""
+    from cartlab.results import merge
+
+    real = merge._merge_one
+
+    def full(source, target, c):
+        c.execute(f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}")
+        return real(source, target, c)
+
+    mp.setattr(merge, "_merge_one", full)
+
+
+def _torch_save_full(mp, lab):
+    """torch.save failing as it does on a full disk: part of the file written, then torch's
+    zip writer's `unexpected pos`."""
+    import torch
+
+    def full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 4092)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3910")
+
+    mp.setattr(torch, "save", full)
+
+
+def _safetensors_enospc(mp, lab):
+    """The weights' write failing with ENOSPC (what Python and safetensors see on a full disk)."""
+    import errno
+
+    from cartlab.train import checkpoint
+
+    def full(model, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    mp.setattr(checkpoint, "save_model", full)
+
+
+def _hub_cache_empty(mp, lab):
+    import datasets.config
+    import huggingface_hub.constants
+
+    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(lab["scratch"] / "hf_cache"))
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", lab["scratch"] / "hf_cache")
+
+
+def _offline(mp, lab):
+    """HF_HUB_OFFLINE and HF_DATASETS_OFFLINE set (the conftest `hf_offline` fixture's switches)."""
+    _hub_cache_empty(mp, lab)
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _no_network(mp, lab):
+    """No offline switch, no proxy, and no name resolves (what a machine without a network sees)."""
+    import socket
+
+    _hub_cache_empty(mp, lab)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                "ALL_PROXY", "all_proxy"):
+        mp.delenv(var, raising=False)
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    mp.setattr(socket, "getaddrinfo", unresolvable)
+
+
+def S(name, *args):
+    """A smoke run into the scratch folder `name` beside the lab (db and out_dir), checkpointing
+    every step."""
+    return lambda lab: ["train", "--preset", "smoke", f"--db={lab['scratch'] / name / 'results.db'}",
+                        f"out_dir={lab['scratch'] / name}", f"data.dir={lab['data']}", "model.vocab_size=512",
+                        "steps=2", "eval_every=2", "checkpoint_every=1", "eval_batches=1", "quiet=true", *args]
+
+
+def H(lab):
+    """`cartlab eval` of the lab's checkpoint on hellaswag, a task whose data is on the hub only."""
+    return ["eval", str(lab["ckpt"]), "--tasks", "hellaswag", "--db", str(lab["db"])]
 
 
 CASES = [
@@ -197,7 +412,10 @@ CASES = [
     ("model_hooks_unknown", T("model.hooks=no_lti,no_loop"), "model.hooks=['no_lti', 'no_loop'] is not allowed: unknown"),
     ("model_hooks_twice", T("model.hooks=no_lti,no_lti"), "names a hook twice"),
     ("model_hooks_conflict", T("model.hooks=unfreeze_kv,self_attn_core"), "cannot be combined"),
-    ("model_noncausal_self", T("model.hooks=self_attn_core,noncausal_cross_attn"), "model.causal_cross_attn=false"),
+    ("model_noncausal_self", T("model.hooks=self_attn_core,noncausal_cross_attn"),
+     "model.hooks=['self_attn_core', 'noncausal_cross_attn'] is not allowed: 'self_attn_core' and "
+     "'noncausal_cross_attn' cannot be combined: self_attn_core sets core_attention='self' and noncausal_cross_attn "
+     "sets causal_cross_attn=false"),
     ("model_heads", T("model.n_heads=5"), "model.n_heads=5 is not allowed: it does not divide d_model=64"),
     ("model_heads_odd", T("model.n_heads=64"), "model.n_heads=64 is not allowed: it gives heads of odd width 1"),
     ("model_d_model", T("model.d_model=0"), "model.d_model=0 is not allowed: must be >= 1"),
@@ -328,6 +546,82 @@ CASES = [
      "model.loops_max=2 is not allowed: it must be >= n_loops=3"),
     ("model_single_loop_random", T("model.hooks=single_loop,random_loops"),
      "model.hooks=['single_loop', 'random_loops'] is not allowed: random_loops would draw R from 1..1"),
+    # -- issue 28: names are names -------------------------------------------------------------------
+    ("study_name_traversal", F(["ablate"], "study_name_traversal.yaml", "--list"), "name='../../../x' is not allowed"),
+    ("study_name_absolute", F(["ablate"], "study_name_absolute.yaml", "--list"), "name='/tmp/x' is not allowed"),
+    ("study_label_slash", F(["ablate"], "study_label_slash.yaml", "--list"), "runs[0].label='a/b' is not allowed"),
+    ("study_label_dotdot", F(["ablate"], "study_label_dotdot.yaml", "--list"), "runs[0].label='..' is not allowed"),
+    ("study_arg_traversal", lambda lab: ["ablate", "../../x", "--list"], "study '../../x' is not allowed"),
+    ("study_arg_absolute", lambda lab: ["ablate", "/etc/passwd", "--list"], "study '/etc/passwd' is not allowed"),
+    ("study_arg_missing_yaml", lambda lab: ["ablate", str(lab["inputs"] / "nope.yaml"), "--list"], "nope.yaml' not found"),
+    ("study_did_you_mean", lambda lab: ["ablate", "cpu-dem", "--list"], "study 'cpu-dem' not found (did you mean 'cpu-demo'?)"),
+    ("report_traversal", lambda lab: ["report", "../x", "--db", str(lab["db"])], "study '../x' is not allowed"),
+    ("run_name_dotdot", T("name=.."), "name='..' is not allowed"),
+    ("run_name_absolute", T("name=/tmp/x"), "name='/tmp/x' is not allowed"),
+    # -- issue 28: the data is checked before any database, lock, row or folder is made ------------
+    ("seq_len_beyond_chunks", T("seq_len=100000"), "seq_len=100000 needs windows of 100001 tokens"),
+    ("data_no_tokenizer", lambda lab: T(f"data.dir={lab['inputs'] / 'no_tokenizer_build'}")(lab),
+     "no_tokenizer_build/tokenizer.json is missing"),
+    ("data_bad_tokenizer", lambda lab: T(f"data.dir={lab['inputs'] / 'bad_tokenizer_build'}")(lab),
+     "bad_tokenizer_build/tokenizer.json' is not a readable tokenizer JSON"),
+    ("data_bad_ids", lambda lab: T(f"data.dir={lab['inputs'] / 'bad_ids_build'}")(lab),
+     "token id 600 at position 100 is beyond the vocabulary"),
+    ("data_build_out_foreign", lambda lab: ["data", "build", str(Path(__file__).parent / "fixtures" / "data" / "tiny_embedded.yaml"),
+                                            "--out", str(lab["inputs"])], "holds files that are not a data build"),
+    # -- issue 28: merges are checked whole before the target is made -----------------------------------
+    ("merge_missing_shard", lambda lab: ["results", "merge", str(lab["db"]), str(lab["inputs"] / "missing.db"),
+                                         "--db", str(lab["root"] / "merged.db")], "missing.db: no such results database"),
+    ("merge_not_a_db", lambda lab: ["results", "merge", str(lab["inputs"] / "not_a_db.db"),
+                                    "--db", str(lab["root"] / "merged.db")], "not_a_db.db: not a results database"),
+    ("merge_into_a_dir", lambda lab: ["results", "merge", str(lab["db"]), "--db", str(lab["inputs"] / "a_dir.db")],
+     "a_dir.db: is a directory"),
+    ("merge_into_not_a_db", lambda lab: ["results", "merge", str(lab["db"]), "--db", str(lab["inputs"] / "not_a_db.db")],
+     "not_a_db.db: not a results database"),
+    # -- issue 28: damaged and tampered checkpoints ----------------------------------------------------------
+    ("export_cut_weights", lambda lab: ["export", str(lab["inputs"] / "cut_weights"), "--out", str(lab["root"] / "x")],
+     "cut_weights/model.safetensors: not a readable safetensors file"),
+    ("export_garbage_weights", lambda lab: ["export", str(lab["inputs"] / "garbage_weights"), "--out",
+                                            str(lab["root"] / "x")], "garbage_weights/model.safetensors: not a readable"),
+    ("export_cut_config", lambda lab: ["export", str(lab["inputs"] / "cut_config"), "--out", str(lab["root"] / "x")],
+     "cut_config/config.json: not valid JSON"),
+    ("eval_cut_weights", lambda lab: ["eval", str(lab["inputs"] / "cut_weights"), "--tasks", "cartlab_mc", "--db",
+                                      str(lab["db"])], "cut_weights/model.safetensors: not a readable safetensors file"),
+    ("eval_cut_config", lambda lab: ["eval", str(lab["inputs"] / "cut_config"), "--tasks", "cartlab_mc", "--db",
+                                     str(lab["db"])], "cut_config/config.json: not valid JSON"),
+    ("export_tampered_dcp", lambda lab: ["export", str(lab["inputs"] / "tampered_dcp"), "--out", str(lab["root"] / "x")],
+     "tampered_dcp/dcp/.metadata: refused to unpickle"),
+    ("resume_tampered_state", lambda lab: ["train", "--resume", lab["run"], f"--db={lab['inputs'] / 'resume' / 'results.db'}",
+                                           f"out_dir={lab['inputs'] / 'resume'}"],
+     "state.pt: refused to unpickle"),
+    # -- issue 28: tokenizer paths that are folders ----------------------------------------------------------
+    ("data_tokenizer_is_a_dir", lambda lab: T(f"data.dir={lab['inputs'] / 'dir_tokenizer_build'}")(lab),
+     "dir_tokenizer_build/tokenizer.json is a directory, not a tokenizer file"),
+    ("recipe_tokenizer_is_a_dir", F(["data", "build"], "recipe_tokenizer_dir.yaml"),
+     "a_dir.db' is a directory, not a file"),
+    # -- issue 28: a full disk ---------------------------------------------------------------------------------
+    ("merge_disk_full_new_target", P(_sqlite_full_in_merge, lambda lab: ["results", "merge", str(lab["db"]), "--db",
+                                                                         str(lab["root"] / "merged.db")]),
+     "merged.db: no space left on the disk to merge 1 shard(s)"),
+    ("merge_disk_full_existing_target", P(_sqlite_full_in_merge, lambda lab: [
+        "results", "merge", str(lab["inputs"] / "other_shard.db"), "--db", str(lab["db"])]),
+     "results.db: no space left on the disk to merge 1 shard(s) of about 1 MB into this results database (SQLite "
+     "says: database or disk is full); nothing merged, the database is as it was"),
+    ("train_checkpoint_disk_full", P(_torch_save_full, S("torch_full")),
+     "/checkpoints (checkpoint of about 3 MB)"),
+    ("train_checkpoint_enospc", P(_safetensors_enospc, S("enospc")),
+     "/checkpoints (checkpoint of about 3 MB)"),
+    # -- issue 28: messages that name what the user typed ------------------------------------------------------
+    ("model_noncausal_self_typed_order", T("model.hooks=noncausal_cross_attn,self_attn_core"),
+     "model.hooks=['noncausal_cross_attn', 'self_attn_core'] is not allowed: 'self_attn_core' and "
+     "'noncausal_cross_attn' cannot be combined"),
+    ("notebook_config_yaml_syntax", lambda lab: lambda: _execute(lab, "train_variant", {
+        "config_yaml": "preset: smoke\nsteps: [1,\n"}),
+     "notebook parameter config_yaml:3:1: YAML syntax error"),
+    ("notebook_config_yaml_list", lambda lab: lambda: _execute(lab, "train_variant", {"config_yaml": "- steps: 3\n"}),
+     "notebook parameter config_yaml: must be a YAML mapping of field: value, got a list"),
+    ("eval_hub_task_offline", P(_offline, H), "--tasks: task 'hellaswag' reads the Hugging Face hub dataset "
+                                                "'Rowan/hellaswag', which is not cached, and HF_HUB_OFFLINE is set"),
+    ("eval_hub_task_no_network", P(_no_network, H), "the hub's host huggingface.co cannot be resolved"),
 ]
 
 
@@ -347,10 +641,12 @@ def test_malformed_input_is_refused_in_one_line_and_changes_nothing(argv, messag
     assert not changed, f"the lab folder changed: {changed}"
     assert _rows(lab["db"]) == rows, "the results database changed"
     assert _snapshot(lab["inputs"]) == inputs_before, "an input file changed"
+    assert not (lab["inputs"] / "pwned").exists(), "a tampered checkpoint ran its payload"
+    assert not _leftovers(lab["root"], lab["inputs"], lab["scratch"]), "a failed write left files behind"
 
 
 def test_the_corpus_is_large_and_names_no_case_twice():
-    assert len(CASES) >= 80
+    assert len(CASES) >= 120
     assert len({c[0] for c in CASES}) == len(CASES)
 
 

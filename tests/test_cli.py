@@ -99,3 +99,74 @@ def test_ablate_watches_the_steps_of_running_runs(tmp_path):
             time.sleep(0.01)
     db.close()
     assert any(s == {"a": 30, "b": 5} for s in seen)
+
+
+def test_train_bar_names_each_phase(tiny_data, tmp_path, monkeypatch):
+    """The training bar says what the run is doing: train, each eval, the final eval, each
+    post-training measure (depth profile), the final checkpoint, then how the run ended."""
+    import cartlab.train.loop as loop
+    from train_helpers import tiny_config
+
+    shown = []
+
+    class Recording(loop.tqdm):
+        def set_description_str(self, desc=None, refresh=True):
+            shown.append(desc.split(" [", 1)[1].rstrip("]"))
+            super().set_description_str(desc, refresh)
+
+    monkeypatch.setattr(loop, "tqdm", Recording)
+    loop.train(tiny_config(tiny_data, tmp_path, steps=8, eval_every=4, checkpoint_every=8,
+                           measures=["depth_profile"]))
+    assert shown == ["train", "eval", "train", "final eval", "depth profile", "checkpoint", "completed"]
+
+
+def test_demo_trains_two_runs_at_once_when_two_cores_are_free():
+    from cartlab.demo import choose_workers
+
+    assert choose_workers(2, 0.0) == (2, "2 of 2 cores free, load 0.0")
+    assert choose_workers(2, 0.3)[0] == 2  # an idle machine's background noise
+    assert choose_workers(2, 0.7) == (1, "1 of 2 cores free, load 0.7")
+    assert choose_workers(2, 3.5) == (1, "0 of 2 cores free, load 3.5")
+    assert choose_workers(8, 5.8) == (2, "2 of 8 cores free, load 5.8")
+    assert choose_workers(1, 0.0) == (1, "1 CPU core")
+    assert choose_workers(None, None) == (1, "1 CPU core")
+    assert choose_workers(4, None) == (2, "4 of 4 cores free")  # load unknown (Windows): taken as idle
+
+
+def test_demo_says_how_many_runs_it_trains_at_once_and_leaves_out_ablates_next_line(tmp_path, monkeypatch, capsys):
+    import cartlab.ablate
+    import cartlab.demo
+    import cartlab.report
+
+    calls = {}
+    monkeypatch.setattr(cartlab.ablate, "ablate", lambda study, overrides, **kw: calls.update(kw) or [])
+    monkeypatch.setattr(cartlab.report, "render", lambda *a: tmp_path / "index.html")
+    monkeypatch.setattr(cartlab.demo, "load_average", lambda: 0.1)
+    monkeypatch.setattr(cartlab.demo.os, "cpu_count", lambda: 2)
+    assert cli.main(["demo", "--db", str(tmp_path / "r.db"), "--quiet"]) == 0
+    assert calls["workers"] == 2 and calls["next_hint"] is False
+    assert capsys.readouterr().out.splitlines()[0] == "cartlab: training 2 runs at once (2 of 2 cores free, load 0.1)"
+    assert cli.main(["demo", "--db", str(tmp_path / "r.db"), "--quiet", "--workers", "1"]) == 0
+    assert calls["workers"] == 1
+    assert "training 1 run at a time (--workers 1)" in capsys.readouterr().out
+
+
+def test_ablate_ends_with_the_report_line_unless_told_not_to(tmp_path):
+    """A study with every run completed and drawn trains nothing; its last line points at the
+    report, which `cartlab demo` (rendering it itself) leaves out."""
+    from cartlab.ablate import ablate, notebook_of, study_runs
+    from cartlab.results.db import ResultsDB
+
+    db_path = tmp_path / "r.db"
+    name, runs = study_runs("cpu-demo", [f"results_db={db_path}"])
+    db = ResultsDB(db_path)
+    for r in runs:
+        db.upsert_run(r.run_id, status="completed")
+        notebook_of(r, name, tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        notebook_of(r, name, tmp_path).write_text("{}")
+    db.close()
+    for hint in (True, False):
+        lines = []
+        ablate("cpu-demo", [f"results_db={db_path}"], reports_dir=tmp_path, progress=False, log=lines.append,
+               next_hint=hint)
+        assert lines[-1].startswith("cartlab: next: cartlab report cpu-demo --db ") is hint, lines

@@ -91,16 +91,18 @@ def test_a_conflicting_row_is_refused_in_one_line_and_changes_nothing(tmp_path):
     con.execute("UPDATE train_log SET loss = 9.5 WHERE step = 3")  # ... with one different loss
     con.commit()
     con.close()
-    fresh = make_shard(tmp_path / "c.db", "run-2", steps=2)  # merged first in the same call: kept
+    fresh = make_shard(tmp_path / "c.db", "run-2", steps=2)  # merged first in the same call: rolled back too
+    file_before = into.read_bytes()
     with pytest.raises(ValueError) as err:
         merge([fresh, other], into)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{other}: conflicting row in train_log {{'run_id': 'run-1', 'step': 3}}: loss=9.5 "
                               f"in the shard but 4.7 in {into}"), message
-    after = dump(into)
-    assert {r[0] for r in after["runs"]} == {"run-1", "run-2"}
-    assert [r for r in after["train_log"] if r[0] == "run-1"] == before["train_log"]
+    assert message.endswith("nothing merged"), message
+    assert dump(into) == before  # all or nothing: not even the fresh shard's run-2
+    assert into.read_bytes() == file_before
+    assert not into.with_name(into.name + "-wal").exists() and not into.with_name(into.name + "-shm").exists()
 
 
 def test_a_resumed_run_advances_and_an_older_shard_is_skipped(tmp_path):

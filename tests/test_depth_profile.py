@@ -277,3 +277,21 @@ def test_the_figure_has_a_labelled_panel_per_domain_and_the_shape_in_each_legend
     assert {line.get_xdata()[0] for line in axes[0].lines if line.get_linestyle() == ":"} == {R}  # trained R
     with pytest.raises(ValueError, match="no depth profiles"):
         plot_depth_profiles(prof.iloc[:0])
+
+
+def test_a_loss_that_only_rises_from_the_trained_r_is_rising_not_a_v_shape():
+    """`single_loop`: trained at R=1, the smallest R measured, and worse at every R past it. A V needs
+    a descent into its best point; this profile has one arm only."""
+    import cartlab.analysis.depth as depth
+
+    grid = np.array(depth_grid(1), dtype=float)
+    rising = 3.0 + 0.3 * (grid - 1)
+    assert classify_profile(grid, rising, 1) == "rising"
+    assert classify_profile(GRID, np.where(GRID <= R, 3.0, 3.0 + 0.05 * (GRID - R)), R) == "rising"  # flat, then up
+    assert classify_profile(GRID, _shape("v-shape"), R) == "v-shape"  # a descent into R keeps its V
+    assert "rising" in SHAPES and '"rising"' in depth.__doc__ and "R=1" in depth.__doc__  # the written rule says so
+    profiles = pd.DataFrame([{"run_id": f"s{s}", "variant": "one", "config": "cart R=1 [single_loop]", "seed": s,
+                              "split": "prose", "n_loops": int(r), "loss": float(L) + 0.01 * s, "ppl": np.exp(L),
+                              "trained_r": 1} for s in (1, 2) for r, L in zip(grid, rising)])
+    row = summarise_profiles(profiles).iloc[0]
+    assert row["shape"] == "rising" and row.best_r == 1 and not row.improves_past_trained

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from cartlab import results  # noqa: E402
+from cartlab.analysis import loops as loop_analysis  # noqa: E402
 from cartlab.analysis import plots, schema, spectral  # noqa: E402
 from cartlab.analysis.synthetic import run_row, train_curves  # noqa: E402
 from cartlab.config import ConfigError  # noqa: E402
@@ -214,21 +215,21 @@ def test_gateless_finds_runs_without_an_lti_gate_by_hook_or_by_hand():
 
 def test_loop_profile_is_the_seed_mean_per_variant_domain_and_loop():
     runs, probes = synthetic_store()
-    prof = spectral.loop_profile(runs, probes, metric="loss")
+    prof = loop_analysis.loop_profile(runs, probes, metric="loss")
     base = prof[(prof.variant_label == "cart d=64 P=6 R=6".replace("R=6", "R=3")) & (prof.split == "prose")]
     assert list(base.loop) == [1, 2, 3] and set(base.step) == {200} and set(base.n) == {2}
     np.testing.assert_allclose(base["mean"], [3 + 0.05 - r / 10 + 0.2 for r in (1, 2, 3)])
     np.testing.assert_allclose(base["sd"], np.std([0.0, 0.1], ddof=1))
     assert prof.groupby(["variant", "split", "loop"]).size().max() == 1  # no two variants pooled
     assert prof.variant.nunique() == 3 and set(prof[prof.hooks == "no_lti"].n) == {1}
-    early = spectral.loop_profile(runs, probes, metric="loss", step=100)
+    early = loop_analysis.loop_profile(runs, probes, metric="loss", step=100)
     assert set(early.step) == {100}
     with pytest.raises(ValueError, match="step: no loss measured at step 150"):
-        spectral.loop_profile(runs, probes, metric="loss", step=150)
+        loop_analysis.loop_profile(runs, probes, metric="loss", step=150)
     with pytest.raises(ValueError, match=r"metric: 'radius' not allowed; allowed: \['loss'"):
-        spectral.loop_profile(runs, probes, metric="radius")
+        loop_analysis.loop_profile(runs, probes, metric="radius")
     with pytest.raises(ValueError, match="no logit_lens rows; train with measures"):
-        spectral.loop_profile(runs, None, metric="loss")
+        loop_analysis.loop_profile(runs, None, metric="loss")
 
 
 def test_loop_profile_compares_seeds_at_the_last_step_they_all_reached():
@@ -236,7 +237,7 @@ def test_loop_profile_compares_seeds_at_the_last_step_they_all_reached():
     the other seed's step 200: both are taken at step 100."""
     runs, probes = synthetic_store()
     probes = probes[~((probes.run_id == "base-1") & (probes.step == 200))]
-    prof = spectral.loop_profile(runs, probes, metric="loss")
+    prof = loop_analysis.loop_profile(runs, probes, metric="loss")
     base = prof[(prof.variant_label == "cart d=64 P=6 R=3") & (prof.split == "prose")]
     assert set(base.step) == {100} and set(base.n) == {2}
     np.testing.assert_allclose(base["mean"], [3 + 0.05 - r / 10 + 0.1 for r in (1, 2, 3)])
@@ -245,22 +246,22 @@ def test_loop_profile_compares_seeds_at_the_last_step_they_all_reached():
 
 def test_loop_trajectory_follows_the_last_loop_or_the_one_asked_for():
     runs, probes = synthetic_store()
-    traj = spectral.loop_trajectory(runs, probes, metric="radius_mean")
+    traj = loop_analysis.loop_trajectory(runs, probes, metric="radius_mean")
     base = traj[(traj.hooks == "") & (traj.overrides == "") & (traj.split == "code")]
     assert list(base.step) == [100, 200] and set(base.loop) == {3}
     np.testing.assert_allclose(base["mean"], 0.8 + 0.03 + 0.005)
-    assert set(spectral.loop_trajectory(runs, probes, metric="radius_mean", loop=1).loop) == {1}
-    settle = spectral.loop_trajectory(runs, probes, metric="settle_loop")
+    assert set(loop_analysis.loop_trajectory(runs, probes, metric="radius_mean", loop=1).loop) == {1}
+    settle = loop_analysis.loop_trajectory(runs, probes, metric="settle_loop")
     assert set(settle[(settle.hooks == "") & (settle.overrides == "")]["mean"]) == {2.0}  # (1.5 + 2.5) / 2
     with pytest.raises(ValueError, match="one number per evaluation"):
-        spectral.loop_trajectory(runs, probes, metric="settle_loop", loop=2)
+        loop_analysis.loop_trajectory(runs, probes, metric="settle_loop", loop=2)
     with pytest.raises(ValueError, match="no run measured radius_mean at loop 7"):
-        spectral.loop_trajectory(runs, probes, metric="radius_mean", loop=7)
+        loop_analysis.loop_trajectory(runs, probes, metric="radius_mean", loop=7)
 
 
 def test_loop_summary_has_one_row_per_variant_and_domain_and_says_no_gate():
     runs, probes = synthetic_store()
-    table = spectral.loop_summary(runs, probes)
+    table = loop_analysis.loop_summary(runs, probes)
     assert len(table) == 3 * 2 and not table.duplicated(["config", "split"]).any()
     assert list(table.columns) == ["config", "split", "R", "step", "lens loss at loop 1", "KL at loop 1", "settle loop",
                                    "radius at loop R", "gate radius"]
@@ -350,7 +351,7 @@ def test_the_spectral_radius_notebook_shows_the_loop_views_and_offers_every_meas
     dropdowns = [w["state"] for w in state.values() if w["model_name"] == "DropdownModel"]
     assert len(dropdowns) == 1
     offered = dropdowns[0]["_options_labels"]
-    assert [o.split(":")[0] for o in offered] == list(spectral.LOOP_MEASURES)
+    assert [o.split(":")[0] for o in offered] == list(loop_analysis.LOOP_MEASURES)
     views = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(views) == 3  # the run picker and its figure area; the loop-measure explorer

@@ -92,7 +92,10 @@ def test_noncausal_cross_attention_leak_is_detected(hooks):
 
 def test_noncausal_needs_a_cross_attention_core():
     with pytest.raises(ConfigError, match="causal_cross_attn=false is not allowed: an unmasked cross-attention needs a cross-attention core"):
-        CARTConfig.tiny(hooks=("self_attn_core", "noncausal_cross_attn"))
+        CARTConfig.tiny(hooks=("self_attn_core",), causal_cross_attn=False)
+    with pytest.raises(ConfigError, match=r"hooks=\['noncausal_cross_attn', 'self_attn_core'\] is not allowed: "
+                                          r"'self_attn_core' and 'noncausal_cross_attn' cannot be combined"):
+        CARTConfig.tiny(hooks=("noncausal_cross_attn", "self_attn_core"))
 
 
 def test_dense_trains_is_causal_and_caches():

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from cartlab.notebooks import list_notebooks, notebook_path
+from cartlab import results
 from cartlab.report import ANALYSES, render
 from conftest import db_rows as _db_rows
 
@@ -167,8 +168,18 @@ def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_st
     assert "widget-view" not in radius_nb  # the report's radius notebook is static
     assert "load_results(" not in html  # code hidden
     summary = (out / "summary.md").read_text()
-    for needle in ("CART-Dense gap", "residual_framing", "lti_gate", "Seed noise"):
+    for needle in ("CART-Dense gap", "unattributed (includes", "lti_gate", "Seed noise"):
         assert needle in summary
+    # what the study shows comes first, complete, per domain, and is stored with the code version
+    assert summary.index("## What this study shows") < summary.index("## Seed noise")
+    assert "5 of 5 runs trained: the study is complete." in summary and "Partial report" not in summary
+    assert "What this study shows" in html and html.index("What this study shows") < html.index("Seed noise")
+    stored = results.findings(tiny_study["db"], "tiny")
+    domains = set(results.eval_log(tiny_study["db"]).split)
+    gap = stored[stored.analysis == "gap"]
+    assert len(gap) and all(set(g.split) == domains for _, g in gap.groupby("claim"))  # every domain
+    assert set(stored.verdict) <= {"signal", "within noise", "not enough seeds", "not measured"}
+    assert set(stored[stored.analysis == "ablation"].verdict) <= {"not enough seeds", "not measured"}  # one seed
     decomposition = next((out / "tables").glob("gap_decomposition-decomposition*.csv")).read_text()
     assert "signal" in decomposition or "within noise" in decomposition
 
@@ -214,4 +225,48 @@ def test_report_of_an_untrained_study_says_what_to_run(tmp_path, capsys):
     from cartlab.cli import main
 
     assert main(["report", "cpu-demo", "--db", str(tmp_path / "none.db")]) == 2
-    assert "cartlab ablate cpu-demo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cartlab ablate cpu-demo" in err and "0 of 8 runs trained; missing: baseline seed 1 (not started)" in err
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_study_with_runs_missing_is_refused_and_renders_with_a_banner_when_partial(tiny_study, tmp_path, capsys):
+    """The tiny study's runs plus one never trained: refused in one line naming it; with
+    --partial, every page (index, each analysis notebook, summary.md) opens with the banner."""
+    import yaml
+
+    from cartlab.cli import main
+
+    spec = yaml.safe_load(tiny_study["study"].read_text())
+    spec["name"] = "tiny-partial"
+    spec["runs"].append({"label": "no_hyper", "hooks": ["no_hyper"]})
+    study = tmp_path / "tiny-partial.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    args = ["report", str(study), "--db", str(tiny_study["db"]), "--reports-dir", str(tmp_path / "reports")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "5 of 6 runs trained; missing: no_hyper seed 1 (not started)" in err
+    assert "--partial" in err and not (tmp_path / "reports").exists()
+    assert main([*args, "--partial"]) == 0
+    out = tmp_path / "reports" / "tiny-partial"
+    banner = "Partial report: 5 of 6 runs trained; missing: no_hyper seed 1 (not started)."
+    pages = [out / "index.html", *(out / "notebooks").glob("*.html")]
+    assert len(pages) == len(ANALYSES) + 1
+    for page in pages:
+        assert banner in page.read_text(), page.name
+    assert (out / "summary.md").read_text().startswith(f"# cartlab report: tiny-partial\n\n> **{banner}**")
+
+
+def test_variable_depth_without_its_runs_exits_non_zero_naming_them(tmp_path, capsys):
+    from cartlab.cli import main
+
+    assert main(["report", "variable_depth", "--db", str(tmp_path / "none.db")]) != 0
+    assert "0 of 6 runs trained; missing: fixed-R seed 1 (not started)" in capsys.readouterr().err
+
+
+def test_an_unknown_study_offers_the_closest_name_and_paper(capsys):
+    from cartlab.cli import main
+
+    assert main(["report", "variable-depth"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'variable_depth'?" in err and "or 'paper' for the paper's published numbers" in err

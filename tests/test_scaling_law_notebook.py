@@ -1,4 +1,4 @@
-"""Guards the joint-law analysis of a study (issue 16): `scaling.scaling_points` turns a results
+"""Guards the joint-law analysis of a study (issue 16): `scaling_study.scaling_points` turns a results
 database's runs into (N stored/effective non-embedding, D tokens, final loss) points with the
 accounting of each run's own model, refuses to pool two variants into one point, and the
 `scaling_law` notebook runs headlessly on a width x token-budget grid (acceptance 4) without
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cartlab.analysis import scaling
+from cartlab.analysis import joint_law, scaling_study
 from cartlab.model import account
 from cartlab.results import ResultsDB
 from cartlab.studies import load_study
@@ -62,7 +62,7 @@ def _points(study, db, split="prose"):
     from cartlab.report import load_results
 
     res = load_results(str(study), db)
-    return res, scaling.scaling_points(res.runs, res.eval_log, split=split)
+    return res, scaling_study.scaling_points(res.runs, res.eval_log, split=split)
 
 
 def test_points_carry_each_runs_own_accounting_and_budgeted_tokens(tmp_path):
@@ -76,10 +76,10 @@ def test_points_carry_each_runs_own_accounting_and_budgeted_tokens(tmp_path):
         assert row.n_effective > row.n_stored  # the core counted R times
         assert row.tokens == run.config.steps * run.config.tokens_per_step >= 2.0e4
         assert row.flops == pytest.approx(acc.train_flops_per_token() * row.tokens)
-    mean = scaling.scaling_points(res.runs, res.eval_log, split="mean")
+    mean = scaling_study.scaling_points(res.runs, res.eval_log, split="mean")
     np.testing.assert_allclose(mean.sort_values("run_id")["loss"], pts.sort_values("run_id")["loss"] + 0.1)
     with pytest.raises(ValueError, match="split: 'wiki' not among the runs' evaluated splits"):
-        scaling.scaling_points(res.runs, res.eval_log, split="wiki")
+        scaling_study.scaling_points(res.runs, res.eval_log, split="wiki")
 
 
 def test_points_refuse_two_variants_in_one_cell(tmp_path):
@@ -93,7 +93,7 @@ def test_points_refuse_two_variants_in_one_cell(tmp_path):
     runs = pd.concat([res1.runs, res2.runs], ignore_index=True)
     evals = pd.concat([res1.eval_log, res2.eval_log], ignore_index=True)
     with pytest.raises(ValueError, match="holds several variants, not seeds of one configuration"):
-        scaling.scaling_points(runs, evals, split="prose")
+        scaling_study.scaling_points(runs, evals, split="prose")
 
 
 def test_published_rows_without_a_config_are_refused_by_name():
@@ -101,43 +101,43 @@ def test_published_rows_without_a_config_are_refused_by_name():
 
     pub = load_published()
     with pytest.raises(ValueError, match="has no stored training config"):
-        scaling.scaling_points(pub.runs, pub.eval_log, split="wiki")
+        scaling_study.scaling_points(pub.runs, pub.eval_log, split="wiki")
 
 
 def test_families_short_of_sizes_or_budgets_are_named_not_fitted(tmp_path):
     study, db = synthetic_grid(tmp_path, widths=[32, 48, 64], tokens=[2.0e4, 4.0e4])
     _, pts = _points(study, db)
-    ready, short = scaling.law_families(pts)
+    ready, short = scaling_study.law_families(pts)
     assert ready == {} and "3 model size(s) and 2 token budget(s)" in short["cart P=2 R=3"]
 
 
 def test_joint_fits_recover_the_law_in_stored_parameters(tmp_path):
     study, db = synthetic_grid(tmp_path)
     _, pts = _points(study, db)
-    ready, _ = scaling.law_families(pts)
-    fits = scaling.joint_fits(ready["cart P=2 R=3"], n_boot=0)
+    ready, _ = scaling_study.law_families(pts)
+    fits = scaling_study.joint_fits(ready["cart P=2 R=3"], n_boot=0)
     for name, value in LAW.items():
         assert getattr(fits["stored"], name) == pytest.approx(value, rel=0.02), name
     assert fits["effective"].alpha != pytest.approx(fits["stored"].alpha, rel=0.02)  # another N, another law
-    table = scaling.law_table(fits)
+    table = scaling_study.law_table(fits)
     assert list(table["parameter"]) == ["E", "A", "B", "alpha", "beta", "a"]
     assert table.loc[table.parameter == "a", "stored"].item() == pytest.approx(0.3 / 0.65, rel=0.03)
 
 
 def test_flops_per_token_curve_is_exact_for_a_power_and_needs_two_sizes():
     n = np.array([1e5, 3e5, 1e6])
-    curve = scaling.flops_per_token_curve(n, 6.0 * n)
+    curve = joint_law.flops_per_token_curve(n, 6.0 * n)
     assert (curve.c, curve.k) == (pytest.approx(6.0), pytest.approx(1.0))
     np.testing.assert_allclose(curve(2e6), 1.2e7)
     with pytest.raises(ValueError, match="at least 2 distinct"):
-        scaling.flops_per_token_curve([1e5, 1e5], [6e5, 6e5])
+        joint_law.flops_per_token_curve([1e5, 1e5], [6e5, 6e5])
 
 
 def test_frontier_table_follows_the_closed_form_for_6nd(tmp_path):
     study, db = synthetic_grid(tmp_path)
     _, pts = _points(study, db)
-    fits = scaling.joint_fits(pts, n_boot=0)
-    table = scaling.frontier_table({"stored": fits["stored"]}, {"stored": 6.0}, [1e12, 1e14])
+    fits = scaling_study.joint_fits(pts, n_boot=0)
+    table = scaling_study.frontier_table({"stored": fits["stored"]}, {"stored": 6.0}, [1e12, 1e14])
     n_opt, d_opt = fits["stored"].optimal_allocation(np.array([1e12, 1e14]))
     np.testing.assert_allclose(table["N_opt"], n_opt)
     np.testing.assert_allclose(table["N_opt"] * table["D_opt"] * 6.0, [1e12, 1e14])
@@ -167,5 +167,7 @@ def test_notebook_fits_the_grid_headlessly_and_notes_the_paper(tmp_path):
 
     paper = tmp_path / "paper"
     execute("scaling_law", tmp_path / "paper.ipynb", {"study": "paper", "report_dir": str(paper)})
-    notes = [i["text"] for i in json.loads((paper / "sections" / "scaling_law.json").read_text())["items"]]
+    items = json.loads((paper / "sections" / "scaling_law.json").read_text())["items"]
+    notes = [i["text"] for i in items]  # one line for the report's "not shown" list, no paragraph of "no fit"
     assert len(notes) == 1 and notes[0].startswith("No joint law for `paper`") and "config_json" in notes[0]
+    assert items[0]["kind"] == "unavailable"

@@ -202,3 +202,34 @@ def test_a_steps_override_of_a_budgeted_study_is_refused(capsys):
     assert main(["ablate", "scaling-grid", "--list", "steps=5"]) == 2
     err = capsys.readouterr().err
     assert "steps=5 is not allowed: this run's length is its budget tokens=100000" in err
+
+
+# -- the run identity is the variant, not the study (issue 24) -------------------------------------------------
+def _resolved(config) -> str:
+    """What a run trains, whatever way its study wrote it: the identity with the model resolved
+    (a `dense_match: stored` Dense and the same Dense written out in full are one model)."""
+    import json
+
+    d = config.identity()
+    d["model"] = config.model_config().to_dict()
+    d.pop("dense_match", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def test_no_shipped_study_trains_a_variant_that_another_trains_under_another_id():
+    from cartlab.studies import list_studies
+
+    ids: dict[str, set[str]] = {}
+    for name in list_studies():
+        for run in load_study(name).expand():
+            ids.setdefault(_resolved(run.config), set()).add(run.run_id)
+    twice = {k: v for k, v in ids.items() if len(v) > 1}
+    assert not twice, f"one model trained under several run ids: {list(twice.values())}"
+
+
+def test_the_demo_and_the_lrt_study_share_their_dense_runs():
+    demo = {r.run_id for r in load_study("cpu-demo").expand()}
+    lrt = load_study("lrt").expand()
+    dense = [r for r in lrt if r.label == "dense"]
+    assert len(dense) == 2 and all(r.run_id in demo for r in dense)
+    assert all(len({r.seed for r in lrt if r.label == label}) >= 2 for label in {r.label for r in lrt})

@@ -1,5 +1,18 @@
-"""Analysis of CART/Dense results: scaling fits, seed-noise statistics, gap decomposition,
-spectral radius and compute accounting, all on the long-form frames of `schema`.
+"""Analysis of CART/Dense results, one module per concept, each with its own figures, all on the
+long-form frames of `schema`:
+
+    runs            what a run trained: its config, model accounting and FLOPs (the one FLOPs source)
+    scaling         power-law fits y = a x^b (section 7.3)
+    joint_law       saturating laws: E + A x^-alpha, Chinchilla's L(N, D), the recurrence exponent
+    scaling_study   the joint law on a study's runs: points, families, fits, tables, figures
+    stats           seed noise: bands, seed means, curves over training
+    screen          screen-vs-full-training agreement (section 9.5)
+    decompose       the CART-Dense gap by component (section 8)
+    spectral        the LTI gate's spectral radius (section 6)
+    loops           inside the loop: logit lens and contraction (issue 15)
+    depth           the test-time depth profile (section 7.4)
+    compute         loss against training FLOPs, LRT's probe
+    plots           every figure function under one name (re-exported from the modules above)
 
     from cartlab.analysis import published, scaling
     res = published.load_published()
@@ -10,8 +23,8 @@ Importing this package is cheap (no torch, no matplotlib): submodules load on fi
 import importlib
 
 _SUBMODULES = (
-    "schema", "published", "scaling", "laws", "stats", "decompose", "spectral", "accounting", "plots", "synthetic",
-    "depth", "compute",
+    "schema", "published", "runs", "scaling", "joint_law", "scaling_study", "laws", "stats", "screen", "decompose",
+    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "compute", "findings",
 )
 __all__ = list(_SUBMODULES)
 

@@ -17,13 +17,15 @@ included), per optimizer step over all processes.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cartlab.analysis.runs import accounted_step_flops
+from cartlab.analysis.runs import run_config as _config
+from cartlab.analysis.runs import run_model as _model
 from cartlab.analysis.schema import display_labels, validate, with_variants
 
 PROBE = "lrt_gap"
@@ -33,41 +35,7 @@ METRIC_LABELS = {"loss_gap": "loss gap, interleaved - exact (nats)",
                  "loss": "interleaved loss (nats)", "loss_exact": "exact loss (nats)"}
 
 
-# -- FLOPs per run -----------------------------------------------------------------------------------------
-def _config(row) -> dict | None:
-    text = row.get("config_json") if hasattr(row, "get") else None
-    if not isinstance(text, str) or not text:
-        return None
-    cfg = json.loads(text)
-    return cfg if isinstance(cfg, dict) and "model" in cfg and "train" in cfg else None
-
-
-def _model(cfg: dict):
-    from cartlab.model import LMConfig
-
-    return LMConfig.from_dict(cfg["model"])
-
-
-def accounted_step_flops(row) -> float:
-    """Training FLOPs of one optimizer step of the run `row` (a runs row with `config_json`):
-    tokens per step (batch x accumulation x seq_len x processes) times the accounted training
-    FLOPs per token (`account(...).train_flops_per_token()`, LM head included; for
-    variable-depth CART at the expected loop count). What the training loop adds to
-    `train_log.flops` every step; NaN when the row has no readable config (published numbers)."""
-    from cartlab.config import ConfigError
-    from cartlab.model import account
-
-    cfg = _config(row)
-    if cfg is None:
-        return math.nan
-    try:
-        train = cfg["train"]
-        hardware = json.loads(row.get("hardware_json") or "{}")
-        tokens = train["batch_size"] * train.get("grad_accum", 1) * train["seq_len"] * hardware.get("world_size", 1)
-        return account(_model(cfg), train["seq_len"]).train_flops_per_token(include_lm_head=True) * tokens
-    except (KeyError, TypeError, ConfigError):
-        return math.nan
-
+# -- FLOPs per run: cartlab.analysis.runs, shared with the scaling analyses ------------------------------------
 
 def with_flops(runs: pd.DataFrame, train_log: pd.DataFrame) -> pd.DataFrame:
     """`train_log` (a copy) with the cumulative training FLOPs of every row in `flops`: the value
@@ -143,6 +111,10 @@ def budget(runs: pd.DataFrame, train_log: pd.DataFrame) -> float:
     return float(log.groupby("run_id")["flops"].max().min())
 
 
+MAX_SPAN = 0.1
+"""The longest stretch of a run (a fraction of its steps) a mid-schedule read may interpolate over."""
+
+
 def _interp_at(flops: np.ndarray, values: np.ndarray, at: float) -> float:
     """values at `at` FLOPs, linear between the logged points; NaN outside them."""
     order = np.argsort(flops)
@@ -152,46 +124,146 @@ def _interp_at(flops: np.ndarray, values: np.ndarray, at: float) -> float:
     return float(np.interp(at, flops, values))
 
 
-def matched_compute(runs: pd.DataFrame, train_log: pd.DataFrame, eval_log: pd.DataFrame,
-                    split: str | None = None) -> pd.DataFrame:
-    """One row per variant, sorted by its validation loss on `split` (default: the first domain)
-    at the matched budget: seeds, training FLOPs per token (total over the tokens trained: runs
-    are completed), total training FLOPs, the final validation loss per domain (matched steps),
-    and, at the largest FLOPs budget every run reached (`budget`), the step it was reached at and
-    the validation losses there (matched compute; read off each run's evaluations, linear between
-    them, then averaged over seeds). A run whose first evaluation comes after the budget has no
-    loss there (NaN). (Training losses are left out: one batch's loss at a step is too noisy to
-    rank variants by.)"""
-    validate(eval_log, "eval_log")
+def _span(flops: np.ndarray, steps: np.ndarray, at: float) -> float:
+    """Steps between the two evaluations around `at` FLOPs (0 when one is at `at`)."""
+    order = np.argsort(flops)
+    flops, steps = flops[order], steps[order]
+    i = int(np.searchsorted(flops, at))
+    if i < len(flops) and np.isclose(flops[i], at, rtol=1e-9, atol=0):
+        return 0.0
+    return float(steps[i] - steps[i - 1]) if 0 < i < len(flops) else math.inf
+
+
+def read_at_budget(final_flops: float, steps: int, at: float) -> str:
+    """How a run is read at the budget `at`: "end of schedule" when its schedule ends there
+    (within one of its steps, or 1%), "mid-schedule" when it trains past it (its learning rate
+    not yet annealed there: not a fair comparison), "not reached" when it stops short."""
+    tol = max(final_flops / max(steps, 1), 0.01 * at)
+    if abs(final_flops - at) <= tol:
+        return "end of schedule"
+    return "mid-schedule" if final_flops > at else "not reached"
+
+
+def _reads(runs: pd.DataFrame, train_log: pd.DataFrame, eval_log: pd.DataFrame, at: float) -> pd.DataFrame:
+    """One row per (run, domain): the run's read at budget `at` and its validation loss there.
+    An end-of-schedule read is the run's final evaluation; a mid-schedule read interpolates
+    between the evaluations around the budget when they are at most MAX_SPAN of the run apart,
+    and is refused (NaN, said in `read`) otherwise."""
     log = with_flops(runs, train_log).dropna(subset=["flops"])
-    at = budget(runs, train_log)
     ev = eval_log.assign(flops=flops_at(log, eval_log)).dropna(subset=["flops"])
-    splits = sorted(str(s) for s in eval_log["split"].unique())
-    if split is not None and split not in splits:
-        raise ValueError(f"split: {split!r} is not a validation domain of these runs; available: {splits}")
     rows = []
     for run in with_variants(runs).to_dict("records"):
         mine, evals = log[log["run_id"] == run["run_id"]], ev[ev["run_id"] == run["run_id"]]
         if mine.empty:
             continue
         last = mine.loc[mine["step"].idxmax()]
-        row = {"run_id": run["run_id"], "variant": run["variant"],
-               "FLOPs/token": last["flops"] / float(run["tokens"]) if run.get("tokens") else math.nan,
-               "training FLOPs": last["flops"],
-               "step at budget": _interp_at(mine["flops"].to_numpy(float), mine["step"].to_numpy(float), at)}
+        steps, final = int(last["step"]), float(last["flops"])
+        read = read_at_budget(final, steps, at)
+        step_at = steps if read == "end of schedule" else _interp_at(mine["flops"].to_numpy(float),
+                                                                    mine["step"].to_numpy(float), at)
+        for domain, e in evals.groupby("split"):
+            how = read
+            if read == "end of schedule":
+                loss = float(e.loc[e["step"].idxmax(), "loss"])
+            elif read == "mid-schedule":
+                span = _span(e["flops"].to_numpy(float), e["step"].to_numpy(float), at)
+                loss = _interp_at(e["flops"].to_numpy(float), e["loss"].to_numpy(float), at)
+                if span > MAX_SPAN * steps:
+                    how, loss = f"mid-schedule, evaluations {span:.0f} steps apart: not read", math.nan
+            else:
+                loss = math.nan
+            rows.append({"run_id": run["run_id"], "variant": run["variant"], "split": str(domain), "read": how,
+                         "steps": steps, "step at budget": step_at, "training FLOPs": final,
+                         "FLOPs/token": final / float(run["tokens"]) if run.get("tokens") else math.nan,
+                         "final": float(e.loc[e["step"].idxmax(), "loss"]), "at budget": loss})
+    return pd.DataFrame(rows, columns=["run_id", "variant", "split", "read", "steps", "step at budget",
+                                       "training FLOPs", "FLOPs/token", "final", "at budget"])
+
+
+def matched_compute(runs: pd.DataFrame, train_log: pd.DataFrame, eval_log: pd.DataFrame,
+                    split: str | None = None, at: float | None = None) -> pd.DataFrame:
+    """One row per variant at the training-FLOPs budget `at` (the study's `flops:` budget; default
+    the largest budget every run reached, `budget`), sorted by its validation loss on `split`
+    (default: the first domain) there: seeds, how it is read (`read_at_budget`: "end of schedule"
+    is a fair comparison; "mid-schedule" is not, and is labelled so; "not reached"), its schedule
+    length and the step at the budget, training FLOPs per token and in total, and per domain the
+    validation loss at the budget and at its own end (final, matched steps), seeds averaged.
+    Mid-schedule reads interpolate between evaluations at most a tenth of the run apart, else
+    are refused (NaN). (Training losses are left out: one batch's loss is too noisy to rank by.)"""
+    validate(eval_log, "eval_log")
+    at = budget(runs, train_log) if at is None else float(at)
+    splits = sorted(str(s) for s in eval_log["split"].unique())
+    if split is not None and split not in splits:
+        raise ValueError(f"split: {split!r} is not a validation domain of these runs; available: {splits}")
+    reads = _reads(runs, train_log, eval_log, at)
+    per_run = _labelled(runs, reads.drop(columns="variant"))
+    out = []
+    for (variant, config), g in per_run.groupby(["variant", "config"]):
+        first = g.drop_duplicates("run_id")
+        row = {"config": config, "seeds": first["run_id"].nunique(),
+               "read at budget": "; ".join(sorted(set(g["read"]))),
+               "steps": int(round(first["steps"].mean())), "step at budget": first["step at budget"].mean(),
+               "FLOPs/token": first["FLOPs/token"].mean(), "training FLOPs": first["training FLOPs"].mean()}
         for domain in splits:
-            e = evals[evals["split"] == domain]
-            row[f"final {domain}"] = e.loc[e["step"].idxmax(), "loss"] if len(e) else math.nan
-            row[f"{domain} at budget"] = _interp_at(e["flops"].to_numpy(float), e["loss"].to_numpy(float), at)
-        rows.append(row)
-    per_run = _labelled(runs, pd.DataFrame(rows).drop(columns="variant"))
-    values = [c for c in per_run.columns if c not in ("run_id", "variant", "config")]
-    table = per_run.groupby(["variant", "config"])[values].mean()
-    table.insert(0, "seeds", per_run.groupby(["variant", "config"]).size())
-    table = table.reset_index().drop(columns="variant")
+            d = g[g["split"] == domain]
+            row[f"{domain} at budget"] = d["at budget"].mean() if len(d) else math.nan
+        for domain in splits:
+            d = g[g["split"] == domain]
+            row[f"final {domain}"] = d["final"].mean() if len(d) else math.nan
+        out.append(row)
+    table = pd.DataFrame(out)
+    if len(table):
+        table["step at budget"] = table["step at budget"].round().astype("Int64")
+        key = f"{split or splits[0]} at budget"
+        table = table.sort_values([key, "config"]).reset_index(drop=True)
     table.attrs["budget"] = at
-    key = f"{split or splits[0]} at budget" if splits else "step at budget"
-    return table.sort_values([key, "config"]).reset_index(drop=True)
+    return table
+
+
+def reference_dense(runs: pd.DataFrame) -> str | None:
+    """The variant matched-compute findings compare against: the study's one plain Dense (no
+    hooks, no fields set by hand); None when there is none or several."""
+    runs = with_variants(runs)
+    plain = runs[(runs["model"] == "dense") & (runs["hooks"].fillna("") == "") & (runs["overrides"].fillna("") == "")]
+    variants = plain["variant"].unique()
+    return variants[0] if len(variants) == 1 else None
+
+
+def findings(res, at: float | None = None) -> list:
+    """Matched-compute findings: each variant's validation loss at the budget minus the plain
+    Dense's, per domain, over seeds (`cartlab.analysis.findings`). Made when the study has one
+    plain Dense and variants of different training FLOPs per token; a comparison that reads any
+    run mid-schedule carries the note "mid-schedule read" (its verdict is not a fair one)."""
+    from cartlab.analysis.findings import finding, not_measured
+
+    if res.train_log is None or res.train_log.empty or res.eval_log.empty:
+        return []
+    ref = reference_dense(res.runs)
+    if ref is None:
+        return []
+    try:
+        at = budget(res.runs, res.train_log) if at is None else float(at)
+    except ValueError:
+        return []
+    reads = _reads(res.runs, res.train_log, res.eval_log, at)
+    if reads.empty or reads["FLOPs/token"].round(6).nunique() < 2:
+        return []  # one cost per token: matched compute is matched steps, the other findings cover it
+    labels = dict(zip(with_variants(res.runs)["variant"], display_labels(with_variants(res.runs))))
+    out = []
+    b = reads[reads["variant"] == ref]
+    for variant, a in reads[reads["variant"] != ref].groupby("variant", sort=False):
+        claim = f"{labels[variant]} vs {labels[ref]} at {at:.3g} training FLOPs"
+        for split in sorted(set(reads["split"])):
+            sa, sb = a[a["split"] == split], b[b["split"] == split]
+            mid = sorted({r for r in (*sa["read"], *sb["read"]) if r != "end of schedule"})
+            if sa["at budget"].notna().sum() == 0 or sb["at budget"].notna().sum() == 0:
+                out.append(not_measured("matched_compute", claim, labels[variant], labels[ref], split, "loss",
+                                        "; ".join(mid) or "no evaluation"))
+                continue
+            note = "mid-schedule read: not a fair comparison" if any(r.startswith("mid") for r in mid) else ""
+            out.append(finding("matched_compute", claim, labels[variant], labels[ref], split, "loss",
+                               sa["at budget"], sb["at budget"], note))
+    return out
 
 
 # -- LRT: measured forward cost, approximation probe --------------------------------------------------------

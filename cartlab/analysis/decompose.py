@@ -126,7 +126,9 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
         frozen_kv            = m(B) - m(unfreeze_kv)
         hyperconnection      = m(B) - m(no_hyper);  lti_gate = m(B) - m(no_lti);
         loop_index_embedding = m(B) - m(no_lie)
-        residual_framing     = [m(B) - m(D_e)] - sum of the above
+        residual_framing     = [m(B) - m(D_e)] - sum of the above (a row `unattributed (includes
+                               ...)` instead when a component's ablation is missing: then it is
+                               not one component, and it is not judged as one)
     Stored path (to the stored-matched Dense D_s):
         recurrence_beyond_R1 = m(B) - m(single_loop)   (negative: the loop helps)
         cart_at_R1_vs_dense  = m(single_loop) - m(D_s)
@@ -194,11 +196,18 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
                 add(path, name, value, ref, with_ or "baseline", without, weights)
             else:
                 missing.append(name)
-        note = f"absorbs unmeasured: {', '.join(missing)}" if missing else ""
+        # the remainder starts from the last configuration of the path that was trained
         if path == "effective":
-            add(path, remainder, total - measured, ref, "self_attn_core,unshare_core", "dense", rest_w, note)
-        else:  # recurrence is measured; the rest is single_loop vs Dense
-            add(path, remainder, total - measured, ref, "single_loop", "dense", rest_w, note)
+            start = ("self_attn_core,unshare_core" if "attention_type" not in missing
+                     else "unshare_core" if "shared_weights" not in missing else "baseline")
+        else:
+            start = "baseline" if missing else "single_loop"
+        if missing:  # not one component: the path's rest, with what was not measured in it
+            add(path, f"unattributed (includes {', '.join(missing)})", total - measured, ref, start, "dense",
+                rest_w, f"{remainder} plus the unmeasured: {', '.join(missing)}")
+            out[-1]["label"] = "unattributed"
+        else:
+            add(path, remainder, total - measured, ref, start, "dense", rest_w)
         add(path, "total", total, ref, "baseline", "dense" if dense is None else dense["name"].iloc[0], total_w)
     frame = pd.DataFrame(out)
     frame.attrs["band"] = band
@@ -208,3 +217,88 @@ def decompose_gap(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, spl
                              + (f"; with n={band.n} the sd is itself uncertain" if band.n < 5 else ""))
     return frame
 
+
+# -- findings ---------------------------------------------------------------------------------------------------
+def findings(res, *, metric: str = "loss", tolerance: float = 0.15) -> list:
+    """The gap and the ablations as findings, on every validation domain (`cartlab.analysis.findings`):
+    per CART baseline variant, CART against its stored- and effective-matched Dense (section 7.6),
+    then every other CART variant of the same width, prelude and stage against that baseline (the
+    ablations of section 8, the variable-depth training modes, ...). Each finding's effect =
+    mean_seeds m(a) - mean_seeds m(b) of the final `metric` m on one domain, with Welch's 95%
+    interval (`findings.compare`). Rows that are seed means (the paper's tables) make no finding."""
+    from cartlab.analysis.findings import finding
+
+    if res.eval_log is None or res.eval_log.empty:
+        return []
+    fe = _final(res.runs, res.eval_log, metric)
+    fe = fe[fe["seed"].notna()]
+    splits = sorted(str(s) for s in fe["split"].unique())
+    out = []
+
+    def values(rows, split):
+        return rows[rows["split"] == split][metric].to_numpy(float)
+
+    for variant, base in fe[is_baseline(fe)].groupby("variant", sort=False):
+        label = base["variant_label"].iloc[0]
+        for kind in ("stored", "effective"):
+            try:
+                dense = _matched(fe, base[f"{kind}_params"].mean(), tolerance, base["stage"].iloc[0])
+            except ValueError:  # two Dense variants equally close: no one match
+                dense = None
+            if dense is None:
+                continue
+            claim = f"{label} vs {kind}-matched {dense['variant_label'].iloc[0]}"
+            out += [finding("gap", claim, label, dense["variant_label"].iloc[0], split, metric,
+                            values(base, split), values(dense, split)) for split in splits]
+        d, P, stage = (base[c].iloc[0] for c in ("d_model", "prelude_layers", "stage"))
+        family = fe[(fe["model"] == "cart") & (fe["d_model"] == d) & (fe["prelude_layers"] == P)
+                    & (fe["stage"] == stage) & (fe["variant"] != variant)]
+        for other, rows in family.groupby("variant", sort=False):
+            other_label = rows["variant_label"].iloc[0]
+            claim = f"{other_label} vs the baseline {label}"
+            out += [finding("ablation", claim, other_label, label, split, metric, values(rows, split),
+                            values(base, split)) for split in splits]
+    return out
+
+
+# -- figure --------------------------------------------------------------------------------------------------
+def plot_gap_waterfall(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict, split: str = "wiki",
+                       metric: str = "ppl", path: str = "effective", k: float = 2.0,
+                       tolerance: float = 0.15) -> Figure:
+    """Waterfall of the CART-Dense gap's components (section 8; see decompose_gap):
+    one bar per component from the running sum, the total last; red costs perplexity, green
+    helps, hatched bars are within noise, and each bar's error bar is its noise,
+    k * sd(c) = k * sd * sqrt(sum w^2 / n). The legend says all of this."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if path not in ("effective", "stored"):
+        raise ValueError(f"path: {path!r} not allowed; allowed: ['effective', 'stored']")
+    dec = decompose_gap(runs, eval_log, cart=cart, split=split, metric=metric, k=k, tolerance=tolerance)
+    dec = dec[dec["path"] == path]
+    parts, total = dec[dec["component"] != "total"], dec[dec["component"] == "total"].iloc[0]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    start, tops = 0.0, []
+    for i, row in enumerate(parts.itertuples()):
+        color = "tab:red" if row.value > 0 else "tab:green"
+        ax.bar(i, row.value, bottom=start, color=color, hatch=None if row.label == "signal" else "//",
+               edgecolor="k")
+        start += row.value
+        tops.append(start)
+    ax.bar(len(parts), total["value"], color="tab:grey", edgecolor="k",
+           hatch=None if total["label"] == "signal" else "//")
+    ax.errorbar(range(len(parts) + 1), tops + [total["value"]], yerr=list(parts["noise"]) + [total["noise"]],
+                fmt="none", ecolor="k", capsize=3, label=f"noise: {k:g} sd of each component")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(parts) + 1), list(parts["component"]) + ["total"], rotation=30, ha="right")
+    ax.set(xlabel="component (section 8)", ylabel=f"{metric} ({split}): CART - Dense",
+           title=f"CART's {metric} gap to the {path}-matched Dense, component by component")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(facecolor="tab:red", edgecolor="k", label=f"costs {metric} (CART worse)"),
+                Patch(facecolor="tab:green", edgecolor="k", label=f"helps (lowers {metric})"),
+                Patch(facecolor="white", edgecolor="k", hatch="//", label="hatched: within noise"),
+                Patch(facecolor="tab:grey", edgecolor="k", label="total gap")]
+    ax.legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    return fig

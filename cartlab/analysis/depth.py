@@ -5,6 +5,8 @@ trained with keep helping.
     prof = depth_profiles(res.probes, res.runs)       # one row per (run, domain, inference R)
     summary = summarise_profiles(prof)                # one row per (variant, domain): shape, best R, ...
     classify_profile([1, 2, 4, 8, 16], [4.0, 3.6, 3.4, 3.9, 4.6], trained_r=4)   # 'v-shape'
+    classify_profile([1, 2, 4], [3.0, 3.3, 3.9], trained_r=1)                     # 'rising'
+    plot_depth_profiles(prof, summary)                # the profiles drawn, shapes in the legend
 
 The profile is the `depth_profile` measure (`cartlab.measures.depth`: loss at R = 1 .. 4x the
 trained R on the evaluation's fixed batches). Its shape is not stored: `classify_profile`
@@ -28,9 +30,14 @@ outwards is judged (below R a fixed-R model is often erratic and that is not the
     4. regret <= tol                           -> "other"     worse somewhere past R but recovered by 4R
     5. gain <= tol and min_{r<R} L < L(R) - tol -> "degrading" fewer loops than trained were better
                                                               and more are worse still
-    6. b <= 2R                                 -> "v-shape"   best at (or within the dense grid
-                                                              around) R, worse beyond by > tol
-    7. otherwise                               -> "other"
+    6. no r < b has L(r) > L(b) + tol          -> "rising"    worse past its best, with nothing
+                                                              worse before it: the loss only rises
+                                                              (e.g. trained at R=1, the smallest R
+                                                              measured, and worse at every R > 1)
+    7. b <= 2R                                 -> "v-shape"   falls into a best at (or within the
+                                                              dense grid around) R, worse beyond
+                                                              by > tol: both arms of a V
+    8. otherwise                               -> "other"
 
 Noise. One profile is measured on fixed batches, so its points move smoothly with r; what varies
 is the model, between seeds. `classify_profile` takes tol = `rel_tol` x L(R) (1%) by default;
@@ -43,10 +50,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cartlab.analysis.figures import domain_panels
 from cartlab.analysis.schema import display_labels, validate, with_variants
 
 PROBE = "depth_profile"
-SHAPES = ("monotone", "plateau", "v-shape", "degrading", "other", "untested")
+SHAPES = ("monotone", "plateau", "rising", "v-shape", "degrading", "other", "untested")
 REL_TOL = 0.01
 """Default tolerance: 1% of the loss at the trained R."""
 
@@ -201,6 +209,9 @@ def _shape(r: np.ndarray, L: np.ndarray, R: int, tol: float) -> str:
     if gain <= tol and below.size and below.min() < L_R - tol:
         return "degrading"
     b = r[r >= R][np.argmin(A)]
+    before = L[r < b]  # the whole measured profile left of the best point, below R included
+    if not before.size or before.max() <= L[r == b][0] + tol:
+        return "rising"  # one arm only: no descent into the best point
     return "v-shape" if b <= 2 * R else "other"
 
 
@@ -212,3 +223,96 @@ def _sentence(row: dict) -> str:
     return (f"{row['config']} on {row['split']}: {row['shape']} (tol {row['tol']:.3f} nats); "
             f"loss {row['loss_trained']:.3f} at the trained R={R}, best {row['loss_best']:.3f} at R={row['best_r']}, "
             f"{row['loss_max_r']:.3f} at R={top} ({delta:+.3f}); {verdict}.")
+
+
+# -- figures ---------------------------------------------------------------------------------------------
+def plot_depth_profiles(profiles: pd.DataFrame, summary: pd.DataFrame | None = None, *, metric: str = "loss",
+                        splits=None) -> Figure:
+    """Validation `metric` against the inference loop count R per domain (section 7.4, the shape of
+    Table 12):
+    one line per variant, seed mean with 1-sd error bars (`cartlab.analysis.depth.profile_means`),
+    a dotted line at the variant's trained R, and with `summary` (`summarise_profiles`) each
+    variant's shape on that domain in the legend. `profiles` is `depth_profiles(...)`."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    if profiles.empty:
+        raise ValueError("profiles: no depth profiles to plot (train with the depth_profile measure)")
+    means = profile_means(profiles, metric)
+    panels = domain_panels(means, splits, "the depth profile")
+    labels = means.drop_duplicates("variant").set_index("variant")["config"].sort_values()  # distinct per variant
+    colors = dict(zip(labels.index, zip(sns.color_palette(n_colors=len(labels)), labels)))
+    shape = {} if summary is None else {(s.variant, s.split): s.shape for s in summary.itertuples()}
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, split in zip(axes, panels):
+        for variant, g in means[means["split"] == split].groupby("variant"):
+            color, label = colors[variant]
+            tail = f" [{shape[variant, split]}]" if (variant, split) in shape else ""
+            ax.errorbar(g["n_loops"], g["mean"], yerr=g["sd"].fillna(0), marker="o", ms=3, color=color, capsize=2,
+                        label=label + tail)
+            ax.axvline(g["trained_r"].iloc[0], ls=":", color=color)
+        ax.set(title=f"{split}: {metric} against inference R", xlabel="inference loop count R",
+               ylabel=f"validation {metric}" + (" (nats/token)" if metric == "loss" else ""))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=6)
+    fig.suptitle("Test-time depth profile: dotted = trained R, bars = 1 sd over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def plot_variable_r_profile(downstream: pd.DataFrame, runs: pd.DataFrame | None = None, *,
+                            run_id: str | None = None, num_fewshot: int = 0) -> Figure:
+    """Downstream metrics against the inference loop count (section 7.4, Table 12): one panel per
+    (task, metric); with `runs`, a dashed line marks the trained R."""
+    from matplotlib.figure import Figure
+
+    validate(downstream, "downstream")
+    df = downstream[downstream["num_fewshot"] == num_fewshot]
+    if run_id is None:
+        counts = df.groupby("run_id")["n_loops"].nunique()
+        if counts.empty or counts.max() < 2:
+            raise ValueError("downstream: no run evaluated at >= 2 inference loop counts (n_loops)")
+        run_id = counts.idxmax()
+    df = df[df["run_id"] == run_id]
+    if df["n_loops"].nunique() < 2:
+        raise ValueError(f"run_id: {run_id!r} has no downstream rows at >= 2 n_loops")
+    panels = sorted(df.groupby(["task", "metric"]).groups)
+    fig = Figure(figsize=(3 * len(panels), 3))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    trained = None
+    if runs is not None:
+        validate(runs, "runs")
+        match = runs.loc[runs["run_id"] == run_id, "n_loops"]
+        trained = float(match.iloc[0]) if len(match) else None
+    for ax, (task, metric) in zip(axes[0], panels):
+        g = df[(df["task"] == task) & (df["metric"] == metric)].sort_values("n_loops")
+        ax.errorbar(g["n_loops"], g["value"], yerr=g["stderr"].fillna(0), marker="o")
+        if trained is not None:
+            ax.axvline(trained, ls="--", color="grey")
+        ax.set(title=f"{task} {metric}", xlabel="inference R", ylabel=metric,
+               yscale="log" if "perplexity" in metric else "linear")
+    fig.suptitle(f"Downstream metrics against the inference loop count ({num_fewshot}-shot"
+                 + (", dashed: trained R)" if trained is not None else ")"))
+    fig.tight_layout()
+    return fig
+
+
+# -- findings ---------------------------------------------------------------------------------------------------
+def findings(res) -> list:
+    """Do loops past the trained R help? Per variant and domain, the loss at inference 2R minus
+    the loss at the trained R, paired within each seed (`cartlab.analysis.findings`; negative:
+    running deeper helps). Variants without a depth profile, or whose grid stops before 2R, make
+    none."""
+    from cartlab.analysis.findings import paired_finding
+
+    prof = depth_profiles(res.probes, res.runs)
+    out = []
+    for (variant, config, split), g in prof.groupby(["variant", "config", "split"], sort=False):
+        R = int(g["trained_r"].iloc[0])
+        at = g.pivot_table(index="run_id", columns="n_loops", values="loss")
+        if R not in at.columns or 2 * R not in at.columns:
+            continue
+        out.append(paired_finding("depth", f"{config}: {2 * R} loops at inference vs the trained {R}", config,
+                                  str(split), "loss", (at[2 * R] - at[R]).to_numpy(float)))
+    return out

@@ -251,21 +251,29 @@ def config_label(row) -> str:
     return _column_label(row)
 
 
-def _column_label(row) -> str:
+def family_label(row) -> str:
+    """What a scaling law's runs share (section 7.3): the configuration label without its size,
+    "cart P=2 R=4 [no_lti] {state_gate=residual}" or "dense" (width, and Dense's depth, are what
+    the law varies). The same notation as config_label, built by the same code."""
+    return _column_label(row, size=False)
+
+
+def _column_label(row, *, size: bool = True) -> str:
     overrides = row.get("overrides") if hasattr(row, "get") else None
     tail = f" {{{overrides}}}" if isinstance(overrides, str) and overrides else ""
-    return _shape_label(row) + tail
+    return _shape_label(row, size=size) + tail
 
 
-def _shape_label(row) -> str:
+def _shape_label(row, *, size: bool = True) -> str:
     def num(key):
         value = _plain(row.get(key))
         return "?" if value is None else str(value)
 
+    width = f" d={num('d_model')}" if size else ""
     if row.get("model") == "dense":
-        s = f"dense d={num('d_model')} L={num('n_layers')}"
+        s = f"dense{width} L={num('n_layers')}" if size else "dense"
     else:
-        s = f"{row.get('model') or 'cart'} d={num('d_model')} P={num('prelude_layers')} R={num('n_loops')}"
+        s = f"{row.get('model') or 'cart'}{width} P={num('prelude_layers')} R={num('n_loops')}"
     return s + (f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else "")
 
 

@@ -1,4 +1,4 @@
-"""The LTI gate's spectral radius (paper section 6), and what happens inside the loop (issue 15).
+"""The LTI gate's spectral radius (paper section 6), over training and across widths and loop counts.
 
     tab = radius_table(res.runs, res.train_log, step=30_500)   # d_model x n_loops, Table 8
     radius_band(tab)                                           # (0.790, 0.830)
@@ -6,21 +6,16 @@
     persistence(tab)                                           # rho^R per cell
     radius_trajectories(runs, train_log)                       # mean/sd over seeds per step
     gateless(runs)                                             # runs without an LTI gate (no_lti)
+    plot_radius_trajectories(runs, train_log)                  # the same, drawn
 
-From the `probes` table (`cartlab.measures.loops`: the per-loop logit lens and the loop map's
-contraction, measured at every evaluation):
-
-    loop_profile(runs, probes, metric="kl_to_final")           # per variant, domain, loop at the last step
-    loop_trajectory(runs, probes, metric="radius_mean")        # per variant, domain, step at the last loop
-    loop_summary(runs, probes)                                 # one row per variant and domain
+What happens inside the loop (the probes of `cartlab.measures.loops`) is `cartlab.analysis.loops`.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from cartlab.analysis.figures import select_runs
 from cartlab.analysis.schema import (
     DESCRIBE_COLUMNS, RUNS_COLUMNS, describe_variants, display_labels, validate, with_variants,
 )
@@ -158,145 +153,34 @@ def gateless(runs: pd.DataFrame) -> pd.Series:
     return (runs["model"] == "cart") & (hooks | hand)
 
 
-# -- inside the loop (issue 15): the probes of cartlab.measures.loops -----------------------------------------
-class LoopMeasure(NamedTuple):
-    probe: str  # the measure that stores it (cartlab.measures.loops)
-    label: str  # axis label, with units
-    what: str   # one line for widgets and captions
+# -- figure ----------------------------------------------------------------------------------------------
+def plot_radius_trajectories(runs: pd.DataFrame, train_log: pd.DataFrame, *, column: str = "rho_max",
+                             where: dict | None = None) -> Figure:
+    """Spectral radius over training per variant, seed mean with a 1-sd band (section 6). Runs
+    without an LTI gate (`spectral.gateless`) have no radius: they are named "no gate" in the
+    legend, not drawn as a line at 1. Each variant has its own line style too, so variants whose
+    radius coincides (the gate barely moves in a short run) stay visible on top of each other."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
 
-
-LOOP_MEASURES = {
-    "loss": LoopMeasure("logit_lens", "lens loss (nats)",
-                        "next-token cross-entropy of the state after loop r, decoded by coda and head"),
-    "kl_to_final": LoopMeasure("logit_lens", "KL to the final distribution (nats)",
-                               "KL(p_R || p_r): what stopping at loop r instead of R loses"),
-    "top1_agree": LoopMeasure("logit_lens", "top-1 agreement (share of tokens)",
-                              "share of tokens whose top-1 at loop r is the final top-1"),
-    "settled": LoopMeasure("logit_lens", "settled (share of tokens)",
-                           "share of tokens whose top-1 no longer changes from loop r on"),
-    "settle_loop": LoopMeasure("logit_lens", "mean settle loop",
-                               "mean loop from which the top-1 token no longer changes"),
-    "radius_mean": LoopMeasure("loop_contraction", "spectral radius (mean over tokens)",
-                               "spectral radius of one loop step's Jacobian dh_r/dh_(r-1), mean over tokens"),
-    "radius_max": LoopMeasure("loop_contraction", "spectral radius (max over tokens)",
-                              "spectral radius of dh_r/dh_(r-1), max over tokens: the whole step's radius"),
-    "norm_mean": LoopMeasure("loop_contraction", "2-norm (mean over tokens)",
-                             "operator 2-norm of dh_r/dh_(r-1), mean over tokens (> 1: some direction grows)"),
-    "norm_max": LoopMeasure("loop_contraction", "2-norm (max over tokens)",
-                            "operator 2-norm of dh_r/dh_(r-1), max over tokens"),
-    "gate_radius": LoopMeasure("loop_contraction", "LTI gate radius",
-                               "the LTI gate's radius max_c A_c, the Jacobian's linear part (absent without a gate)"),
-}
-"""metric -> (probe, label, what): the measures the loop views and widgets offer. `settle_loop` is
-one number per evaluation (stored at x = 0); every other metric has one value per loop r (x = r)."""
-PER_EVALUATION = ("settle_loop",)
-
-
-def _check_metric(metric: str) -> str:
-    if metric not in LOOP_MEASURES:
-        raise ValueError(f"metric: {metric!r} not allowed; allowed: {list(LOOP_MEASURES)}")
-    return LOOP_MEASURES[metric].probe
-
-
-def loop_measure(runs: pd.DataFrame, probes: pd.DataFrame | None, metric: str) -> pd.DataFrame:
-    """The probes rows of `metric` (the per-loop measures beside section 6's gate radius) joined to
-    their runs' variants: run_id, variant,
-    DESCRIBE_COLUMNS, seed, step, split, loop, value (loop = the probes' x; 0 for settle_loop).
-    Raises ValueError naming the metric when no selected run measured it."""
-    probe = _check_metric(metric)
-    validate(runs, "runs")
-    if probes is None or not len(probes):
-        raise ValueError(f"probes: no {probe} rows; train with measures [{probe}] (CART runs with R > 1 measure it by "
-                         f"default)")
-    validate(probes, "probes")
-    runs = with_variants(runs)
-    rows = probes[(probes["probe"] == probe) & (probes["metric"] == metric)]
-    merged = runs[[*RUNS_COLUMNS]].merge(rows[["run_id", "step", "split", "x", "value"]], on="run_id")
-    if merged.empty:
-        raise ValueError(f"probes: no {probe} {metric} rows for the selected runs")
-    merged = merged.rename(columns={"x": "loop"}).assign(loop=lambda f: f["loop"].astype(int))
-    return merged[["run_id", "variant", *DESCRIBE_COLUMNS, "seed", "step", "split", "loop", "value"]]
-
-
-def _seed_stats(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """mean, sd (ddof=1; NaN for one seed) and n over the runs (seeds) of each `keys` cell, with
-    the variant's description carried along."""
-    g = frame.groupby(keys)
-    out = g["value"].agg(mean="mean", sd=lambda s: s.std(ddof=1) if len(s) > 1 else np.nan, n="size")
-    return g[list(DESCRIBE_COLUMNS)].first().join(out).reset_index()
-
-
-def loop_profile(runs: pd.DataFrame, probes: pd.DataFrame | None, *, metric: str = "loss",
-                 step: int | None = None) -> pd.DataFrame:
-    """`metric` against the loop index (section 3.2's loop steps) per variant and domain at `step`
-    (default: the last step every seed of the variant reached, so seeds stopped at different
-    steps are still compared at one step), seed mean, sd and n: the logit lens's loss / KL /
-    agreement by loop, or the contraction by loop. Columns: variant, split, loop,
-    DESCRIBE_COLUMNS, step, mean, sd, n."""
-    f = loop_measure(runs, probes, metric)
-    if step is not None:
-        f = f[f["step"] == step]
-        if f.empty:
-            raise ValueError(f"step: no {metric} measured at step {step}")
-    else:
-        last = f.groupby("run_id")["step"].transform("max")  # each run's last measured step
-        f = f[f["step"] == last.groupby(f["variant"]).transform("min")]
-    out = _seed_stats(f, ["variant", "split", "loop"])
-    steps = f.groupby("variant")["step"].max().rename("step")
-    return out.join(steps, on="variant")[["variant", "split", "loop", *DESCRIBE_COLUMNS, "step", "mean", "sd", "n"]]
-
-
-def loop_trajectory(runs: pd.DataFrame, probes: pd.DataFrame | None, *, metric: str = "radius_mean",
-                    loop: int | None = None) -> pd.DataFrame:
-    """(Section 6's trajectories, per loop.) `metric` at loop `loop` (default: each run's last loop
-    r = R) over training steps, per variant and domain, seed mean, sd and n. settle_loop has one value per evaluation and takes no loop.
-    Columns: variant, split, step, DESCRIBE_COLUMNS, loop, mean, sd, n."""
-    f = loop_measure(runs, probes, metric)
-    if metric in PER_EVALUATION:
-        if loop is not None:
-            raise ValueError(f"loop: {metric} is one number per evaluation; pass loop=None")
-    elif loop is None:
-        f = f[f["loop"] == f.groupby("run_id")["loop"].transform("max")]
-    else:
-        f = f[f["loop"] == loop]
-        if f.empty:
-            raise ValueError(f"loop: no run measured {metric} at loop {loop}")
-    out = _seed_stats(f, ["variant", "split", "step"])
-    loops = f.groupby("variant")["loop"].max().rename("loop")
-    return out.join(loops, on="variant")[["variant", "split", "step", *DESCRIBE_COLUMNS, "loop", "mean", "sd", "n"]]
-
-
-SUMMARY_COLUMNS = {
-    "loss": ("first", "lens loss at loop 1"), "kl_to_final": ("first", "KL at loop 1"),
-    "settle_loop": ("only", "settle loop"), "radius_mean": ("last", "radius at loop R"),
-    "norm_max": ("last", "max norm at loop R"), "gate_radius": ("last", "gate radius"),
-}
-
-
-def loop_summary(runs: pd.DataFrame, probes: pd.DataFrame | None) -> pd.DataFrame:
-    """(Section 6, inside the loop.) One row per variant and domain at the last measured step, seed means: R, the lens loss
-    and KL at loop 1 (how far one loop is from the final prediction), the mean settle loop, the
-    loop step's radius and largest norm at loop R, and the gate's radius ("no gate" without one).
-    Measures a run did not take are left empty. (kl = KL(p_R || p_r); radius = max |eig dh_r/dh_(r-1)|.)"""
-    parts = []
-    for metric, (where, name) in SUMMARY_COLUMNS.items():
-        try:
-            prof = loop_profile(runs, probes, metric=metric)
-        except ValueError:
-            continue
-        pick = "min" if where == "first" else "max"
-        prof = prof[prof["loop"] == prof.groupby("variant")["loop"].transform(pick)].set_index(["variant", "split"])
-        if not parts:
-            parts.append(prof["step"])
-        parts.append(prof["mean"].rename(name))
-    if not parts:
-        raise ValueError("probes: no logit_lens or loop_contraction rows for the selected runs")
-    runs = with_variants(runs).drop_duplicates("variant")
-    info = pd.DataFrame({"variant": runs["variant"], "config": display_labels(runs), "R": runs["n_loops"],
-                         "no_gate": gateless(runs)})
-    table = info.merge(pd.concat(parts, axis=1).reset_index(), on="variant")
-    if "gate radius" in table:
-        table["gate radius"] = table["gate radius"].astype(object).where(~table["no_gate"], "no gate")
-    table = table.sort_values(["split", "config"])
-    return table[["config", "split", "R", "step", *(c for c in table.columns if c in
-                                                   {n for _, n in SUMMARY_COLUMNS.values()})]].reset_index(drop=True)
+    runs = with_variants(select_runs(runs, where))
+    nogate = gateless(runs).values
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    if not nogate.all():
+        traj = radius_trajectories(runs[~nogate], train_log, column=column)
+        traj = traj.assign(config=display_labels(traj))
+        palette = sns.color_palette(n_colors=traj["variant"].nunique())
+        styles = ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]
+        for i, (color, (_, g)) in enumerate(zip(palette, traj.groupby("variant"))):
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["mean"], color=color, ls=styles[i % len(styles)], lw=2.2 - 0.3 * (i % 4),
+                    label=g["config"].iloc[0])
+            sd = g["sd"].fillna(0)
+            ax.fill_between(g["step"], g["mean"] - sd, g["mean"] + sd, color=color, alpha=0.2)
+    for label in sorted(set(display_labels(runs)[nogate])):
+        ax.plot([], [], " ", label=f"{label}: no gate")
+    ax.set(xlabel="step", ylabel=f"spectral radius ({column})", title=f"LTI gate radius ({column}) over training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

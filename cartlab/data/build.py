@@ -150,9 +150,22 @@ def build(recipe: Recipe | str, out_dir: str | Path | None = None, *, progress: 
         recipe = load_recipe(recipe)
     recipe.validate()
     out = Path(out_dir) if out_dir is not None else paths.built_dir(recipe.name)
+    check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out, log):
         return _build_locked(recipe, out, progress, force, log)
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse, before anything is made, an output that is a file, or a non-empty folder that is not
+    a build (no meta.json) unless `force`: a build writes its bins there, and --force replaces."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a folder")
+    if out.is_dir() and not (out / META_NAME).exists() and not force:
+        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".staging-")]
+        if foreign:
+            raise ValueError(f"--out: {out} holds files that are not a data build ({', '.join(sorted(foreign)[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose an empty folder, or pass --force")
 
 
 @contextlib.contextmanager

@@ -149,12 +149,21 @@ def embedded_cache_path(cfg: TokenizerConfig) -> Path:
     return paths.cache_dir() / "tokenizers" / f"embedded-v{cfg.vocab_size}-{digest}.json"
 
 
+def read_tokenizer_file(path: Path, what: str) -> "tokenizers.Tokenizer":
+    """A tokenizers JSON file, or one ValueError naming it (the library's own error is a bare
+    Exception with a serde message)."""
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- tokenizers raises plain Exception for a malformed file
+        raise ValueError(f"{what} {str(path)!r} is not a readable tokenizer JSON ({' '.join(str(err).split())[:200]})") from None
+
+
 def load_embedded(cfg: TokenizerConfig, progress: bool = False) -> Tokenizer:
     """The embedded tokenizer for `cfg`, trained on first use and cached."""
     cfg.validate()
     cached = embedded_cache_path(cfg)
     if cached.is_file():
-        return Tokenizer(tokenizers.Tokenizer.from_file(str(cached)), "embedded", EMBEDDED_EOS)
+        return Tokenizer(read_tokenizer_file(cached, "the cached embedded tokenizer"), "embedded", EMBEDDED_EOS)
     if progress:
         print(f"training the embedded tokenizer (vocab {cfg.vocab_size}) -> {cached}")
     tok = Tokenizer(train_embedded_backend(_embedded_training_text(cfg), cfg.vocab_size, progress),
@@ -173,6 +182,9 @@ def load_llama2(cfg: TokenizerConfig) -> Tokenizer:
     cfg.validate()
     path = Path(cfg.path).expanduser() if cfg.path else paths.cache_dir() / "tokenizers" / "llama2" / "tokenizer.json"
     if not path.is_file():
+        if cfg.path and path.is_dir():
+            raise ValueError(f"tokenizer.path {cfg.path!r} is a directory, not a file (expected the path of a "
+                             f"Llama-2 tokenizer.json, e.g. {str(path / 'tokenizer.json')!r})")
         if cfg.path:
             raise ValueError(f"tokenizer.path {cfg.path!r} does not exist (expected a Llama-2 tokenizer.json)")
         hint = (f"set a local Llama-2 tokenizer.json in the recipe (`tokenizer: {{name: llama2, path: "
@@ -185,6 +197,7 @@ def load_llama2(cfg: TokenizerConfig) -> Tokenizer:
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         shutil.copyfile(fetched, tmp)
         os.replace(tmp, path)
+    read_tokenizer_file(path, "tokenizer.path" if cfg.path else "the cached llama2 tokenizer")
     hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
     eos = hf.eos_token or "</s>"
     return Tokenizer(hf.backend_tokenizer, "llama2", eos)
@@ -202,9 +215,11 @@ def get_tokenizer(spec: "str | TokenizerConfig | dict" = "embedded", *, progress
     if isinstance(spec, dict) and "files" in spec and "tokenizer" in spec:  # build metadata
         info = spec["tokenizer"]
         file = Path(spec["dir"]) / info["file"]
+        if file.is_dir():
+            raise ValueError(f"the build's tokenizer file {file} is a directory, not a tokenizer file")
         if not file.is_file():
             raise ValueError(f"the build's tokenizer file {file} is missing")
-        tok = Tokenizer(tokenizers.Tokenizer.from_file(str(file)), info["name"], info["eos_token"])
+        tok = Tokenizer(read_tokenizer_file(file, "the build's tokenizer file"), info["name"], info["eos_token"])
         if tok.hash != info["hash"]:
             raise ValueError(f"tokenizer mismatch: {file} has hash {tok.hash[:12]} but the metadata "
                              f"records {info['hash'][:12]}")

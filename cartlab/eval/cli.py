@@ -40,10 +40,13 @@ def register(subparsers) -> None:
                    help="write lm-eval's results_<time>.json under OUTPUT_PATH/<checkpoint path>/ for each setting")
     p.add_argument("--log-samples", "--log_samples", "-s", action="store_true",
                    help="also write lm-eval's samples_<task>_<time>.jsonl (needs --output-path)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a checkpoint's state.pt / dcp/.metadata with plain pickle if the safe reader refuses it (a checkpoint written before cartlab stored them pickle-free): this runs any code the files carry, so give it only for checkpoints you trust")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cartlab.checkpoint import trusting
     from cartlab.eval.config import EvalConfig
     from cartlab.eval.run import evaluate, format_table
 
@@ -53,9 +56,10 @@ def run(args: argparse.Namespace) -> int:
              "batch_size": args.batch_size, "device": args.device}
     cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": []},
                                [f"{k}={v}" for k, v in given.items() if v is not None])
-    rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
-                    db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
-                    output_path=args.output_path, log_samples=args.log_samples)
+    with trusting(args.trust_checkpoint):
+        rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
+                        db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
+                        output_path=args.output_path, log_samples=args.log_samples)
     print(format_table(rows))
     if rows.attrs["stored"]:
         print(f"cartlab: {len(rows)} metric rows -> {args.db}")

@@ -34,12 +34,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise ValueError(f"checkpoint: {path} does not exist")
     for candidate in (p, p / "checkpoints"):
-        if (candidate / "model.safetensors").is_file():
+        if (candidate / "model.safetensors").is_file() or checkpoint.is_sharded(candidate):
             return candidate
         newest = checkpoint.latest(candidate) if candidate.is_dir() else None
         if newest is not None:
             return newest
-    raise ValueError(f"checkpoint: {path} is not a checkpoint folder (model.safetensors) nor a run folder "
+    raise ValueError(f"checkpoint: {path} is not a checkpoint folder (model.safetensors or dcp/) nor a run folder "
                      f"holding checkpoints/")
 
 

@@ -28,23 +28,106 @@ def local_tasks() -> dict[str, dict]:
 
 def resolve_tasks(names: list[str]) -> list:
     """Local task names become their configs; other names must be tasks lm-eval knows (hub
-    tasks such as hellaswag are used unchanged and need the internet or a cached dataset)."""
+    tasks such as hellaswag are used unchanged and need the internet or a cached dataset). A hub
+    task whose dataset is not cached is refused at once when the hub cannot be reached
+    (`hub_unreachable`), instead of after lm-eval's and datasets' retries."""
     from lm_eval.tasks import TaskManager
 
     local = local_tasks()
-    known = None
+    manager = None
     out = []
     for name in names:
         if name in local:
             out.append(local[name])
             continue
-        if known is None:
-            known = set(TaskManager().all_tasks)
-        if name not in known:
+        if manager is None:
+            manager = TaskManager()
+        if name not in set(manager.all_tasks):
             raise ValueError(f"--tasks: unknown task {name!r}; local tasks: {sorted(local)}, "
                              f"or any lm-eval task (lm-eval ls tasks)")
+        missing = [d for d in hub_datasets(manager, name) if not hub_dataset_cached(d)]
+        why = hub_unreachable() if missing else None
+        if why:
+            raise ValueError(
+                f"--tasks: task {name!r} reads the Hugging Face hub dataset {missing[0]!r}, which is not cached, and "
+                f"{why}; use a local task ({', '.join(sorted(local))} in {TASKS_DIR}), or point a task at local files: "
+                f"a YAML in {TASKS_DIR} with dataset_path: json and dataset_kwargs.data_files naming the files (as "
+                f"cartlab_mc.yaml does), or run once online to cache {missing[0]!r}")
         out.append(name)
     return out
+
+
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder")
+"""`dataset_path` values that read local files (`data_files`), not a hub dataset."""
+
+
+def hub_datasets(manager, name: str, depth: int = 0) -> list[str]:
+    """The Hugging Face hub datasets that lm-eval task, group or tag `name` reads (its subtasks'
+    `dataset_path`s that are neither a local builder nor a local folder)."""
+    entry = manager.task_index.get(name)
+    if entry is None or depth > 8:
+        return []
+    cfg = getattr(entry, "cfg", None) or {}
+    path = cfg.get("dataset_path")
+    if path:
+        local = path in LOCAL_BUILDERS or Path(path).expanduser().exists()
+        return [] if local else [path]
+    subtasks = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    if not subtasks and "tag" in str(getattr(entry, "kind", "")).lower():  # a tag: every task carrying it
+        subtasks = [n for n, e in manager.task_index.items() if name in (getattr(e, "tags", None) or ())]
+    found = []
+    for sub in subtasks:
+        if isinstance(sub, str):
+            found += [d for d in hub_datasets(manager, sub, depth + 1) if d not in found]
+    return found
+
+
+def hub_dataset_cached(path: str) -> bool:
+    """Whether hub dataset `path` (e.g. Rowan/hellaswag) has been downloaded before: in the hub's
+    cache or in datasets' (where `datasets` offline mode finds it)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    return ((Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").exists()
+            or (Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")).exists())
+
+
+RESOLVE_TIMEOUT = 3.0
+"""Seconds to wait for the hub's host name to resolve before taking the machine for offline."""
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it may be: an offline switch
+    (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, ...), or the hub's own host name (HF_ENDPOINT's) not
+    resolving. Nothing is sent to any host; behind a proxy the name is not checked."""
+    import socket
+    import threading
+    import urllib.parse
+
+    from cartlab.data.hub import OFFLINE_SWITCHES, is_offline
+
+    if is_offline():
+        on = [v for v in OFFLINE_SWITCHES if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")]
+        return f"{on[0]} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import huggingface_hub.constants
+
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    answer: list = []
+
+    def resolve():
+        try:
+            answer.append(bool(socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)))
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(RESOLVE_TIMEOUT)
+    if answer and answer[0]:
+        return None
+    return f"the hub's host {host} cannot be resolved (no network?)"
 
 
 def metric_rows(results: dict, num_fewshot: int, n_loops: int) -> list[dict]:

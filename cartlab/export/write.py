@@ -77,6 +77,24 @@ def check_out(out: Path, force: bool) -> None:
         raise ValueError(f"--out: {out} exists and is not empty; pass --force to replace it")
 
 
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the staging folders `.NAME.partial-PID` beside `out` that exports killed mid-write
+    left (their process is gone); a live export's folder is left alone. Returns those removed."""
+    import glob
+    import shutil
+
+    from cartlab.train.checkpoint import _alive
+
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.partial-*") if out.parent.is_dir() else []:
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
 def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, log=print) -> Path:
     """Write the checkpoint `source` (a checkpoint folder, or a run folder: its newest checkpoint)
     as a transformers folder at `out` (module docstring). Returns `out`."""
@@ -89,6 +107,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     ckpt = resolve_checkpoint(source)
     model, config = checkpoint.build(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
+    remove_stale_staging(out)
     with replacing_dir(out, out.with_name(f".{out.name}.partial-{os.getpid()}")) as tmp, quiet_transformers():
         diff = write_folder(tmp, model.eval(), tok, config, ckpt)
     log(f"cartlab export: {ckpt} -> {out} ({model.config.kind}, max |logit diff| {diff:.1e})")

@@ -156,10 +156,12 @@ class CARTConfig(LMConfig):
 
     def validate(self) -> None:
         super().validate()
-        _hooks.apply_hooks(self)
+        applied = _hooks.apply_hooks(self)
         if self.kv_latent_dim is None:
             self.kv_latent_dim = max(1, self.d_model // 4)
         if not self.causal_cross_attn and not CORE_ATTENTION[self.core_attention].cross:
+            applied.refuse_together(("core_attention", "causal_cross_attn"),
+                                    "the core has no cross-attention to un-mask")
             crosses = sorted(k for k, v in CORE_ATTENTION.items() if v.cross)
             raise self.reject("causal_cross_attn", (
                 f"an unmasked cross-attention needs a cross-attention core (core_attention in {crosses}), got "

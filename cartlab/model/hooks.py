@@ -31,7 +31,9 @@ Refused combinations are kept minimal and follow from two rules, not from a hand
    `self_attn_core` both decide where the core's K, V come from);
 2. the resulting config must be valid (e.g. `noncausal_cross_attn` needs a cross-attention
    core, so it is refused together with `self_attn_core`; `single_loop` leaves R = 1, nothing
-   for `random_loops` to draw or `truncated_bptt` to truncate).
+   for `random_loops` to draw or `truncated_bptt` to truncate). When the fields that clash were
+   all set by hooks, the message names those hooks (`Applied.refuse_together`), not the fields,
+   which the user never typed.
 Every other combination of the seven paper ablations builds, trains and evaluates, with or
 without `random_loops` and `truncated_bptt`, and so does every combination of the two LRT hooks
 (with shared or unshared memory projections).
@@ -42,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from cartlab.config import ConfigError
+from cartlab.config import ConfigError, show
 
 if TYPE_CHECKING:
     from cartlab.model.config import LMConfig
@@ -89,9 +91,33 @@ def hooks_for(family: str) -> list[str]:
     return [n for n, h in HOOKS.items() if h.family == family]
 
 
-def apply_hooks(cfg: "LMConfig") -> None:
+@dataclass(frozen=True)
+class Applied:
+    """What `apply_hooks` did: the hooks as given, and which hook set each field to what."""
+
+    given: tuple[str, ...]
+    set_by: dict[str, tuple[str, Any]]
+    """field -> (the hook that set it, the value)."""
+
+    def refuse_together(self, fields: tuple[str, ...], why: str) -> None:
+        """When the `fields` that a rule of the config refuses together were set by two or more
+        hooks, raise that those hooks cannot be combined, naming them, `why` and what each does;
+        otherwise return, and the caller refuses the fields themselves."""
+        if not all(f in self.set_by for f in fields):
+            return
+        names = list(dict.fromkeys(self.set_by[f][0] for f in fields))
+        if len(names) < 2:
+            return
+        what = " and ".join(f"{self.set_by[f][0]} sets {f}={show(self.set_by[f][1])}" for f in fields)
+        raise ConfigError.value("hooks", list(self.given), (
+            f"{' and '.join(repr(n) for n in names)} cannot be combined: {what}: {why}. "
+            + " ".join(f"{n}: {HOOKS[n].summary}" for n in names)))
+
+
+def apply_hooks(cfg: "LMConfig") -> Applied:
     """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.validate` and
-    `DenseConfig.validate`)."""
+    `DenseConfig.validate`); returns which hook set which field, for the messages of rules
+    that refuse a combination of fields (`Applied.refuse_together`)."""
     names = list(cfg.hooks)
     mine = hooks_for(cfg.kind)
     unknown = [n for n in names if n not in HOOKS]
@@ -121,6 +147,7 @@ def apply_hooks(cfg: "LMConfig") -> None:
     for fld, (_, value) in setters.items():
         setattr(cfg, fld, value)
     cfg.hooks = tuple(ordered)
+    return Applied(tuple(names), setters)
 
 
 # -- the paper's seven diagnostic ablations (section 8) -------------------------------------------------

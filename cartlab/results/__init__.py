@@ -19,7 +19,7 @@ import pandas as pd
 from cartlab.results.db import STATUSES, ResultsDB
 
 __all__ = ["ResultsDB", "STATUSES", "runs", "train_log", "eval_log", "downstream", "artifacts", "probes",
-           "import_published"]
+           "findings", "import_published"]
 
 
 def _frame(path, table, run_ids=None) -> pd.DataFrame:
@@ -58,6 +58,16 @@ def probes(path, run_ids=None, probe: str | None = None) -> pd.DataFrame:
     `cartlab.train.measures` for what each probe stores and what its `x` is."""
     df = _frame(path, "probes", run_ids)
     return df if probe is None else df[df.probe == probe].reset_index(drop=True)
+
+
+def findings(path, study: str | None = None) -> pd.DataFrame:
+    """What the reports concluded: one row per (study, analysis, claim, domain) with the effect,
+    its seed-noise interval, the seeds and the verdict (`cartlab.analysis.findings`)."""
+    db = ResultsDB(path, readonly=True)
+    try:
+        return db.findings(study)
+    finally:
+        db.close()
 
 
 def import_published(path: str | os.PathLike) -> int:

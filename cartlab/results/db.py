@@ -10,6 +10,9 @@ alike):
                 FLOPs spent up to this step), forward_cost (measured wall time of a training forward
                 over one plain forward: LRT's interleaved schedule; null for other models)
     eval_log    (run_id, step, split) -> loss, ppl
+    findings    (study, analysis, claim, a, b, split, metric) -> effect, its 95% seed-noise interval,
+                seeds per side, verdict, note, code_version: what the study's report concluded
+                (`cartlab.analysis.findings`), replaced each time the report is rendered
     probes      (run_id, probe, step, split, x, metric) -> value: measurements of a trained model
                 (`cartlab.train.measures`): a depth profile (x = inference R), LRT's approximation
                 gap (x = S), the per-loop logit lens (x = loop), ... in one long table
@@ -22,7 +25,10 @@ the busy timeout instead of failing on a lock upgrade), log rows are keyed by st
 step after a resume replaces, never duplicates), and a crash leaves the file consistent because
 SQLite commits atomically. Status values: running, completed, interrupted, diverged, failed,
 published. A status write that fails (a full disk) is kept in `<db>.pending/<run>.json` and
-applied by the next writable open, so a run is never left `running` for ever.
+applied by the next writable open, so a run is never left `running` for ever. A write that fails
+(a full disk: SQLite's `database or disk is full`, or a disk I/O error) is rolled back and the
+WAL it grew is truncated (`PRAGMA wal_checkpoint(TRUNCATE)`), so a failed write does not keep
+the disk full; a new database whose creation failed that way is removed again.
 
 Readers open read-only (`ResultsDB(path, readonly=True)`, what `cartlab.results.runs` & co. and
 `cartlab report` use): no migration, no file created or changed, so a database on a read-only
@@ -46,8 +52,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "published")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_HEADER = b"SQLite format 3\x00"
+WRITE_FAILED = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_TRUNCATE")
+"""SQLite's errors for a write the disk refused: full, or past a size limit (an I/O error)."""
 
 # Each migration takes the schema from version i-1 to i; never edit a released one, append.
 MIGRATIONS: dict[int, str] = {
@@ -99,6 +107,16 @@ MIGRATIONS: dict[int, str] = {
         metric TEXT NOT NULL, value REAL, PRIMARY KEY (run_id, probe, step, split, x, metric)
     );
     """,
+    # what a study's report concluded (cartlab.analysis.findings): one row per claim and domain
+    4: """
+    CREATE TABLE findings (
+        study TEXT NOT NULL, analysis TEXT NOT NULL, claim TEXT NOT NULL, a TEXT NOT NULL,
+        b TEXT NOT NULL DEFAULT '', split TEXT NOT NULL, metric TEXT NOT NULL, effect REAL, low REAL,
+        high REAL, n_a INTEGER NOT NULL, n_b INTEGER NOT NULL, verdict TEXT NOT NULL,
+        note TEXT NOT NULL DEFAULT '', code_version TEXT, created_at TEXT NOT NULL,
+        PRIMARY KEY (study, analysis, claim, a, b, split, metric)
+    );
+    """,
 }
 VARIANT_FIELDS = ("variant", "overrides", "variant_label")
 
@@ -109,6 +127,8 @@ RUN_COLUMNS = ("run_id", "name", "source", "model", "d_model", "prelude_layers",
 TRAIN_COLUMNS = ("step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "hyper_weights", "tokens_per_s", "mfu",
                  "memory_mb", "n_loops", "flops", "forward_cost")
 PROBE_COLUMNS = ("probe", "step", "split", "x", "metric", "value")
+FINDING_COLUMNS = ("analysis", "claim", "a", "b", "split", "metric", "effect", "low", "high", "n_a", "n_b", "verdict",
+                   "note")
 TABLES = ("runs", "train_log", "eval_log", "downstream", "artifacts", "probes")
 
 
@@ -160,6 +180,23 @@ def _backfill_variants(c: sqlite3.Connection) -> None:
 BACKFILLS = {2: _backfill_variants}
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` is SQLite saying the disk (or the database's max_page_count) is full."""
+    return isinstance(err, sqlite3.Error) and (getattr(err, "sqlite_errorname", "") == "SQLITE_FULL"
+                                               or "database or disk is full" in str(err))
+
+
+def write_failed(err: BaseException) -> bool:
+    """Whether `err` is SQLite failing to write the disk: full, or an I/O error."""
+    return disk_full(err) or (isinstance(err, sqlite3.Error) and
+                              (getattr(err, "sqlite_errorname", "") in WRITE_FAILED or "disk I/O error" in str(err)))
+
+
+def side_files(path: Path) -> list[Path]:
+    """The WAL and shared-memory files SQLite keeps beside database `path`."""
+    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+
+
 def _pending_name(run_id: str) -> str:
     return urllib.parse.quote(run_id, safe="") + ".json"
 
@@ -177,6 +214,7 @@ class ResultsDB:
         self.readonly = readonly
         self.conn = None
         self._check_file()
+        new = not readonly and not self.path.exists()
         try:
             if readonly:
                 self.conn = self._connect_readonly()
@@ -189,6 +227,9 @@ class ResultsDB:
                 self._version = SCHEMA_VERSION
                 self._apply_pending()
         except sqlite3.Error as err:
+            if new and write_failed(err):  # the file this open created holds nothing: it goes
+                self.close()
+                self._discard_if_empty()
             self._fail(self._explain(err))
         except ValueError:
             self.close()
@@ -203,10 +244,47 @@ class ResultsDB:
         text = str(err)
         if "not a database" in text or "malformed" in text:
             return f"{self.path}: not a results database (SQLite says: {text})"
+        if disk_full(err):
+            return self.full_message(err)
         if self.readonly:
             return f"{self.path}: cannot read this results database ({text})"
         return (f"{self.path}: cannot write this results database ({text}); check the file and its folder are "
                 f"writable and the disk has space, or read it with ResultsDB(path, readonly=True)")
+
+    def full_message(self, err: sqlite3.Error, doing: str = "write this results database") -> str:
+        """One line for a write the disk refused (`disk_full` or `write_failed`), naming the file."""
+        return (f"{self.path}: no space left on the disk to {doing} (SQLite says: {err}); free space in "
+                f"{self.path.parent} and run again")
+
+    def _discard_if_empty(self) -> None:
+        """Remove the database file (and its -wal, -shm) when no table was ever committed to it:
+        a creation that failed. A file someone else has meanwhile given a schema stays."""
+        try:
+            if self.path.stat().st_size > 4096:  # more than the header page: something was committed
+                return
+            probe = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                if probe.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    return
+            finally:
+                probe.close()
+        except (OSError, sqlite3.Error):
+            pass
+        for leftover in (self.path, *side_files(self.path)):
+            leftover.unlink(missing_ok=True)
+
+    def release_wal(self) -> None:
+        """After a failed write: copy what is committed into the database and truncate the WAL to
+        zero bytes (it holds the failed transaction's pages, which would keep a full disk full).
+        Does nothing when it cannot (another connection is reading)."""
+        if self.conn is None or self.readonly:
+            return
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
 
     def _check_file(self) -> None:
         """Refuse what cannot be a results database before SQLite touches it."""
@@ -298,15 +376,19 @@ class ResultsDB:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-        except BaseException:
-            if self.conn.in_transaction:
+        except BaseException as err:
+            if self.conn.in_transaction:  # SQLite itself rolls back on a full disk
                 self.conn.execute("ROLLBACK")
+            if write_failed(err):
+                self.release_wal()
             raise
         try:
             self.conn.execute("COMMIT")
-        except sqlite3.Error:  # e.g. a full disk: never leave the transaction open for the next write
+        except sqlite3.Error as err:  # e.g. a full disk: never leave the transaction open for the next write
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
+            if write_failed(err):
+                self.release_wal()
             raise
 
     def _migrate(self) -> None:
@@ -477,6 +559,28 @@ class ResultsDB:
             c.execute("DELETE FROM train_log WHERE run_id = ? AND step > ?", (run_id, step))
             c.execute("DELETE FROM eval_log WHERE run_id = ? AND step > ?", (run_id, step))
             c.execute("DELETE FROM probes WHERE run_id = ? AND step > ?", (run_id, step))
+
+    def replace_findings(self, study: str, rows: Iterable[dict], code_version: str | None) -> int:
+        """Store what the report of `study` concluded (`cartlab.analysis.findings`), replacing the
+        study's earlier findings in one transaction; returns the rows written."""
+        rows = [tuple(r[k] for k in FINDING_COLUMNS) for r in rows]
+        created = now()
+        with self.transaction() as c:
+            c.execute("DELETE FROM findings WHERE study = ?", (study,))
+            c.executemany(f"INSERT INTO findings (study, {', '.join(FINDING_COLUMNS)}, code_version, created_at) "
+                          f"VALUES ({', '.join('?' * (len(FINDING_COLUMNS) + 3))})",
+                          [(study, *r, code_version, created) for r in rows])
+        return len(rows)
+
+    def findings(self, study: str | None = None) -> pd.DataFrame:
+        """The stored findings (of `study`, or all), in the order they were written."""
+        columns = ["study", *FINDING_COLUMNS, "code_version", "created_at"]
+        if self._version < 4:  # an older file has none
+            return pd.DataFrame(columns=columns)
+        query, params = "SELECT * FROM findings", ()
+        if study is not None:
+            query, params = query + " WHERE study = ?", (study,)
+        return pd.read_sql_query(query + " ORDER BY study, rowid", self.conn, params=params)[columns]
 
     # -- reading ------------------------------------------------------------------------------------------------
     def frame(self, table: str, run_ids: Iterable[str] | None = None) -> pd.DataFrame:

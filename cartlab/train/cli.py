@@ -5,6 +5,7 @@
     cartlab train --config my_run.yaml model.hooks=unshare_core,no_lti
     cartlab train --preset smoke dense_match=flops        # the FLOPs-matched Dense baseline
     cartlab train --resume RUN_ID                         # continue an interrupted run
+    cartlab train --resume RUN_ID --trust-checkpoint      # ... from a checkpoint of cartlab < 0.2 (pickled state)
     torchrun --nproc_per_node 4 -m cartlab.cli train --preset paper-stage2 parallel=fsdp   # 4 GPUs, FSDP2 (default ddp)
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--db", help="results database (default: the config's results_db, runs/results.db)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and run name, do not train")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a checkpoint's state.pt / dcp/.metadata with plain pickle if the safe reader refuses it (a checkpoint written before cartlab stored them pickle-free): this runs any code the files carry, so give it only for checkpoints you trust")
     p.set_defaults(func=run)
 
 
@@ -56,6 +59,7 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from cartlab.checkpoint import trusting
     from cartlab.train.loop import TrainingDiverged, TrainingInterrupted, train
 
     cfg = resolve(args)
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     try:
-        run_id = train(cfg, resume=args.resume)
+        with trusting(args.trust_checkpoint):
+            run_id = train(cfg, resume=args.resume)
     except TrainingInterrupted as err:
         print(f"cartlab: {err}", file=sys.stderr)
         return 130

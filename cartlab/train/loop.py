@@ -231,7 +231,9 @@ def preflight(cfg: TrainConfig) -> None:
     writes. A refusal here leaves no lock, row or file behind."""
     from cartlab.data import load_meta
 
-    check_vocab(load_meta(resolve_data(cfg.data, progress=not cfg.quiet)), cfg.model_config())
+    meta = load_meta(resolve_data(cfg.data, progress=not cfg.quiet))
+    check_vocab(meta, cfg.model_config())
+    check_data(meta, cfg)
     if str(cfg.results_db) != ":memory:":
         db = Path(cfg.results_db)
         # a directory, or a file that is not a results database (an empty file is one that another
@@ -240,6 +242,24 @@ def preflight(cfg: TrainConfig) -> None:
             ResultsDB(cfg.results_db, readonly=True).close()
         check_writable(Path(cfg.results_db).parent, "results_db", cfg.results_db)
     check_writable(Path(cfg.out_dir), "out_dir", cfg.out_dir)
+
+
+def check_data(meta: dict, cfg: TrainConfig) -> None:
+    """The rest of what the run reads, before it makes anything: the build's tokenizer file (copied
+    into every checkpoint), windows of seq_len in train.bin and each validation bin, and every id of
+    train.bin inside the vocabulary (one pass over the file)."""
+    from cartlab.data import BatchLoader, get_tokenizer, open_bin
+
+    where = f"data.dir={show(meta['dir'])}"
+    try:
+        get_tokenizer(meta)
+        train_bin = open_bin(Path(meta["dir"]) / "train.bin")
+        BatchLoader(train_bin, cfg.batch_size, cfg.seq_len, cfg.data.mode, seed=cfg.seed)
+        for vbin in _val_bins(meta).values():
+            BatchLoader(vbin, cfg.eval_batch_size, cfg.seq_len, "sequential")
+        train_bin.check_ids()
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}", "data.dir") from None
 
 
 def check_writable(folder: Path, name: str, value) -> None:
@@ -422,8 +442,8 @@ class _Run:
     # -- 3. and 4. ------------------------------------------------------------------------------------------
     def loop(self) -> None:
         cfg, run_id, main = self.cfg, self.run_id, self.main
-        self.bar = tqdm(total=cfg.steps, initial=self.start, disable=cfg.quiet or not main, desc=run_id[:40],
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.steps, initial=self.start, disable=cfg.quiet or not main, dynamic_ncols=True)
+        self._phase("train")
         self.t_last, self.tokens_since = time.perf_counter(), 0
         self.last_loss, self.last_tps = math.nan, None
         status = "failed"  # what the tracker is told at the end (the database records the same)
@@ -438,6 +458,7 @@ class _Run:
                         self._log(done, loss_value, grad_norm, lr)
                     if done % cfg.eval_every == 0 or done == cfg.steps:
                         self._evaluate(done)
+                        self._phase("train" if done < cfg.steps else "checkpoint")
                     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                         self._checkpoint(done)
                     if stopping and done < cfg.steps:
@@ -453,8 +474,14 @@ class _Run:
                 self.db.set_status(run_id, "failed", f"{type(err).__name__}: {err}"[:500])
             raise
         finally:
+            self._phase(status)  # the line the bar leaves: `<run> [completed]` or how it ended
             self.bar.close()
             self.tracker.finish(status)
+
+    def _phase(self, name: str) -> None:
+        """Name what the run is doing in its progress bar: train, eval, final eval, each
+        post-training measure (depth profile, ...), checkpoint, then how it ended."""
+        self.bar.set_description_str(f"{self.run_id[:40]} [{name}]")
 
     def _step(self, step: int, lr: float, asked_to_stop: bool) -> tuple[float, float, bool]:
         """One optimizer update at `lr`: micro-batches with gradient accumulation, the loss
@@ -510,6 +537,7 @@ class _Run:
     def _evaluate(self, done: int) -> None:
         """Loss and perplexity on every validation bin, then the measures due at this step (every
         eval, or the last one: `cartlab.measures`) into the `probes` table."""
+        self._phase("final eval" if done == self.cfg.steps else "eval")
         results = evaluate(self.raw, self.val_bins, self.cfg, self.selection, self.device)
         due = [m for m in self.measures if m.when == "eval" or done == self.cfg.steps]
         view = self.strategy.replica(self.raw, self.model_cfg) if due else None  # collective if sharded
@@ -522,7 +550,11 @@ class _Run:
         if due:
             device = next(view.parameters()).device  # a sharded run's replica is on the CPU
             ctx = MeasureContext(view, self.model_cfg, self.cfg, self.val_bins, done, device, self.selection)
-            self.db.log_probes(self.run_id, run_measures(due, ctx))
+            rows = []
+            for m in due:  # one at a time, so that the bar names the one running (e.g. depth profile)
+                self._phase(m.name.replace("_", " "))
+                rows += run_measures([m], ctx)
+            self.db.log_probes(self.run_id, rows)
 
     def _checkpoint(self, done: int) -> None:
         """An atomic checkpoint of update `done` (rank 0 writes every rank's loader position);
