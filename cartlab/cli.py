@@ -33,7 +33,7 @@ COMMANDS = {
     "results": ("cartlab.results.cli", "export the results database (parquet, CSV) or merge per-run shards into it"),
     "eval": ("cartlab.eval.cli", "evaluate a checkpoint with lm-eval (few-shot, variable R)"),
     "export": ("cartlab.export", "write a run or checkpoint as a transformers model folder (trust_remote_code)"),
-    "demo": ("cartlab.demo", "train the cpu-demo study and render its report (offline, ~10 min on 2 CPU cores)"),
+    "demo": ("cartlab.demo", "train the cpu-demo study and render its report (offline, 7-8 min on 2 idle CPU cores)"),
 }
 """command -> (module with its `register(subparsers)`, the one line `cartlab --help` lists)."""
 
