@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from cartlab.model import DenseConfig, account, build_model
+from cartlab.model import DenseConfig, LRTConfig, account, build_model
 
 
 def step_seconds(model, x, y, opt) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
     base = dict(d_model=args.d_model, n_layers=args.n_layers, vocab_size=V)
     configs = {"dense": DenseConfig(**base)}
     for S in args.subsets:
-        configs[f"lrt S={S}"] = DenseConfig(**base, hooks=("lrt_kv", "lrt_residual"), memory_subsets=S)
+        configs[f"lrt S={S}"] = LRTConfig(**base, hooks=("lrt_kv", "lrt_residual"), memory_subsets=S)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
     runs = {}

@@ -5,7 +5,7 @@ torch.compile, fp32 vs bf16 autocast.
     python benchmarks/bench_train.py --quick     # d=128, no compile
 
 MFU = achieved model FLOP/s (3 x forward FLOPs per token from `cartlab.model.account`, LM head
-included) / peak. On a GPU the peak comes from the device table in `cartlab.train.device`; a
+included) / peak. On a GPU the peak comes from the device table in `cartlab.hardware` (vendor dense bf16); a
 CPU has no datasheet entry, so the peak is measured here as the best large-GEMM throughput over
 fp32 and bf16 (an achievable peak, which flatters MFU compared with a vendor figure). One
 denominator for both precisions keeps the MFU column comparable: a CPU without native bf16
@@ -20,6 +20,7 @@ import time
 import torch
 
 from cartlab.model import CARTConfig, account, build_model, matched_dense
+from cartlab.hardware import peak_flops
 from cartlab.train.device import Capabilities, build_optimizer, select
 
 
@@ -79,11 +80,16 @@ def main() -> None:
         args.d_model, args.seq_len, args.no_compile, vocab = 128, 128, True, 8000
     cart = CARTConfig.paper(d_model=args.d_model, vocab_size=vocab)
     dense = matched_dense(cart, on="flops", seq_len=args.seq_len)
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
-    peak = max(peaks.values())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured GEMM peak "
-          f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; MFU is against "
-          f"{peak / 1e9:.1f}")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    peak = peak_flops(gpu) if gpu else None
+    if peak:
+        print(f"torch {torch.__version__}, {gpu}: MFU is against its datasheet bf16 peak {peak / 1e12:.0f} TFLOP/s")
+    else:  # a CPU (or a GPU the table does not know): the best measured GEMM rate
+        peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+        peak = max(peaks.values())
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured GEMM peak "
+              f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; MFU is against "
+              f"{peak / 1e9:.1f}")
     print(f"batch {args.batch_size} x seq {args.seq_len}; CART d={args.d_model} P=6 R=6 vs Dense {dense.n_layers}L (FLOPs-matched)\n")
     print(f"{'model':10s} {'precision':9s} {'mode':8s} {'tok/s':>9s} {'MFU':>7s}")
     modes = [False] if args.no_compile else [False, True]

@@ -19,20 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from cartlab.cluster import LAUNCHERS
+from cartlab.cluster import LAUNCHERS, Outcome
 from cartlab.studies import StudyRun, load_study
-
-
-@dataclass
-class Outcome:
-    run: StudyRun
-    ok: bool
-    seconds: float
-    notebook: Path
-    error: str = ""
 
 
 def study_runs(study: str, overrides: list[str] | None = None) -> tuple[str, list[StudyRun]]:

@@ -53,7 +53,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="cartlab",
         description="Train, ablate and analyse depth-recurrent language models (CART, Dense).",
-        epilog="--debug (anywhere, or CARTLAB_DEBUG=1) shows a traceback instead of a one-line error.",
+        epilog="--debug (anywhere, or CARTLAB_DEBUG=1) shows a traceback instead of a one-line error. "
+               "Built corpora and tokenizers go to the data root: CARTLAB_DATA_DIR, else CARTLAB_HOME/data, else "
+               "the clone's data/ (./data for an installed cartlab); runs/ and reports/ go under the current folder.",
     )
     parser.add_argument("--version", action="version", version=f"cartlab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cartlab.config import Config, field
 
@@ -56,6 +57,18 @@ class SlurmConfig(Config):
     lost node) is resubmitted."""
     extra: dict = field(default_factory=dict)
     """Further sbatch options, e.g. {constraint: a100, qos: high} (submitit's additional_parameters)."""
+
+
+@dataclass
+class Outcome:
+    """How one run of a study ended, local or as a job: `run` (a `cartlab.studies.StudyRun`),
+    whether it completed, its wall time, its notebook or job log, and the error when it did not."""
+
+    run: Any
+    ok: bool
+    seconds: float
+    notebook: Path
+    error: str = ""
 
 
 def shard_of(run) -> Path:
@@ -140,10 +153,9 @@ def job_config(run) -> dict:
 
 def run_jobs(runs: list, study: str, launcher: str, slurm: SlurmConfig, reports_dir: Path, *,
              poll: float = 2.0, log=print, submit=None):
-    """Train `runs` (StudyRuns) as jobs and yield an `cartlab.ablate.Outcome` as each finishes,
+    """Train `runs` (StudyRuns) as jobs and yield an `Outcome` as each finishes,
     its shard merged into the run's results database. `submit(executor, run)` makes the job
     (default: `TrainJob`); tests hand their own."""
-    from cartlab.ablate import Outcome
     from cartlab.results.merge import merge
 
     ex = executor(launcher, reports_dir / study / "jobs" / "%j", slurm, f"cartlab-{study}")

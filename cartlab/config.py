@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "field", "load_yaml", "parse_override", "show"]
+__all__ = ["Config", "ConfigError", "field", "load_yaml", "marked_fields", "parse_override", "show"]
 
 
 class ConfigError(ValueError):
@@ -81,16 +81,36 @@ def show(value: Any) -> str:
 
 def field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
-          choices: Any = None, none: str | None = None, elide_default: bool = False) -> Any:
+          choices: Any = None, none: str | None = None, elide_default: bool = False, identity: bool = True,
+          in_name: int | None = None) -> Any:
     """A dataclass field with its constraints. `choices` is a collection or a callable returning
     one (for registries filled at import time); `none` says what null means when the field
     is optional (shown in the error, e.g. "null to disable clipping"). `elide_default`: `to_dict`
     leaves the field out while it holds its default, so configs written before the field
-    existed keep their identity (run names and hashes derive from `to_dict`)."""
+    existed keep their identity (run names and hashes derive from `to_dict`).
+
+    What a run is: `identity=False` marks an operational field (where results go, the device,
+    logging cadence), which is not part of a run's identity; `in_name=k` marks a field that a
+    derived run name shows when it differs from the preset, k-th among such fields
+    (`marked_fields` collects both, through nested sections)."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "none": none,
-            "elide_default": elide_default or None}
+            "elide_default": elide_default or None, "identity": False if not identity else None,
+            "in_name": in_name}
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def marked_fields(cls: type, key: str) -> dict[str, Any]:
+    """{dotted path: metadata value} of every field of the config class `cls`, and of its nested
+    config sections (recursively), whose metadata holds `key` (e.g. 'identity', 'in_name')."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if key in f.metadata:
+            out[f.name] = f.metadata[key]
+        tp = _strip_optional(_hints(cls)[f.name])
+        if isinstance(tp, type) and issubclass(tp, Config) and dataclasses.is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in marked_fields(tp, key).items()})
+    return out
 
 
 def load_yaml(path: str | Path, what: str = "config") -> Any:

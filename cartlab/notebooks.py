@@ -26,21 +26,25 @@ import difflib
 import os
 from pathlib import Path
 
+from cartlab import resources
+
 KERNEL = "python3"
 
 
 def notebooks_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "notebooks"
+    """The shipped notebooks: the checkout's notebooks/, else the installed package's copy."""
+    return resources.notebooks_dir()
 
 
 def work_from_project_root() -> Path:
     """Give a notebook's relative paths (db, report_dir, out_dir, ...) the meaning they have for
     `cartlab` commands, which run from the repository root. JupyterLab starts a kernel in the
     notebook's own folder: when that is this repository's notebooks/, move to the repository
-    root. Anywhere else (papermill from the root, `cartlab ablate`/`report`) nothing changes.
-    Returns the working directory."""
-    if Path.cwd().resolve() == notebooks_dir():
-        os.chdir(notebooks_dir().parent)
+    root. Anywhere else (papermill from the root, `cartlab ablate`/`report`, an installed
+    cartlab) nothing changes. Returns the working directory."""
+    repo = resources.checkout()
+    if repo is not None and Path.cwd().resolve() == notebooks_dir().resolve():
+        os.chdir(repo)
     return Path.cwd()
 
 

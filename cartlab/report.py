@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from cartlab.provenance import code_version
 from cartlab.tables import (figure_labels, format_value, markdown_table, show, show_table, styled,  # noqa: F401
                             tidy)
 
@@ -287,24 +287,6 @@ BANNER = "banner.txt"
 """The partial-report banner `render` writes into the report folder when runs are missing."""
 
 
-def code_version() -> str:
-    """The git commit of the cartlab checkout (with `+dirty` for uncommitted changes), else the
-    package version: what a stored finding was computed with."""
-    from cartlab import __version__
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return f"cartlab {__version__}"
-    if head.returncode != 0:
-        return f"cartlab {__version__}"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def store_findings(study: str, db: str | os.PathLike, found, log=print) -> None:
     """Write `found` (a list of `Finding`) into the `findings` table of `db`, replacing the
     study's earlier ones. A database that cannot be written is said in one line, not fatal."""
@@ -366,7 +348,8 @@ def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: s
     every page opens with a banner saying which runs are missing. The findings of the study
     (`cartlab.analysis.findings`) open the report and summary.md ("What this study shows") and
     are stored in the database's `findings` table."""
-    from cartlab.analysis.findings import shows_markdown, study_findings
+    from cartlab.analysis.findings import shows_markdown
+    from cartlab.analysis.study import study_findings
     from cartlab.notebooks import execute
 
     check_study_name(study)

@@ -70,7 +70,10 @@ def is_safe_name(value) -> bool:
 
 
 def studies_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "ablations"
+    """The shipped study files: the checkout's ablations/, else the installed package's copy."""
+    from cartlab import resources
+
+    return resources.studies_dir()
 
 
 def list_studies() -> list[str]:

@@ -239,7 +239,7 @@ class WandbTracker:
 
 # -- what the training loop holds ------------------------------------------------------------------------------
 class Mirror:
-    """The run's tracker as the training loop holds it (`_Run.tracker`): the backend `cfg.tracker`
+    """The run's tracker as the training loop holds it (`RunRecorder.tracker`): the backend `cfg.tracker`
     names on rank 0 (`on`), nothing elsewhere or for tracker=none. It never raises: the first error
     of a backend is one RuntimeWarning and the tracker is off for the rest of the run, so a
     tracker can never stop or corrupt training (the results database `db` has everything)."""

@@ -101,6 +101,25 @@ def run_offline_cli(*args: str, data_root: Path, hash_seed: str = "0", timeout: 
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data):
+    """A tiny CART trained once per session (`train_helpers.tiny_config`: 12 steps, an evaluation
+    and a checkpoint every 4, on the tiny corpus): run_id, db, out (its out_dir), run_dir,
+    checkpoint (the newest) and config. Shared by every test that needs "a trained checkpoint":
+    read it, or copy it before changing anything (`shutil.copytree`, `shutil.copy` of the db)."""
+    from types import SimpleNamespace
+
+    from cartlab.checkpoint import latest
+    from cartlab.train import train
+    from train_helpers import tiny_config
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_config(tiny_data, out)
+    run_id = train(cfg)
+    return SimpleNamespace(run_id=run_id, db=out / "results.db", out=out, run_dir=out / run_id,
+                           checkpoint=latest(out / run_id / "checkpoints"), config=cfg)
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """`cartlab train --preset smoke` as on a fresh clone, offline: no corpus and no tokenizer cache
     in its data root, so it builds the shipped `embedded` recipe on first use, then trains CART."""
@@ -113,6 +132,14 @@ def smoke_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building the embedded corpus" in proc.stderr
     return run
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a results database (SQLite's backup: committed WAL pages included)."""
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    a.close()
+    b.close()
 
 
 def db_rows(db: Path, sql: str) -> list[tuple]:

@@ -3,7 +3,7 @@ neither torch nor matplotlib, every public function documents its paper section,
 that compute numbers also the formula it computes (figure functions, `plot_*`, draw those numbers
 and are exempt) (issue 5, acceptance 4); the package is arranged by concept, no module over
 MAX_LINES lines.
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_api.py -q
+Run: pytest tests/test_analysis_api.py -q
 """
 import importlib
 import inspect

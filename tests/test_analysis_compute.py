@@ -24,9 +24,9 @@ import pytest  # noqa: E402
 
 from cartlab.analysis import compute  # noqa: E402
 from cartlab.analysis.synthetic import run_row  # noqa: E402
-from cartlab.model import DenseConfig, account, memory_overhead  # noqa: E402
+from cartlab.model import DenseConfig, LRTConfig, account, memory_overhead  # noqa: E402
 
-LRT = DenseConfig.tiny(n_layers=4, hooks=("lrt_kv", "lrt_residual"), memory_subsets=2)
+LRT = LRTConfig.tiny(n_layers=4, hooks=("lrt_kv", "lrt_residual"), memory_subsets=2)
 TRAIN = {"batch_size": 4, "grad_accum": 2, "seq_len": 32, "steps": 100}
 
 

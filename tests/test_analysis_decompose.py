@@ -1,6 +1,6 @@
 """Guards the CART-Dense gap (section 7.6) and its ablation decomposition (section 8) on a
 synthetic results store whose every number is set here, so expected values are plain arithmetic.
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_decompose.py -q
+Run: pytest tests/test_analysis_decompose.py -q
 """
 import numpy as np
 import pandas as pd

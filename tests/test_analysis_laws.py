@@ -4,7 +4,7 @@ cover them in >= 18 of 20 seeded replications (acceptance 1); fit_recurrence_exp
 for phi on a synthetic Dense ladder plus looped runs (acceptance 2); fits are deterministic for a
 seed; the compute-optimal allocation equals a brute-force search of the iso-FLOP curve; leave-one-
 size-out errors are finite; residual diagnostics flag a missing term and pass a correct model.
-Run: cd /work/main && pytest tests/test_analysis_laws.py -q   (about 30 s on 2 cores)
+Run: pytest tests/test_analysis_laws.py -q   (about 30 s on 2 cores)
 
 Budget: a bootstrap refit costs about 10 ms whatever the number of points (L-BFGS-B overhead
 dominates), so the coverage tests use 20 replications x 100 refits each per law (~20 s each).
@@ -53,6 +53,7 @@ def test_chinchilla_recovers_parameters_from_low_noise_data():
         assert getattr(fit, name) == pytest.approx(value, rel=0.03), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRUE))
 def test_chinchilla_intervals_cover_truth_in_18_of_20(chinchilla_fits, name):
     covered = sum(f.ci[name][0] <= TRUE[name] <= f.ci[name][1] for f in chinchilla_fits)
@@ -132,6 +133,7 @@ def _phi_frame(seed, sigma=0.003, seeds=3):
     return f
 
 
+@pytest.mark.slow
 def test_phi_recovered_and_covered_in_18_of_20():
     fits = [joint_law.fit_recurrence_exponent(_phi_frame(s), n_boot=N_BOOT, seed=s) for s in range(REPS)]
     phis = np.array([f.phi for f in fits])

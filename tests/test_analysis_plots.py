@@ -1,6 +1,6 @@
 """Guards that every plot function turns results-schema frames into a Figure with the expected
 artists (Agg backend; no pixels compared).
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_plots.py -q
+Run: pytest tests/test_analysis_plots.py -q
 """
 import matplotlib
 

@@ -2,7 +2,7 @@
 
 Every expected number is read from the paper's prose or recomputed from its tables by the
 formula the paper gives, never taken from the code under test.
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_published.py -q
+Run: pytest tests/test_analysis_published.py -q
 """
 import math
 
@@ -166,6 +166,16 @@ def test_mfu_table4():
     assert accounting.mfu(1000, flops_per_token=71e9) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="exactly one"):
         accounting.mfu(1000, params=1e6, flops_per_token=6e6)
+
+
+def test_one_peak_flops_table():
+    """MFU's denominators come from one table (`cartlab.hardware`): the analysis's default is the
+    paper's RTX 3090 entry (section 4.6), and device names resolve to their dense bf16 peak."""
+    from cartlab import hardware
+
+    assert accounting.RTX3090_BF16_PEAK_FLOPS == hardware.PEAK_FLOPS["NVIDIA GeForce RTX 3090"] == 71e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == hardware.peak_flops("NVIDIA H200") == 989e12
+    assert hardware.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and hardware.peak_flops("x86_64") is None
 
 
 def test_leverage_table1():

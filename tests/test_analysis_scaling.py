@@ -1,6 +1,6 @@
 """Guards the scaling fits: power-law CIs cover the truth, the saturating fit and Schwethelm's phi
 are recovered from synthetic data with known parameters (issue 5, acceptance 2).
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_scaling.py -q
+Run: pytest tests/test_analysis_scaling.py -q
 """
 import numpy as np
 import pandas as pd

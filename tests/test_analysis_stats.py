@@ -1,6 +1,6 @@
 """Guards seed-noise bands, single-seed signal calls and screen-vs-full rank statistics
 (issue 5, acceptance 3; paper sections 4.4, 8, 9.5).
-Run: cd /work/main && PYTHONPATH=. .venv/bin/pytest tests/test_analysis_stats.py -q
+Run: pytest tests/test_analysis_stats.py -q
 """
 import numpy as np
 import pandas as pd

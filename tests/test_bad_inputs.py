@@ -431,7 +431,7 @@ CASES = [
     ("model_share_core", T("model.share_core=nope"), "model.share_core='nope' is not allowed: must be true or false"),
     ("model_info_override", lambda lab: ["model", "info", "cart", "init_std=-1"], "init_std=-1 is not allowed"),
     ("model_info_unknown", lambda lab: ["model", "info", "cart", "d_modle=3"], "d_modle is not a field"),
-    ("model_info_hooks", lambda lab: ["model", "info", "dense", "--hooks", "no_lti"], "hooks apply to kind 'cart'"),
+    ("model_info_hooks", lambda lab: ["model", "info", "dense", "--hooks", "no_lti"], "'no_lti' is a hook of the cart family, not of dense"),
     ("model_info_seq_len", lambda lab: ["model", "info", "cart", "--seq-len", "0"], "seq_len=0 is not allowed"),
     # -- YAML config files ---------------------------------------------------------------------------------
     ("yaml_syntax", F(["train", "--config"], "syntax.yaml"), "syntax.yaml:3:1: YAML syntax error"),

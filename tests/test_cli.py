@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from cartlab import __version__, cli
 
 PROBE = """
@@ -50,6 +52,7 @@ def test_each_command_builds_its_own_parser():
         assert real.add_help and real.description, name  # the module's parser, not the listing's stub
 
 
+@pytest.mark.slow
 def test_quiet_is_the_one_progress_switch():
     for name in ("train", "ablate", "data", "demo"):
         help_text = subprocess.run([sys.executable, "-m", "cartlab.cli", name, *(("build",) if name == "data" else ()),
@@ -57,6 +60,7 @@ def test_quiet_is_the_one_progress_switch():
         assert "--quiet" in help_text and "--no-progress" not in help_text, name
 
 
+@pytest.mark.slow
 def test_train_prints_validation_at_each_eval_and_a_closing_summary(tiny_data, tmp_path, capsys):
     from train_helpers import TINY_MODEL
 

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cartlab.cli import CLOSED_PIPE
 
 CLI = [sys.executable, "-m", "cartlab.cli"]
@@ -35,6 +37,7 @@ def test_list_into_head_prints_one_line_and_nothing_on_stderr(tmp_path):
     assert proc.returncode in (0, CLOSED_PIPE)  # 0 when head read everything before it exited
 
 
+@pytest.mark.slow
 def test_a_reader_gone_before_the_first_write_is_a_quiet_141(tmp_path):
     proc = _into_closed_pipe("ablate", "cpu-demo", "--list", "--db", str(tmp_path / "r.db"))
     assert proc.stderr == "" and proc.returncode == CLOSED_PIPE

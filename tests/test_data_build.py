@@ -204,6 +204,7 @@ def test_interrupted_build_leaves_no_complete_looking_file(built, tmp_path, monk
     assert load_meta(old, verify_sha256=True)["files"] == built["files"]
 
 
+@pytest.mark.slow
 def test_two_builds_of_one_folder_at_once_build_it_once_and_clear_killed_staging(tmp_path):
     """Two `cartlab data build` processes on one fresh folder (two first-use trainings): the
     second waits for the first and finds its build; a killed build's staging folder is removed."""

@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import need
+from conftest import copy_db, need
 import torch
 import torch.nn.functional as F
 
@@ -22,19 +22,18 @@ from cartlab import results  # noqa: E402
 from cartlab.cli import main  # noqa: E402
 from cartlab.eval.lm import CartlabLM, load_checkpoint  # noqa: E402
 from cartlab.eval.run import local_tasks  # noqa: E402
-from cartlab.train import train  # noqa: E402
-from train_helpers import tiny_config  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_data):
-    out = tmp_path_factory.mktemp("eval_run")
-    cfg = tiny_config(tiny_data, out)
-    run_id = train(cfg)
-    return {"run_id": run_id, "db": out / "results.db", "ckpt": out / run_id, "seq_len": cfg.seq_len}
+def tiny_run(tmp_path_factory, tiny_run):
+    """The session's tiny trained run (conftest), with a copy of its results database that the
+    evaluations here may write into."""
+    db = tmp_path_factory.mktemp("eval_run") / "results.db"
+    copy_db(tiny_run.db, db)
+    return {"run_id": tiny_run.run_id, "db": db, "ckpt": tiny_run.run_dir, "seq_len": tiny_run.config.seq_len}
 
 
 def _evaluate(lm, task, **kw):
@@ -50,6 +49,7 @@ def _logprob(model, ids: list[int], n_target: int, **kw) -> float:
     return float(logp.gather(1, torch.tensor(ids[-n_target:])[:, None]).sum())
 
 
+@pytest.mark.slow
 def test_multiple_choice_loglikelihoods_equal_the_models_own(tiny_run):
     lm = CartlabLM(checkpoint=str(tiny_run["ckpt"]), batch_size=3, n_loops=5)
     model, tok, _ = load_checkpoint(tiny_run["ckpt"])
@@ -65,6 +65,7 @@ def test_multiple_choice_loglikelihoods_equal_the_models_own(tiny_run):
     assert 0.0 <= res["results"]["cartlab_mc"]["acc,none"] <= 1.0
 
 
+@pytest.mark.slow
 def test_rolling_loglikelihood_equals_disjoint_windows_of_the_trained_length(tiny_run):
     lm = CartlabLM(checkpoint=str(tiny_run["ckpt"]), batch_size=2)
     model, tok, _ = load_checkpoint(tiny_run["ckpt"])
@@ -97,6 +98,7 @@ class Uniform(torch.nn.Module):
         return torch.zeros(*idx.shape, self.vocab), None
 
 
+@pytest.mark.slow
 def test_a_uniform_model_scores_the_perplexity_the_maths_says(tiny_run):
     _, tok, _ = load_checkpoint(tiny_run["ckpt"])
     V = tok.vocab_size
@@ -114,6 +116,7 @@ def test_a_uniform_model_scores_the_perplexity_the_maths_says(tiny_run):
     assert res["bits_per_byte,none"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_cartlab_eval_writes_one_row_per_metric_and_loop_count(tiny_run, capsys):
     args = ["eval", str(tiny_run["ckpt"]), "--tasks", "cartlab_mc", "--n-loops", "1,3,6", "--db",
             str(tiny_run["db"]), "--batch-size", "4"]
@@ -147,6 +150,7 @@ def test_generate_until_is_greedy_cached_decoding_cut_at_the_stop_string(tiny_ru
     assert lm.generate_until([request(["\u2603"]), request([stop])]) == [text, text.split(stop)[0]]
 
 
+@pytest.mark.slow
 def test_lm_evals_own_cli_runs_the_cartlab_model(tiny_run, repo):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "cartlab.eval", "run", "--model", "cartlab", "--model_args",
@@ -157,6 +161,7 @@ def test_lm_evals_own_cli_runs_the_cartlab_model(tiny_run, repo):
     assert re.search(r"cartlab_mc\s*\|.*\|\s*acc\s*\|", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 def test_partial_or_earlier_evaluations_are_printed_but_never_stored(tiny_run, capsys):
     """The downstream table means the run's final weights on whole tasks: a --limit run and an
     older checkpoint must not overwrite those rows."""

@@ -53,6 +53,7 @@ def fsdp_and_ddp(tiny_data, tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.slow
 def test_fsdp_follows_ddp_within_1e5_over_20_steps(fsdp_and_ddp):
     root, _ = fsdp_and_ddp
     ddp, fsdp = _losses(root / "ddp" / "results.db"), _losses(root / "fsdp" / "results.db")
@@ -89,6 +90,7 @@ def test_a_sharded_checkpoint_loads_into_a_plain_model_with_the_same_weights(fsd
     assert a.lm_head.weight is a.wte.weight and torch.equal(a.wte.weight, sa["wte.weight"])
 
 
+@pytest.mark.slow
 def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(fsdp_and_ddp, tiny_data):
     """Kill the sharded run after its step-10 checkpoint (as a preempted job would be): resumed
     by one process, the run keeps its global batch (2 micro-batches of 2 instead of 2 ranks x 1)
@@ -126,6 +128,7 @@ def _rewind(root, source: str, name: str):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after", [("ddp", "fsdp"), ("fsdp", "ddp")])
 def test_a_run_resumes_under_the_other_parallel_mode_and_keeps_its_losses(fsdp_and_ddp, tiny_data, before, after):
     """`parallel` is operational: a run checkpointed by DDP (safetensors, full optimizer state)
@@ -256,6 +259,7 @@ def _train_both(rank: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_follows_ddp_on_every_model_family_and_hook_combination():
     """Dense, LRT and CART with every ablation switched, the self-attention core, and random R with
     truncated BPTT (parameters a step leaves without gradient) train the same under both."""
@@ -315,6 +319,7 @@ def _save_with_rank0_failing(rank: int, port: int, folder: str, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_sharded_save_that_fails_on_rank_0_fails_on_every_rank_and_leaves_nothing(tmp_path):
     """Rank 0 alone writes state.pt and renames the folder: when that fails the other ranks must
     not wait for it forever nor train on as if the checkpoint existed."""

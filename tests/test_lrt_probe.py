@@ -18,7 +18,7 @@ import torch
 
 from cartlab.measures import MeasureContext, measures_for
 from cartlab.measures.lrt import lrt_gap, subset_grid
-from cartlab.model import DenseConfig, build_model
+from cartlab.model import DenseConfig, LRTConfig, build_model
 from cartlab.model.memory import trace
 from test_model_lrt import lively, tokens
 
@@ -86,7 +86,7 @@ def test_the_probe_is_exact_at_S_equal_T_and_the_gap_shrinks_with_S(hooks):
 
 def test_the_probe_applies_to_lrt_models_only():
     names = lambda cfg: [m.name for m in measures_for(cfg)]  # noqa: E731
-    assert "lrt_gap" in names(DenseConfig.tiny(hooks=("lrt_residual",)))
+    assert "lrt_gap" in names(LRTConfig.tiny(hooks=("lrt_residual",)))
     assert "lrt_gap" not in names(DenseConfig.tiny())
 
 
@@ -126,4 +126,5 @@ def test_a_training_run_stores_the_probe_and_the_measured_cost(tiny_data, tmp_pa
 
     refused = r"^measures=\['lrt_gap'\] is not allowed: 'lrt_gap' does not apply to a dense"
     with pytest.raises(ConfigError, match=refused):
-        tiny_config(tiny_data, tmp_path, model={**model, "hooks": [], "memory_subsets": 4}, measures=["lrt_gap"])
+        tiny_config(tiny_data, tmp_path, model={k: v for k, v in model.items() if not k.startswith("memory_")} | {"hooks": []},
+                    measures=["lrt_gap"])

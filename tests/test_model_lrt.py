@@ -21,8 +21,8 @@ from conftest import need
 import torch
 import torch.nn.functional as F
 
-from cartlab.model import (ConfigError, DenseConfig, KVCache, LMConfig, account, build_model, exact_reference,
-                           memory_overhead)
+from cartlab.model import (LRT, ConfigError, DenseConfig, KVCache, LMConfig, LRTConfig, account, build_model,
+                           exact_reference, memory_overhead)
 from cartlab.model.config import model_overrides
 from test_model_variants import cached_logits, causal_leak
 
@@ -39,7 +39,7 @@ def lively(hooks, shared=True, seed=0, n_layers=3, scale=3.0, **kw):
     uniform, so the memory barely moves the logits and every comparison would pass trivially.
     Backbone matrices are scaled up, the memory projection maps to unit scale, gains are 1."""
     torch.manual_seed(seed)
-    model = build_model(DenseConfig.tiny(hooks=hooks, memory_shared=shared, n_layers=n_layers, **kw))
+    model = build_model(LRTConfig.tiny(hooks=hooks, memory_shared=shared, n_layers=n_layers, **kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and not name.startswith(("wte", "memory")):
@@ -62,11 +62,11 @@ def test_plain_dense_configs_serialise_as_before():
         "kind": "dense", "vocab_size": 32000, "d_model": 1024, "n_heads": 16, "ffn_multiple_of": 256,
         "rope_theta": 10000.0, "norm_eps": 1e-05, "init_std": 0.02, "n_layers": 12}
     assert DenseConfig.tiny(hooks=()).to_dict() == DenseConfig.tiny().to_dict()
-    assert build_model(DenseConfig.tiny()).memory.source == -1 and not list(build_model(DenseConfig.tiny()).memory.parameters())
+    assert not hasattr(build_model(DenseConfig.tiny()), "memory")  # plain Dense carries no memory plumbing
 
 
 def test_hooks_set_the_memory_fields_and_the_config_rebuilds_the_model():
-    cfg = DenseConfig.tiny(n_layers=6, hooks=("lrt_residual", "lrt_kv"))
+    cfg = LRTConfig.tiny(n_layers=6, hooks=("lrt_residual", "lrt_kv"))
     assert cfg.hooks == ("lrt_kv", "lrt_residual")  # registration order
     assert cfg.memory_kv and cfg.memory_residual and cfg.memory_shared and cfg.memory_subsets == 4
     assert cfg.memory_source_layer == 4 and cfg.memory_injection_layers == (0, 1, 2, 3, 4)
@@ -77,9 +77,9 @@ def test_hooks_set_the_memory_fields_and_the_config_rebuilds_the_model():
     torch.manual_seed(0)
     model = build_model(cfg)
     build_model(again).load_state_dict(model.state_dict())  # strict: same modules, same shapes
-    one = DenseConfig.tiny(n_layers=1, hooks=("lrt_kv",))
+    one = LRTConfig.tiny(n_layers=1, hooks=("lrt_kv",))
     assert one.memory_source_layer == 0 and one.memory_injection_layers == (0,)
-    picked = DenseConfig.tiny(n_layers=4, hooks=("lrt_kv",), memory_source=3, memory_layers=[2, 0])
+    picked = LRTConfig.tiny(n_layers=4, hooks=("lrt_kv",), memory_source=3, memory_layers=[2, 0])
     assert picked.memory_layers == (0, 2) and picked.memory_injection_layers == (0, 2)
 
 
@@ -91,22 +91,38 @@ def test_hooks_set_the_memory_fields_and_the_config_rebuilds_the_model():
     (dict(hooks=("lrt_kv",), memory_layers=[]), r"^memory_layers=\[\] is not allowed: name at least one injection layer"),
     (dict(hooks=("lrt_kv",), memory_subsets=0), r"^memory_subsets=0 is not allowed: must be >= 1$"),
     (dict(hooks=("lrt_kv",), memory_shared="yes"), r"^memory_shared='yes' is not allowed: must be true or false$"),
-    (dict(memory_subsets=8), r"^memory_subsets=8 is not allowed: memory_subsets configures the LRT memory, which this model does not have; add the hooks lrt_kv and/or lrt_residual"),
-    (dict(memory_shared=False), r"^memory_shared=false is not allowed: memory_shared configures the LRT memory"),
+    (dict(hooks=()), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv and/or lrt_residual; a Dense model without memory is a DenseConfig$"),
     (dict(hooks=("lrt_kv", "lrt_kv")), r"^hooks=\['lrt_kv', 'lrt_kv'\] is not allowed: names a hook twice"),
-    (dict(hooks=("no_lti",)), r"^hooks=\['no_lti'\] is not allowed: 'no_lti' is a cart hook .*; dense hooks: lrt_kv, lrt_residual$"),
+    (dict(hooks=("no_lti",)), r"^hooks=\['no_lti'\] is not allowed: 'no_lti' is a hook of the cart family.*; lrt hooks: lrt_kv, lrt_residual$"),
     (dict(hooks=("lrt",)), r"^hooks=\['lrt'\] is not allowed: unknown hook\(s\) \['lrt'\]; choose from lrt_kv, lrt_residual$"),
 ])
 def test_bad_memory_config_is_one_line_naming_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
-        DenseConfig.tiny(**kwargs)
+        LRTConfig.tiny(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_lrt_is_its_own_family_stored_as_dense():
+    """LRT hooks on a plain DenseConfig are refused in one line naming LRTConfig; a stored
+    `kind: dense` dict with LRT hooks reads back as an LRTConfig and writes the same dict; a Dense
+    dict with a memory field and no LRT hook is a Dense with an unknown field."""
+    with pytest.raises(ConfigError, match=r"^hooks=\['lrt_kv'\] is not allowed: 'lrt_kv' is a hook of the lrt family.*; dense hooks: "
+                                          r"none; use LRTConfig \(or kind 'dense' through LMConfig.from_dict\)$"):
+        DenseConfig.tiny(hooks=("lrt_kv",))
+    stored = {**DenseConfig.tiny().to_dict(), "hooks": ["lrt_kv"], "memory_kv": True, "memory_subsets": 2}
+    cfg = LMConfig.from_dict(stored)
+    assert type(cfg) is LRTConfig and cfg.to_dict() == stored and cfg.kind == "dense"
+    assert type(DenseConfig.from_dict(stored)) is LRTConfig  # an LRTConfig is a DenseConfig
+    assert type(build_model(cfg)) is LRT
+    assert type(LMConfig.from_dict(DenseConfig.tiny().to_dict())) is DenseConfig
+    with pytest.raises(ConfigError, match=r"memory_subsets is not a field"):
+        LMConfig.from_dict({**DenseConfig.tiny().to_dict(), "memory_subsets": 8})
 
 
 def test_lrt_hooks_are_refused_on_cart():
     from cartlab.model import CARTConfig
 
-    with pytest.raises(ConfigError, match=r"^hooks=\['lrt_kv'\] is not allowed: 'lrt_kv' is a dense hook"):
+    with pytest.raises(ConfigError, match=r"^hooks=\['lrt_kv'\] is not allowed: 'lrt_kv' is a hook of the lrt family"):
         CARTConfig.tiny(hooks=("lrt_kv",))
 
 
@@ -172,7 +188,7 @@ def test_a_cache_without_memory_is_refused_and_subsets_need_lrt():
     dense(tokens(4), cache=cache)
     with pytest.raises(ValueError, match="this cache holds 4 positions but no LRT memory"):
         lrt(tokens(1), cache=cache)
-    with pytest.raises(ValueError, match="subsets=2 is not allowed: it is the interleaved training schedule"):
+    with pytest.raises(TypeError, match="subsets"):  # the interleaved schedule is LRT's; Dense has no such argument
         dense(tokens(4), subsets=2)
     with pytest.raises(ValueError, match="subsets=0 is not allowed; it must be an integer >= 1"):
         lrt(tokens(4), subsets=0)
@@ -263,7 +279,7 @@ def test_untrained_residual_lrt_equals_its_dense_backbone():
         expected = dense(idx)[0]
     for hooks in (("lrt_residual",), ("lrt_kv",), ("lrt_kv", "lrt_residual")):
         torch.manual_seed(0)
-        lrt = build_model(DenseConfig.tiny(hooks=hooks, memory_shared=False)).eval()
+        lrt = build_model(LRTConfig.tiny(hooks=hooks, memory_shared=False)).eval()
         backbone = {k: v for k, v in lrt.state_dict().items() if not k.startswith("memory.")}
         assert all(torch.equal(v, dense.state_dict()[k]) for k, v in backbone.items())
         with torch.no_grad():
@@ -296,7 +312,7 @@ def test_accounting_counts_the_memory_and_the_interleaved_training_pass():
     assert base.train_forward_flops == base.forward_flops
     for hooks in HOOKS:
         for shared in (True, False):
-            cfg = DenseConfig.tiny(n_layers=n_layers, hooks=hooks, memory_shared=shared)
+            cfg = LRTConfig.tiny(n_layers=n_layers, hooks=hooks, memory_shared=shared)
             acc, inj = account(cfg, T), len(cfg.memory_injection_layers)
             assert inj == 3 and cfg.memory_source_layer == 2
             proj = (d * d + d) * (1 if shared else inj)

@@ -1,14 +1,17 @@
 """The results database: schema versioning, run rows, idempotent logging, and the paper's
-published tables imported into the same schema the analyses read.
+published tables imported into the same schema the analyses read, and storage standing alone
+(no training, analysis or model code loaded).
 Run: pytest tests/test_results_db.py
 """
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from cartlab import results
 from cartlab.analysis import schema
-from cartlab.analysis.published import load_published
+from cartlab.analysis.published import import_published, load_published
 from cartlab.results.db import SCHEMA_VERSION, ResultsDB
 
 
@@ -44,8 +47,8 @@ def test_runs_and_logs_are_idempotent(tmp_path):
 
 def test_published_numbers_import_into_the_same_schema(tmp_path):
     path = tmp_path / "r.db"
-    n = results.import_published(path)
-    assert results.import_published(path) == n  # idempotent
+    n = import_published(path)
+    assert import_published(path) == n  # idempotent
     runs = results.runs(path)
     pub = load_published()
     assert len(runs) == n == len(pub.runs) and set(runs.status) == {"published"} and set(runs.source) == {"published"}
@@ -58,3 +61,39 @@ def test_published_numbers_import_into_the_same_schema(tmp_path):
     wiki = ev[ev.run_id.isin(stage2.run_id) & (ev.split == "wiki")]
     assert wiki.ppl.round(2).tolist() == [20.35]
     assert results.runs(path, source="local").empty
+
+
+STORAGE_ALONE = """
+import json, sqlite3, sys
+from cartlab import results
+from cartlab.results.db import MIGRATIONS, ResultsDB
+db = ResultsDB(sys.argv[1] + "/new.db")  # storage works without the layers above it
+db.upsert_run("r", model="cart", d_model=64, status="completed")
+db.close()
+above = sorted(m for m in sys.modules if m.startswith(("cartlab.train", "cartlab.analysis", "cartlab.model")))
+assert not above, above
+old = sqlite3.connect(sys.argv[1] + "/old.db")  # schema 1, one local run with a stored training config
+old.executescript(MIGRATIONS[1])
+old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+old.execute("INSERT INTO runs (run_id, name, status, config_json, created_at, updated_at) "
+            "VALUES ('x', 'x', 'completed', ?, 't0', 't0')", (json.dumps({"train": {"steps": 2}}),))
+old.commit()
+old.close()
+try:
+    results.runs(sys.argv[1] + "/old.db")
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_storage_imports_nothing_above_it_and_never_guesses_a_variant(tmp_path):
+    """`cartlab.results` works without training, analysis or model code loaded; a schema-1 run
+    whose variant needs its training config rebuilt is refused, not given a column hash, when
+    the training layer (which registers the rebuilder) was never imported."""
+    proc = subprocess.run([sys.executable, "-c", STORAGE_ALONE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("run 'x': its variant must be rebuilt from its stored training config (a database "
+                                   "of schema 1), which needs the training layer: import cartlab.train before "
+                                   "opening it (`cartlab train`, `ablate` and `report` do)")

@@ -13,6 +13,7 @@ import pytest
 from cartlab import __version__, results
 from cartlab.cli import main
 from cartlab.results.cli import export
+from cartlab.analysis.published import import_published
 from cartlab.results.db import TABLES, ResultsDB
 
 READERS = {t: getattr(results, t) for t in TABLES}
@@ -23,7 +24,7 @@ def db(tmp_path):
     """A database with rows in every table: the paper's published runs and a local run with its
     logs, probes, a downstream score and a checkpoint (nulls, text, JSON and integers included)."""
     path = tmp_path / "results.db"
-    results.import_published(path)
+    import_published(path)
     w = ResultsDB(path)
     w.upsert_run("local-a", model="cart", d_model=64, n_loops=3, hooks="no_lti", seed=1, status="completed",
                  config_json={"train": {"steps": 2}}, step=2)

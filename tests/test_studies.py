@@ -6,10 +6,11 @@ import pytest
 
 from cartlab.ablate import worker_env
 from cartlab.cli import main
+from cartlab.model import PAPER_ABLATIONS
 from cartlab.model.config import ConfigError
 from cartlab.studies import list_studies, load_study
 
-PAPER_HOOKS = {"unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie"}
+PAPER_HOOKS = set(PAPER_ABLATIONS)  # the hook registry's paper group: section 8's seven ablations
 
 
 def test_the_papers_studies_and_the_demo_are_shipped():
@@ -41,7 +42,7 @@ def test_stage1_screen_is_the_64_config_grid_and_stage2_the_36_run_sweep():
 def test_diagnostics_cover_the_seven_section8_hooks_at_the_binding_corner():
     runs = load_study("paper-diagnostics").expand()
     hooks = set().union(*(set(r.config.model_config().hooks) for r in runs))
-    assert hooks == PAPER_HOOKS
+    assert hooks == PAPER_HOOKS and len(PAPER_HOOKS) == 7
     base = [r for r in runs if r.label == "baseline"]
     assert len(base) == 3  # the seed band
     assert {(r.config.model_config().d_model, r.config.model_config().prelude_layers) for r in runs} == {(1024, 6)}

@@ -132,11 +132,9 @@ def test_the_run_row_records_its_variant(tiny_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_checkpoint")
-    cfg = tiny_config(tiny_data, out, steps=1, checkpoint_every=1)
-    run_id = train(cfg)
-    return ckpt_read.latest(out / run_id / "checkpoints")
+def one_checkpoint(tiny_run):
+    """The newest checkpoint of the session's tiny run (conftest): copy it before changing it."""
+    return tiny_run.checkpoint
 
 
 def test_weights_that_do_not_fit_an_edited_config_are_refused_in_one_line(one_checkpoint, tmp_path):

@@ -52,6 +52,7 @@ def _logged_steps(db) -> int:
     except ValueError:
         return 0
 
+@pytest.mark.slow
 def test_four_processes_share_one_database(tiny_data, tmp_path):
     procs = []
     for seed in range(4):
@@ -84,6 +85,7 @@ def torchrun(*args: str, **kw):
                              "--master_port", free_port(), "-m", "cartlab.cli", *args], text=True, **kw)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
     one = tiny_config(tiny_data, tmp_path / "one", steps=6, batch_size=4, grad_accum=1, checkpoint_every=6,
                       name="ddp-check")
@@ -118,6 +120,7 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tiny_data, tmp_path):
     """A signal that reaches one rank only (a preempted worker) still stops the whole run cleanly:
     the ranks agree on the step, checkpoint, and the run is marked interrupted, not left hanging."""
@@ -148,6 +151,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tiny_
     assert (tmp_path / run.run_id / "checkpoints" / f"step_{stopped:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_smoke_preset_trains_cart_and_dense_on_embedded_data(smoke_run, tmp_path):
     """`cartlab train --preset smoke` on a fresh data root (the fixture: it builds the embedded
     corpus first) and its Dense twin: the loss falls, and the spectral radius is logged at every
@@ -214,6 +218,7 @@ def test_a_nan_loss_marks_the_run_diverged_and_exits_non_zero(tiny_data, tmp_pat
     assert list(results.train_log(cfg.results_db).step) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_run_that_is_training_cannot_be_started_twice_but_resumes_once_its_process_dies(tiny_data, tmp_path, capsys):
     cfg = tiny_config(tiny_data, tmp_path, steps=60, log_every=1, eval_every=10_000, checkpoint_every=5)
     first = subprocess.Popen([PY, "-m", "cartlab.cli", "train", *overrides(cfg)], stdout=subprocess.PIPE,

@@ -4,7 +4,7 @@ field by hand (model.state_gate=residual, no hooks) is never counted as a baseli
 `cartlab.analysis`; schema migration 2 backfills the variant of existing runs; readers open the
 database read-only; bad paths are one clear error that leaves the file alone; a status write
 that fails is applied on the next open.
-Run: cd /work/main && python -m pytest tests/test_variants.py -q
+Run: pytest tests/test_variants.py -q
 """
 import json
 import os

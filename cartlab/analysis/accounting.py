@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cartlab.hardware import RTX3090_BF16_PEAK_FLOPS  # noqa: F401 - section 4.6, re-exported
+
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. (2022)
-RTX3090_BF16_PEAK_FLOPS = 71e12  # section 4.6
 
 
 def _pos(name, v):

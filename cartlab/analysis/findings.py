@@ -17,7 +17,8 @@ the other side's seed sd as the noise of both (the study's band) and the verdict
 enough seeds". A paired finding (`paired`: per-seed differences within one variant, e.g. the
 loss at 2R minus the loss at R) uses the one-sample t interval of the differences.
 
-`study_findings` collects every analysis's findings for a study; `shows_markdown` writes them as
+`cartlab.analysis.study.study_findings` collects every analysis's findings for a study (each
+analysis module imports this one, so the collector lives above them); `shows_markdown` writes them as
 the "What this study shows" block at the top of a report and of summary.md: one line per claim,
 every domain on it, the headline domain named with the reason it is the headline.
 """
@@ -220,20 +221,3 @@ def shows_markdown(found: list[Finding], *, completeness: str = "") -> str:
         group = sorted(group, key=lambda f: (f.split != head, f.split))
         lines.append(f"- **{claim}**: {_summary(group)}. " + "; ".join(f.phrase() for f in group) + ".")
     return "\n".join(lines + [""])
-
-
-def study_findings(res, *, splits=None) -> list[Finding]:
-    """Every analysis's findings for the results `res` (a `schema.Results`), per domain."""
-    from cartlab.analysis import compute, decompose, depth
-
-    found: list[Finding] = []
-    seen = set()
-    for make in (compute.findings, decompose.findings, depth.findings):
-        for f in make(res):  # a study trained to one budget makes its CART-Dense gap a matched-compute one: once
-            key = (f.a, f.b, f.split, f.metric, None if math.isnan(f.effect) else round(f.effect, 12))
-            if key not in seen:
-                seen.add(key)
-                found.append(f)
-    if splits is not None:
-        found = [f for f in found if f.split in set(splits)]
-    return found

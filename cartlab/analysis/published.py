@@ -3,6 +3,7 @@
     from cartlab.analysis.published import load_published, load_table
     res = load_published()            # Results(runs, train_log, eval_log, downstream)
     t7 = load_table("table7")         # the raw CSV
+    import_published("runs/results.db")   # the same runs, into a results database
 
 Every run is marked source="published" with seed NaN (the paper reports seed means); its
 variant is a hash of its configuration columns (`schema.config_variant`), overrides "".
@@ -20,6 +21,7 @@ Published eval rows carry loss = ln(ppl).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,9 +66,12 @@ _DOWNSTREAM = {
 
 
 def paper_dir() -> Path:
-    """Directory of the paper CSVs (sections 3.5-7): $CARTLAB_PAPER_DIR if set, else <repo>/data/paper."""
+    """Directory of the paper CSVs (sections 3.5-7): $CARTLAB_PAPER_DIR if set, else the shipped
+    data/paper (the checkout's, or the installed package's copy)."""
+    from cartlab import resources
+
     env = os.environ.get("CARTLAB_PAPER_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "paper"
+    path = Path(env) if env else resources.paper_dir()
     if not path.is_dir():
         raise ValueError(f"CARTLAB_PAPER_DIR: {path} is not a directory holding the paper CSVs")
     return path
@@ -184,3 +189,33 @@ def _downstream_rows(rid: str, row: dict, *, num_fewshot: int, n_loops: int) -> 
              num_fewshot=num_fewshot, n_loops=n_loops)
         for col, (task, metric, scale) in _DOWNSTREAM.items()
     ]
+
+
+def import_published(path: str | os.PathLike) -> int:
+    """Import the paper's tables (sections 3.5-7.5, `load_published`) into the results database
+    `path` as runs with source='published' and status='published', next to local runs in one
+    schema; idempotent. Returns the number of runs imported."""
+    from cartlab.results.db import RUN_COLUMNS, ResultsDB
+
+    pub = load_published()
+    db = ResultsDB(path)
+    try:
+        cols = set(pub.runs.columns)
+        for row in pub.runs.to_dict("records"):
+            fields = {k: (None if pd.isna(v) else v) for k, v in row.items() if k != "run_id" and k in cols}
+            fields = {k: (int(v) if isinstance(v, float) and v.is_integer() and k not in ("effective_params",) else v)
+                      for k, v in fields.items()}
+            fields["status"] = "published"
+            fields["source"] = "published"
+            fields.setdefault("name", row["run_id"])
+            fields["config_json"] = json.dumps({"published": True})
+            db.upsert_run(row["run_id"], **{k: v for k, v in fields.items() if k in RUN_COLUMNS})
+        for rid, grp in pub.train_log.groupby("run_id"):
+            db.log_train(rid, grp.drop(columns="run_id").to_dict("records"))
+        for (rid, step), grp in pub.eval_log.groupby(["run_id", "step"]):
+            db.log_eval(rid, int(step), {r["split"]: {"loss": r["loss"], "ppl": r["ppl"]} for r in grp.to_dict("records")})
+        for rid, grp in pub.downstream.groupby("run_id"):
+            db.log_downstream(rid, grp.to_dict("records"))
+        return len(pub.runs)
+    finally:
+        db.close()

@@ -46,46 +46,33 @@ downstream: run_id, task, metric, value, stderr, num_fewshot, n_loops
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Iterable, NamedTuple
 
-import numpy as np
 import pandas as pd
 
-RUNS_COLUMNS = (
-    "run_id", "name", "source", "model", "d_model", "prelude_layers", "n_loops", "n_layers",
-    "hooks", "seed", "n_seeds", "stage", "stored_params", "effective_params", "tokens", "status",
-    "variant", "overrides", "variant_label",
-)
-VARIANT_COLUMNS = ("variant", "overrides", "variant_label")
-"""Optional in `validate` (frames that predate them); `with_variants` fills them."""
-TRAIN_LOG_COLUMNS = (
-    "run_id", "step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "tokens_per_s", "mfu",
-)
-EVAL_LOG_COLUMNS = ("run_id", "step", "split", "loss", "ppl")
-DOWNSTREAM_COLUMNS = ("run_id", "task", "metric", "value", "stderr", "num_fewshot", "n_loops")
-PROBES_COLUMNS = ("run_id", "probe", "step", "split", "x", "metric", "value")
+from cartlab.results import variants
+from cartlab.results.schema import (CONFIG_COLUMNS, DOWNSTREAM_COLUMNS, EVAL_LOG_COLUMNS, FRAMES,  # noqa: F401
+                                    PROBES_COLUMNS, RUNS_COLUMNS, TRAIN_LOG_COLUMNS, VARIANT_FIELDS)
+from cartlab.results.variants import config_variant  # noqa: F401 - part of this module's API
 
-TABLES = {
-    "runs": RUNS_COLUMNS,
-    "train_log": TRAIN_LOG_COLUMNS,
-    "eval_log": EVAL_LOG_COLUMNS,
-    "downstream": DOWNSTREAM_COLUMNS,
-    "probes": PROBES_COLUMNS,
-}
+VARIANT_COLUMNS = VARIANT_FIELDS
+"""Optional in `validate` (frames that predate them); `with_variants` fills them."""
+TABLES = FRAMES
 
 SOURCES = ("published", "local")
-MODELS = ("cart", "dense")
-PAPER_HOOKS = (
-    "unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie",
-)
 
-# The columns that describe a configuration. They do NOT identify one (a learning rate or a component
-# field set by hand is in none of them): runs are seeds of one configuration iff their `variant` is
-# equal. For rows without a variant of their own (the paper's tables, synthetic frames) the variant
-# is a hash of these columns and `overrides` (`config_variant`).
-CONFIG_COLUMNS = ("source", "model", "d_model", "prelude_layers", "n_loops", "n_layers", "hooks", "stage")
+
+def __getattr__(name: str):
+    # MODELS (the stored model kinds) and PAPER_HOOKS (section 8's ablations) are read off the
+    # family and hook registries when first asked for, so importing this module loads no torch.
+    if name == "MODELS":
+        from cartlab.model.family import kinds
+        return tuple(kinds())
+    if name == "PAPER_HOOKS":
+        from cartlab.model.hooks import PAPER_ABLATIONS
+        return PAPER_ABLATIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 DESCRIBE_COLUMNS = ("variant_label", *CONFIG_COLUMNS, "overrides")
 """What the analyses carry along with a variant to describe it (all equal within one variant)."""
 
@@ -120,7 +107,7 @@ def validate(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{table}: missing columns {missing}; the schema needs {list(columns)}")
     if table == "runs":
-        for field, allowed in (("source", SOURCES), ("model", MODELS)):
+        for field, allowed in (("source", SOURCES), ("model", __getattr__("MODELS"))):
             bad = sorted(set(frame[field].dropna()) - set(allowed))
             if bad:
                 raise ValueError(f"runs.{field}: values {bad} not allowed; allowed: {list(allowed)}")
@@ -146,30 +133,6 @@ def validate(frame: pd.DataFrame, table: str) -> pd.DataFrame:
 
 
 # -- variants ------------------------------------------------------------------------------------------
-def _plain(value):
-    """A cell as a JSON value: None for NaN/None, an int for an integral number."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def config_variant(row) -> str:
-    """The variant key of a row that has no variant of its own (the paper's tables of sections 5-7,
-    synthetic frames): a 12-hex sha256 of its configuration columns (CONFIG_COLUMNS, hooks
-    canonical) plus `overrides` when it is not "". Two such rows are seeds of one configuration
-    iff every one of those columns is equal (NaN = NaN)."""
-    key = {c: _plain(row.get(c)) for c in CONFIG_COLUMNS}
-    key["hooks"] = format_hooks(key["hooks"] or "")
-    overrides = _plain(row.get("overrides")) or ""
-    if overrides:
-        key["overrides"] = overrides
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def with_variants(runs: pd.DataFrame) -> pd.DataFrame:
     """`runs` (a copy) with the variant columns of section 4.4's seed grouping filled where missing:
     `overrides` "" and `variant` = config_variant(row) for rows without one, `variant_label` =
@@ -223,22 +186,12 @@ def describe_variants(runs: pd.DataFrame, keys) -> str:
 
 def parse_hooks(hooks: str) -> tuple[str, ...]:
     """Hook names (section 8 ablations) of a `runs.hooks` string: "no_lti,unshare_core" -> ("no_lti", "unshare_core")."""
-    if hooks is None or (isinstance(hooks, float) and np.isnan(hooks)):
-        return ()
-    if not isinstance(hooks, str):
-        raise ValueError(f"runs.hooks: expected a string, got {hooks!r}")
-    names = tuple(h.strip() for h in hooks.split(",") if h.strip())
-    for h in names:
-        if not h.replace("_", "").isalnum():
-            raise ValueError(f"runs.hooks: bad hook name {h!r}; known names: {list(PAPER_HOOKS)}")
-    return names
+    return variants.parse_hooks(hooks, known=__getattr__("PAPER_HOOKS"))
 
 
 def format_hooks(hooks: Iterable[str]) -> str:
     """The canonical `runs.hooks` string of section 8 ablations: sorted, de-duplicated, comma-joined ("" for none)."""
-    if isinstance(hooks, str):
-        hooks = parse_hooks(hooks)
-    return ",".join(sorted(set(hooks)))
+    return variants.format_hooks(parse_hooks(hooks) if isinstance(hooks, str) else hooks)
 
 
 def config_label(row) -> str:
@@ -258,23 +211,7 @@ def family_label(row) -> str:
     return _column_label(row, size=False)
 
 
-def _column_label(row, *, size: bool = True) -> str:
-    overrides = row.get("overrides") if hasattr(row, "get") else None
-    tail = f" {{{overrides}}}" if isinstance(overrides, str) and overrides else ""
-    return _shape_label(row, size=size) + tail
-
-
-def _shape_label(row, *, size: bool = True) -> str:
-    def num(key):
-        value = _plain(row.get(key))
-        return "?" if value is None else str(value)
-
-    width = f" d={num('d_model')}" if size else ""
-    if row.get("model") == "dense":
-        s = f"dense{width} L={num('n_layers')}" if size else "dense"
-    else:
-        s = f"{row.get('model') or 'cart'}{width} P={num('prelude_layers')} R={num('n_loops')}"
-    return s + (f" [{row['hooks']}]" if isinstance(row.get("hooks"), str) and row["hooks"] else "")
+_column_label = variants.column_label
 
 
 def final_eval(runs: pd.DataFrame, eval_log: pd.DataFrame, *, step: int | None = None) -> pd.DataFrame:

@@ -75,10 +75,11 @@ def expand_loops(spec: str | None, checkpoint: str) -> str | None:
     from cartlab.eval.lm import resolve_checkpoint
     from cartlab.measures.depth import profile_grid
     from cartlab.model import LMConfig
+    from cartlab.model.family import family_of, looping
 
     model_cfg = LMConfig.from_dict(ckpt.load_config(resolve_checkpoint(checkpoint))["model"])
-    if model_cfg.kind != "cart":
-        raise ValueError(f"--n-loops profile: only CART checkpoints loop; this one is {model_cfg.kind}")
+    if not family_of(model_cfg).loops:
+        raise ValueError(f"--n-loops profile: only {looping()} checkpoints loop; this one is {model_cfg.kind}")
     return ",".join(str(r) for r in profile_grid(model_cfg))
 
 

@@ -24,6 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from cartlab.model import KVCache
+from cartlab.model.family import family_of, looping
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -107,7 +108,7 @@ class CartlabLM(TemplateLM):
     @property
     def loops(self) -> bool:
         """Whether the model has a loop count to vary (CART)."""
-        return hasattr(self.model.config, "n_loops")
+        return family_of(self.model.config).loops
 
     def set_loops(self, n_loops: int | str | None) -> None:
         """Score with `n_loops` iterations of the core (section 7.4); None or "" means the trained R."""
@@ -115,7 +116,7 @@ class CartlabLM(TemplateLM):
         if n_loops in (None, ""):
             return
         if not self.loops:
-            raise ValueError(f"n_loops: only CART models loop; this checkpoint is {self.model.config.kind}")
+            raise ValueError(f"n_loops: only {looping()} models loop; this checkpoint is {self.model.config.kind}")
         try:
             r = int(n_loops)
         except ValueError:

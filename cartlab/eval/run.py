@@ -9,19 +9,38 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-TASKS_DIR = REPO / "data" / "tasks"
+from cartlab import resources
+
+TASKS_DIR = resources.tasks_dir()
+"""The offline tasks: the checkout's data/tasks, else the installed package's copy."""
+TASKS_PREFIX = Path("data", "tasks")
+"""How a task's data_files name its files: relative to the repository root, where lm-eval's own
+CLI (`--include_path data/tasks`) runs them."""
+
+
+def task_file(name: str) -> str:
+    """The absolute path of a file a task's data_files names, relative to the repository root:
+    in a checkout, that root; installed, `data/tasks/X` is X in the package's copy of the tasks
+    (and any other relative name is taken relative to that folder)."""
+    path = Path(name)
+    repo = resources.checkout()
+    if repo is not None:
+        return str((repo / path).resolve())
+    if path.is_absolute():
+        return str(path.resolve())
+    if path.parts[:len(TASKS_PREFIX.parts)] == TASKS_PREFIX.parts:
+        path = path.relative_to(TASKS_PREFIX)
+    return str((TASKS_DIR / path).resolve())
 
 
 def local_tasks() -> dict[str, dict]:
-    """The offline tasks of data/tasks/*.yaml as task configs with absolute data_files paths (the
-    files name them relative to the repository root, where lm-eval's own CLI runs them)."""
+    """The offline tasks of data/tasks/*.yaml as task configs with absolute data_files paths."""
     tasks = {}
     for path in sorted(TASKS_DIR.glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
         files = cfg.get("dataset_kwargs", {}).get("data_files", {})
         for split, name in files.items():
-            files[split] = str((REPO / name).resolve())
+            files[split] = task_file(name)
         tasks[cfg["task"]] = cfg
     return tasks
 
@@ -226,9 +245,11 @@ def preflight(lm, task_list: list, *, n_loops, num_fewshot) -> None:
     """Refuse, before anything is evaluated, an R the model cannot run (`check_loops`: e.g. more
     loops than an unshared core has blocks) and a few-shot count a task cannot build (more examples
     than its few-shot documents), in one line naming the R or the task and what is allowed."""
+    from cartlab.model.family import looping
+
     wanted = [r for r in n_loops if r is not None]
     if wanted and not lm.loops:
-        raise ValueError(f"--n-loops: only CART checkpoints loop; this one is {lm.model.config.kind}")
+        raise ValueError(f"--n-loops: only {looping()} checkpoints loop; this one is {lm.model.config.kind}")
     for r in wanted:
         try:
             lm.model.check_loops(r)

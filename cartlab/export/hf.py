@@ -23,14 +23,12 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cartlab.model.cart import CART
+from cartlab.model.cart import CART  # noqa: F401 - each family module registers its spec on import
 from cartlab.model.config import LMConfig
-from cartlab.model.dense import Dense
+from cartlab.model.dense import Dense  # noqa: F401
+from cartlab.model.family import family_of, looping
 from cartlab.model.layers import KVCache
-
-ARCHITECTURES = {"cart": CART, "dense": Dense}
-"""cartlab model classes by config kind: `cartlab.model.MODELS` (which lives in the package
-__init__, with the accounting and probes, and so is not bundled)."""
+from cartlab.model.lrt import LRT  # noqa: F401
 
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """What this transformers version calls the cache in model outputs and `forward` (transformers 5
@@ -94,7 +92,7 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: CartlabConfig):
         super().__init__(config)
         cfg = LMConfig.from_dict(config.cartlab)
-        self.model = ARCHITECTURES[cfg.kind](cfg)
+        self.model = family_of(cfg).build(cfg)
         self.post_init()
 
     def _init_weights(self, module) -> None:
@@ -118,8 +116,8 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         n = self.config.n_loops if n_loops is None else n_loops
         if n is None:
             return {}
-        if not isinstance(self.model, CART):
-            raise ValueError(f"n_loops={n!r} is not allowed: only CART models loop; this model is "
+        if not family_of(self.model.config).loops:
+            raise ValueError(f"n_loops={n!r} is not allowed: only {looping()} models loop; this model is "
                              f"{self.model.config.kind}")
         return {"n_loops": n}
 

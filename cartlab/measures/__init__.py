@@ -6,7 +6,7 @@ map's contraction).
 
 A measure is a function `ctx -> rows` registered for the models it applies to:
 
-    @register_measure("depth_profile", when="final", applies=lambda m: m.kind == "cart")
+    @register_measure("depth_profile", when="final", applies=lambda m: family_of(m).loops)
     def depth_profile(ctx: MeasureContext) -> list[dict]:
         "Validation loss at inference R = 1 .. 4x the trained R, per domain."
         ...
@@ -31,7 +31,6 @@ import torch
 
 if TYPE_CHECKING:
     from cartlab.model import LMConfig
-    from cartlab.train.config import TrainConfig
 
 WHEN = ("eval", "final")
 
@@ -98,7 +97,7 @@ class MeasureContext:
 
     model: torch.nn.Module
     model_cfg: "LMConfig"
-    cfg: "TrainConfig"
+    cfg: Any  # the run's `cartlab.train.TrainConfig` (not imported: training imports the measures)
     val_bins: dict[str, Any]
     step: int
     device: torch.device

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from cartlab.measures import MeasureContext, register_measure
+from cartlab.model.family import family_of, looping
 
 
 def depth_grid(trained_r: int, max_r: int | None = None) -> list[int]:
@@ -48,8 +49,9 @@ def depth_grid(trained_r: int, max_r: int | None = None) -> list[int]:
 
 def profile_grid(model_cfg) -> list[int]:
     """`depth_grid` of a CART config's trained R, stopping at its core block count when unshared."""
-    if model_cfg.kind != "cart":
-        raise ValueError(f"model.kind={model_cfg.kind!r} has no loop count to profile; only 'cart' loops")
+    if not family_of(model_cfg).loops:
+        raise ValueError(f"model.kind={model_cfg.kind!r} has no loop count to profile; only "
+                         f"{looping('name')!r} loops")
     return depth_grid(model_cfg.n_loops, None if model_cfg.share_core else model_cfg.n_core_blocks)
 
 
@@ -71,7 +73,7 @@ def losses_by_depth(model, x: torch.Tensor, y: torch.Tensor, grid: list[int]) ->
     return {r: model.head(model.coda(states[r], rope, None), y)[1].item() for r in grid}
 
 
-@register_measure("depth_profile", when="final", applies=lambda m: m.kind == "cart")
+@register_measure("depth_profile", when="final", applies=lambda m: family_of(m).loops)
 def depth_profile(ctx: MeasureContext) -> list[dict]:
     """Validation loss and perplexity per domain at inference R = 1 .. 4x the trained R (`depth_grid`)."""
     grid = profile_grid(ctx.model_cfg)

@@ -34,15 +34,15 @@ from collections import defaultdict
 import torch
 
 from cartlab.measures import MeasureContext, register_measure
+from cartlab.model.family import family_of
 from cartlab.model.memory import trace
 
 METRICS = ("loss", "loss_exact", "loss_gap", "source_dist")
 
 
 def has_memory(model_cfg) -> bool:
-    """Dense configs with the LRT memory (either hook)."""
-    return model_cfg.kind == "dense" and bool(getattr(model_cfg, "memory_kv", False)
-                                              or getattr(model_cfg, "memory_residual", False))
+    """Configs of a family with a recurrent memory (LRT, either hook)."""
+    return family_of(model_cfg).memory
 
 
 def subset_grid(T: int, trained: int) -> list[int]:

@@ -18,7 +18,7 @@ layer, so `train_forward_flops` (from `train_applications()`) is about 2x `forwa
 compares an LRT config with its Dense backbone.
 
 CART trained with variable depth (hooks `random_loops`, `truncated_bptt`): effective parameters
-and forward FLOPs are counted at the expected R of training (`cartlab.train.loops`; applications
+and forward FLOPs are counted at the expected R of training (`cartlab.model.loops`; applications
 may be fractional), and the backward skips the loops truncated BPTT runs without gradient:
 
     train FLOPs per sequence at R = 3 * forward(R) - 2 * max(0, R - k) * one loop's forward
@@ -45,7 +45,9 @@ import torch
 import torch.nn as nn
 
 from cartlab.model.config import CARTConfig, ConfigError, DenseConfig, LMConfig
+from cartlab.model.family import build_model
 from cartlab.model.layers import Attention
+from cartlab.model.loops import LoopSampler
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,6 @@ class Accounting:
 
 
 def build_meta(cfg: LMConfig) -> nn.Module:
-    from cartlab.model import build_model
-
     with torch.device("meta"):
         return build_model(cfg)
 
@@ -155,8 +155,6 @@ def loop_distribution(cfg: LMConfig) -> dict[int, float] | None:
     `random_loops`), None for a model without loops."""
     if getattr(cfg, "n_loops", None) is None:
         return None
-    from cartlab.train.loops import LoopSampler  # the sampler's package imports this one
-
     return LoopSampler(cfg).distribution()
 
 

@@ -2,16 +2,18 @@
 
     tokens -> embedding -> prelude (P MLA layers) -> e                       # section 3.1
     anchor: K, V = MLA-KV(norm(e)), computed once                            # section 3.1
-    h_0 = e; for r in 0..R-1:                                                # section 3.2
-        x_r = HyperConnection(h_r, h_{r-1}, h_{r-2})
-        u_r = CoreBlock(x_r + LIE(r))      # causal cross-attention to the anchor, SwiGLU
-        h_{r+1} = A * x_r + u_r            # sigmoid LTI gate
+    h_0 = e; for r in 0..R-1:                                                # section 3.2, `step`
+        x_r = HyperConnection(h_r, h_{r-1}, h_{r-2})                         # step 1
+        z_r = x_r + LIE(r)                                                   # step 2: loop-index embedding
+        u_r = CoreBlock(z_r)                                                 # steps 3-4: cross-attention, SwiGLU
+        h_{r+1} = A * x_r + u_r                                              # step 5: sigmoid LTI gate
     coda (1 MLA layer) -> norm -> tied LM head                               # section 3.3
 
 Which parts fill those slots is read from the config in one place (`__init__`); the ablation
 hooks of section 8 only change the config (see `cartlab.model.hooks`). Two hooks change training
 only: `random_loops` (the training loop passes each step's R as `n_loops`) and `truncated_bptt`
-(`recur` runs the first R - k loops without gradient).
+(`recur` runs the first R - k loops without gradient). The parts of a loop step are in
+`cartlab.model.components`, in the same order.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn as nn
 from cartlab.model.base import CausalLM
 from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS, CoreBlock, LoopContext
 from cartlab.model.config import CARTConfig
+from cartlab.model.family import ModelSpec, register_family
 from cartlab.model.layers import MLAKV, Block, KVCache, cache_site
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -31,6 +34,8 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 class CART(CausalLM):
     def __init__(self, cfg: CARTConfig):
+        # The parts are made in the order checkpoints store them and the seed initialises them
+        # (kept as is); `forward` runs them in the paper's order.
         super().__init__(cfg)
         self.prelude = nn.ModuleList(Block(cfg, MLAKV(cfg, cfg.kv_latent_dim)) for _ in range(cfg.prelude_layers))
         self.anchor = CORE_ATTENTION[cfg.core_attention].source(cfg)
@@ -72,16 +77,25 @@ class CART(CausalLM):
         K, V (read by every graded loop) and through h_0 = e while e is still in the mixer's
         history. The forward's values do not change."""
         n_loops = self.check_loops(n_loops)
-        memory = self.anchor.begin(e, cache)  # K, V source for every loop
+        anchor = self.anchor.begin(e, cache)  # K, V computed once (None when every loop projects its own)
         history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
         frozen = self.frozen_loops(n_loops)
         for r in range(n_loops):
             with torch.no_grad() if r < frozen else contextlib.nullcontext():
-                h = self.step(history, LoopContext(r, rope, cache, memory))
+                h = self.step(history, LoopContext(r, rope, cache, anchor))
             if observe is not None:
                 observe(r, h, history[0])
             history = [h] + history[:-1]
         return history[0]
+
+    def step(self, history: list[torch.Tensor], loop: LoopContext) -> torch.Tensor:
+        """One loop step (section 3.2): h_{r+1} (B, T, d) from the history [h_r, h_{r-1}, ...]
+        (`mixer.depth` states, newest first). `cartlab.model.probes` differentiates this map."""
+        x = self.mixer(history)  # 1. HyperConnection blend: (B, T, d)
+        z = self.loop_embedding(x, loop.r)  # 2. + LIE(r): (B, T, d)
+        loop = self.anchor.read(z, loop)  # 3. the anchor this loop reads (recomputed from z under unfreeze_kv)
+        u = self.core[loop.r % len(self.core)](z, loop)  # 3-4. cross-attention to the anchor, SwiGLU: (B, T, d)
+        return self.gate(x, u)  # 5. LTI gate
 
     def frozen_loops(self, n_loops: int) -> int:
         """How many leading loops truncated BPTT runs without gradient: R - k in training with
@@ -90,13 +104,6 @@ class CART(CausalLM):
         if k is None or not (self.training and torch.is_grad_enabled()):
             return 0
         return max(0, n_loops - k)
-
-    def step(self, history: list[torch.Tensor], loop: LoopContext) -> torch.Tensor:
-        """One loop step (section 3.2): h_{r+1} (B, T, d) from the history [h_r, h_{r-1}, ...]
-        (`mixer.depth` states, newest first). `cartlab.model.probes` differentiates this map."""
-        x = self.mixer(history)  # (B, T, d)
-        u = self.core[loop.r % len(self.core)](self.loop_embedding(x, loop.r), loop)
-        return self.gate(x, u)
 
     def check_loops(self, n_loops: int | None) -> int:
         n = self.config.n_loops if n_loops is None else n_loops
@@ -168,3 +175,9 @@ class CART(CausalLM):
     def train_applications(self, n_loops: float | None = None) -> list[tuple[str, nn.Module, float]]:
         """A training forward runs what inference runs (truncated BPTT shortens the backward only)."""
         return self.applications(n_loops)
+
+
+register_family(ModelSpec(
+    name="cart", display="CART", config=CARTConfig, model=CART, loops=True,
+    stem=lambda m: f"cart-d{m.d_model}-P{m.prelude_layers}-R{m.n_loops}",
+    label=lambda m: f"cart d={m.d_model} P={m.prelude_layers} R={m.n_loops}"))

@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from cartlab.model.config import CONFIG_KINDS, ConfigError
+from cartlab.model.config import ConfigError, LMConfig
+from cartlab.model.family import family_of, kinds
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="stored/effective parameters, forward FLOPs, effective layers")
-    info.add_argument("kind", choices=sorted(CONFIG_KINDS), help="model family")
+    info.add_argument("kind", choices=kinds(), help="stored model kind (LRT: dense with its hooks)")
     info.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="config fields, e.g. d_model=256")
     info.add_argument("--hooks", default="", help="comma-separated hooks of the model family "
-                                                  "(CART ablations; lrt_kv, lrt_residual for Dense)")
+                                                  "(CART ablations; lrt_kv, lrt_residual make dense an LRT)")
     info.add_argument("--seq-len", type=int, default=1024, help="sequence length for FLOPs (default 1024)")
     info.add_argument("--match-dense", choices=["stored", "effective", "flops"],
                       help="also print the matched Dense config (CART only)")
@@ -32,16 +33,17 @@ def register(subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from cartlab.model.accounting import account, matched_dense, memory_overhead
 
-    overrides = list(args.overrides)
-    if args.hooks:
-        overrides.append(f"hooks={args.hooks}")
-    cfg = CONFIG_KINDS[args.kind].from_dict({"kind": args.kind}, overrides)
+    # the hooks go in first: they pick the family (LRT is kind dense with LRT hooks) whose fields
+    # the overrides may name
+    given = {"kind": args.kind, **({"hooks": [h for h in args.hooks.split(",") if h]} if args.hooks else {})}
+    cfg = LMConfig.from_dict(given, list(args.overrides))
+    spec = family_of(cfg)
     acc = account(cfg, args.seq_len)
     report = {"config": cfg.to_dict(), "accounting": acc.to_dict()}
-    if getattr(cfg, "has_memory", False):
+    if spec.memory:
         report["memory_overhead"] = memory_overhead(cfg, args.seq_len)
     if args.match_dense:
-        if args.kind != "cart":
+        if not spec.loops:
             raise ConfigError(f"--match-dense={args.match_dense} is not allowed: it applies to kind 'cart' only")
         dense = matched_dense(cfg, on=args.match_dense, seq_len=args.seq_len)
         report["matched_dense"] = {"on": args.match_dense, "n_layers": dense.n_layers,

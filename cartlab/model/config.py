@@ -20,18 +20,19 @@ from typing import Any, ClassVar, Mapping
 from cartlab.config import Config, ConfigError, field, load_yaml, show
 from cartlab.model import hooks as _hooks
 from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS
+from cartlab.model.family import FAMILIES, config_for
 
 HEAD_DIM = 64  # paper widths 256..1024 use 64-dim heads (4, 8, 12, 16 heads)
 MIN_VOCAB = 2
 TRAIN_LOOPS = ("fixed", "uniform", "poisson_lognormal")
 """How a CART training step chooses its loop count R (`CARTConfig.train_loops`; drawn by
-`cartlab.train.loops.LoopSampler`)."""
+`cartlab.model.loops.LoopSampler`)."""
 RANGE_FIELDS = ("loops_min", "loops_max", "loops_sigma")  # shape a random R; refused without one
 
 
 @dataclass
 class LMConfig(Config):
-    """Fields shared by every language model in cartlab (CART and Dense)."""
+    """Fields shared by every language model in cartlab (CART, Dense, LRT and any registered family)."""
 
     vocab_size: int = field(32000, ge=MIN_VOCAB)
     """Vocabulary size; 32,000 is the Llama-2 tokenizer used by the paper (section 4.1)."""
@@ -51,6 +52,9 @@ class LMConfig(Config):
     by 1/sqrt(2 * effective layers), as in GPT-2)."""
 
     kind: ClassVar[str] = "lm"
+    """What `to_dict` stores under "kind" (two families may share one: LRT is stored as 'dense')."""
+    family: ClassVar[str] = "lm"
+    """The model family (`cartlab.model.family.ModelSpec.name`) whose hooks this config takes."""
     tag: ClassVar[str] = "kind"
 
     def validate(self) -> None:
@@ -80,13 +84,20 @@ class LMConfig(Config):
 
     @classmethod
     def concrete(cls, d: Mapping) -> type:
-        kind = d.get("kind", cls.kind if cls is not LMConfig else "cart")
-        target = CONFIG_KINDS.get(kind) if isinstance(kind, str) else None
-        if target is None:
-            raise ConfigError.value("kind", kind, f"choose one of {', '.join(sorted(CONFIG_KINDS))}")
-        if cls is not LMConfig and target is not cls:
-            raise ConfigError.value("kind", kind, f"a {cls.__name__} has kind {cls.kind!r}")
+        """The config class of `d`, picked through the family registry (`family.config_for`)."""
+        d = {**d, "kind": d.get("kind", cls.kind if cls is not LMConfig else "cart")}
+        target = config_for(d)
+        if cls is not LMConfig and not issubclass(target, cls):
+            raise ConfigError.value("kind", d["kind"], f"a {cls.__name__} has kind {cls.kind!r}")
         return target
+
+    def use_instead(self, family: str) -> str:
+        """What to build instead when a hook of `family` is named on this config: the family's
+        config class when it is stored under this config's kind ("" otherwise)."""
+        spec = FAMILIES.get(family)
+        if spec is None or spec.config.kind != self.kind:
+            return ""
+        return f"{spec.config.__name__} (or kind {self.kind!r} through LMConfig.from_dict)"
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LMConfig":
@@ -153,6 +164,7 @@ class CARTConfig(LMConfig):
     k loops (all R when R <= k) are backpropagated through."""
 
     kind: ClassVar[str] = "cart"
+    family: ClassVar[str] = "cart"
 
     def validate(self) -> None:
         super().validate()
@@ -252,99 +264,21 @@ class CARTConfig(LMConfig):
 class DenseConfig(LMConfig):
     """Dense baseline (section 4.3): n_layers standard MHA + SwiGLU + RoPE layers, tied embeddings.
 
-    With the hooks `lrt_kv` and/or `lrt_residual` it is the Latent Recurrent Transformer (LRT,
-    2026) on that backbone: the previous token's state at the source layer, m_{t-1}, is read by
-    the current token at the injection layers (`cartlab.model.memory`). The `memory_*` fields
-    below configure it; without an LRT hook they must keep their defaults, and every one of them
-    (like `hooks`) is left out of `to_dict` while at its default, so a plain Dense config
-    serialises, names and hashes exactly as before these fields existed.
+    LRT, the Dense model with a recurrent memory, is its own family on this config
+    (`cartlab.model.lrt.LRTConfig`), stored under the same kind 'dense'.
     """
 
     n_layers: int = field(12, ge=1)
     """Number of transformer layers (the paper trains 7 and 12 at d=1024)."""
     hooks: tuple[str, ...] = field((), elide_default=True)
-    """Hooks applied to this config (Dense-family names from `cartlab.model.hooks.HOOKS`:
-    `lrt_kv`, `lrt_residual`)."""
-    memory_kv: bool = field(False, elide_default=True)
-    """LRT KVProjection (set by `lrt_kv`): at each injection layer token t attends to one extra
-    key/value entry projected from m_{t-1}, private to t."""
-    memory_residual: bool = field(False, elide_default=True)
-    """LRT ResidualInjection (set by `lrt_residual`): a projection of m_{t-1} is added to token t's
-    residual stream at the input of each injection layer."""
-    memory_source: int | None = field(None, ge=0, elide_default=True,
-                                      none="null for the second-to-last layer, n_layers - 2")
-    """Layer whose output at position t-1 is the memory m_{t-1} (0-based). The default is the
-    second-to-last layer (layer 0 for a 1-layer model): the LRT summary reports that higher-level
-    source layers give stronger recurrent memory than the final layer, whose state is shaped for
-    the next-token head."""
-    memory_layers: tuple[int, ...] | None = field(None, elide_default=True,
-                                                  none="null for every layer from 0 to memory_source")
-    """Injection layers (0-based, distinct, stored sorted). Any layer is causal, since m_{t-1}
-    comes from the previous token; layers at or below the source feed the recurrence (m_t then
-    depends on m_{t-1}), layers above it only read the previous token's state. The default, every
-    layer up to and including the source, makes the whole path to the source recurrent."""
-    memory_shared: bool = field(True, elide_default=True)
-    """True: one memory projection (d*d weights, plus a norm) shared by every injection layer and
-    both injection paths, the low-parameter default (+0.46% parameters at d=512, 12 layers).
-    False: one projection per injection layer."""
-    memory_subsets: int = field(4, ge=1, elide_default=True)
-    """S, the number of disjoint interleaved position subsets {t : t % S == k} refined in turn by
-    the interleaved parallel training forward (`cartlab.model.memory`). The training forward costs
-    about 2 plain forwards whatever S; S >= sequence length is the exact recurrence. The LRT
-    summary gives no value; 4 is our choice."""
+    """Hooks applied to this config (names of the config's family from `cartlab.model.hooks.HOOKS`)."""
 
     kind: ClassVar[str] = "dense"
+    family: ClassVar[str] = "dense"
 
     def validate(self) -> None:
         super().validate()
         _hooks.apply_hooks(self)
-        layers = f"a layer index in 0..{self.n_layers - 1} (n_layers={self.n_layers})"
-        if not self.has_memory:
-            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("memory_")}
-            for name, default in defaults.items():
-                if getattr(self, name) != default:
-                    raise self.reject(name, (
-                        f"{name} configures the LRT memory, which this model does not have; add the hooks "
-                        f"{' and/or '.join(_hooks.LRT_HOOKS)} or leave {name} at its default ({show(default)})"))
-            return
-        if self.memory_source is not None and self.memory_source >= self.n_layers:
-            raise self.reject("memory_source", f"it must be {layers}")
-        if self.memory_layers is not None:
-            given = list(self.memory_layers)
-            if not given:
-                raise ConfigError.value("memory_layers", given, (
-                    f"name at least one injection layer, each {layers}, or null for every layer from 0 to "
-                    f"memory_source"))
-            bad = [i for i in given if not 0 <= i < self.n_layers]
-            if bad:
-                raise ConfigError.value("memory_layers", given, f"{bad} out of range; each entry must be {layers}")
-            if len(set(given)) != len(given):
-                raise ConfigError.value("memory_layers", given, "names a layer twice; each layer may appear once")
-            self.memory_layers = tuple(sorted(given))
-
-    @property
-    def has_memory(self) -> bool:
-        """True for LRT: at least one memory injection path is on."""
-        return self.memory_kv or self.memory_residual
-
-    @property
-    def memory_kind(self) -> str:
-        """The memory component (`cartlab.model.memory.MEMORIES`): 'lrt' or 'none'."""
-        return "lrt" if self.has_memory else "none"
-
-    @property
-    def memory_source_layer(self) -> int:
-        """The resolved `memory_source`."""
-        return self.memory_source if self.memory_source is not None else max(0, self.n_layers - 2)
-
-    @property
-    def memory_injection_layers(self) -> tuple[int, ...]:
-        """The resolved `memory_layers` (empty without memory)."""
-        if not self.has_memory:
-            return ()
-        if self.memory_layers is not None:
-            return self.memory_layers
-        return tuple(range(self.memory_source_layer + 1))
 
     @property
     def effective_depth(self) -> int:
@@ -354,9 +288,6 @@ class DenseConfig(LMConfig):
     def tiny(cls, **kw) -> "DenseConfig":
         base = dict(vocab_size=64, d_model=32, n_heads=4, n_layers=3, ffn_multiple_of=16)
         return cls(**{**base, **kw})
-
-
-CONFIG_KINDS: dict[str, type[LMConfig]] = {"cart": CARTConfig, "dense": DenseConfig}
 
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "ffn_multiple_of", "prelude_layers", "n_loops", "n_layers", "hooks")

@@ -1,13 +1,14 @@
 """Hooks: named, composable rewrites of a model config (CART's section-8 ablations, LRT on Dense).
 
 A hook is a pure function `config -> {field: value}` registered with `@register_hook` for one
-model family (`family="cart"` or `"dense"`, the config's `kind`). Hooks are applied when a
-config is made (`CARTConfig(hooks=("no_lti", "unshare_core"))`,
-`DenseConfig(hooks=("lrt_kv", "lrt_residual"))`), in registration order whatever order they
-were given in, and the applied names stay in `config.hooks`, so
-`LMConfig.from_dict(config.to_dict())` rebuilds the same variant. A hook of one family named
-on a config of the other is refused (`hooks=['lrt_kv'] is not allowed: 'lrt_kv' is a dense
-hook (its hooks apply to kind 'dense' only) ...`).
+model family (`family="cart"`, `"lrt"`, ...: the `ModelSpec.name` of `cartlab.model.family`,
+the config's `family`) and one variant group (`group="ablation"`: `PAPER_ABLATIONS` and
+`LRT_HOOKS` are read off the registry by group). Hooks are applied when a config is made
+(`CARTConfig(hooks=("no_lti", "unshare_core"))`, `LRTConfig(hooks=("lrt_kv", "lrt_residual"))`),
+in registration order whatever order they were given in, and the applied names stay in
+`config.hooks`, so `LMConfig.from_dict(config.to_dict())` rebuilds the same variant. A hook of
+one family named on a config of another is refused (`hooks=['lrt_kv'] is not allowed: 'lrt_kv'
+is a hook of the lrt family, not of dense ...`).
 
 Adding a variant touches neither `cart.py` nor this file: register a component in
 `cartlab.model.components` (or your own module) and a hook that selects it:
@@ -42,24 +43,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from cartlab.config import ConfigError, show
-
-if TYPE_CHECKING:
-    from cartlab.model.config import LMConfig
-
-FAMILIES = ("cart", "dense")
-"""Model families a hook can rewrite: the `kind` of CARTConfig and DenseConfig."""
 
 
 @dataclass(frozen=True)
 class Hook:
     name: str
     section: str
-    fn: Callable[["LMConfig"], dict[str, Any]]
+    fn: Callable[[Any], dict[str, Any]]
     family: str = "cart"
-    """The `kind` of config this hook rewrites."""
+    """The model family whose configs this hook rewrites (`cartlab.model.family`)."""
+    group: str = ""
+    """What kind of variant it makes: 'ablation' (the paper's section-8 ablations,
+    `PAPER_ABLATIONS`), 'control', 'training', 'memory' (LRT's injection paths, `LRT_HOOKS`)."""
 
     @property
     def summary(self) -> str:
@@ -69,26 +67,30 @@ class Hook:
 HOOKS: dict[str, Hook] = {}
 
 
-def register_hook(name: str, section: str, family: str = "cart"):
+def register_hook(name: str, section: str, family: str = "cart", group: str = ""):
     """Register `fn(config) -> {field: value}` as the hook `name` reproducing paper `section`,
-    applicable to configs of kind `family` ('cart' or 'dense')."""
-    if family not in FAMILIES:
-        raise ValueError(f"hook {name!r}: family={family!r} is not a model family; choose one of {FAMILIES}")
+    applicable to configs of the model family `family` ('cart', 'dense', 'lrt', or one registered
+    later), in the variant group `group` (see `Hook.group`)."""
 
     def wrap(fn):
         if name in HOOKS:
             raise ValueError(f"hook {name!r} is already registered")
         if not fn.__doc__:
             raise ValueError(f"hook {name!r} needs a docstring saying what it changes")
-        HOOKS[name] = Hook(name, section, fn, family)
+        HOOKS[name] = Hook(name, section, fn, family, group)
         return fn
 
     return wrap
 
 
 def hooks_for(family: str) -> list[str]:
-    """Names of the hooks that apply to configs of kind `family`, in registration order."""
+    """Names of the hooks that apply to configs of the family `family`, in registration order."""
     return [n for n, h in HOOKS.items() if h.family == family]
+
+
+def hooks_in(group: str) -> tuple[str, ...]:
+    """Names of the hooks of the variant group `group`, in registration order."""
+    return tuple(n for n, h in HOOKS.items() if h.group == group)
 
 
 @dataclass(frozen=True)
@@ -114,21 +116,23 @@ class Applied:
             + " ".join(f"{n}: {HOOKS[n].summary}" for n in names)))
 
 
-def apply_hooks(cfg: "LMConfig") -> Applied:
+def apply_hooks(cfg) -> Applied:
     """Apply `cfg.hooks` to `cfg` in place (called by `CARTConfig.validate` and
     `DenseConfig.validate`); returns which hook set which field, for the messages of rules
     that refuse a combination of fields (`Applied.refuse_together`)."""
     names = list(cfg.hooks)
-    mine = hooks_for(cfg.kind)
+    mine = hooks_for(cfg.family)
     unknown = [n for n in names if n not in HOOKS]
     if unknown:
         raise ConfigError.value("hooks", names, f"unknown hook(s) {unknown}; choose from {', '.join(mine)}")
-    foreign = [n for n in names if HOOKS[n].family != cfg.kind]
+    foreign = [n for n in names if HOOKS[n].family != cfg.family]
     if foreign:
         n = foreign[0]
+        instead = cfg.use_instead(HOOKS[n].family)
+        use = f"; use {instead}" if instead else ""
         raise ConfigError.value("hooks", names, (
-            f"{n!r} is a {HOOKS[n].family} hook (its hooks apply to kind {HOOKS[n].family!r} only); "
-            f"{cfg.kind} hooks: {', '.join(mine) or 'none'}"))
+            f"{n!r} is a hook of the {HOOKS[n].family} family, not of {cfg.family}; "
+            f"{cfg.family} hooks: {', '.join(mine) or 'none'}{use}"))
     if len(set(names)) != len(names):
         raise ConfigError.value("hooks", names, "names a hook twice; each hook may appear once")
     ordered = [n for n in HOOKS if n in names]
@@ -151,85 +155,74 @@ def apply_hooks(cfg: "LMConfig") -> Applied:
 
 
 # -- the paper's seven diagnostic ablations (section 8) -------------------------------------------------
-@register_hook("unfreeze_kv", section="8.1 (Ablation X)")
+@register_hook("unfreeze_kv", section="8.1 (Ablation X)", group="ablation")
 def unfreeze_kv(cfg):
     """Recompute the core's K, V from the state at every loop with the anchor's KV weights."""
     return {"core_attention": "recomputed"}
 
 
-@register_hook("single_loop", section="8.2 (Ablation Y)")
+@register_hook("single_loop", section="8.2 (Ablation Y)", group="ablation")
 def single_loop(cfg):
     """Train with R = 1: the core runs once (HyperConnection, LIE and the gate degenerate)."""
     return {"n_loops": 1}
 
 
-@register_hook("unshare_core", section="8.3 (Ablation Z)")
+@register_hook("unshare_core", section="8.3 (Ablation Z)", group="ablation")
 def unshare_core(cfg):
     """Give each of the R loops its own core block (mixer, LIE, gate and anchor stay shared)."""
     return {"share_core": False}
 
 
-@register_hook("self_attn_core", section="8.4 (Ablation W)")
+@register_hook("self_attn_core", section="8.4 (Ablation W)", group="ablation")
 def self_attn_core(cfg):
     """Replace the core's anchor cross-attention by MLA self-attention with RoPE; no anchor."""
     return {"core_attention": "self"}
 
 
-@register_hook("no_hyper", section="8.5 (Ablation HC)")
+@register_hook("no_hyper", section="8.5 (Ablation HC)", group="ablation")
 def no_hyper(cfg):
     """Drop the HyperConnection blend: each loop reads the latest state only."""
     return {"state_mixer": "last"}
 
 
-@register_hook("no_lti", section="8.6 (Ablation LTI)")
+@register_hook("no_lti", section="8.6 (Ablation LTI)", group="ablation")
 def no_lti(cfg):
     """Drop the LTI gate: plain residual h <- h + u."""
     return {"state_gate": "residual"}
 
 
-@register_hook("no_lie", section="8.7 (Ablation LIE)")
+@register_hook("no_lie", section="8.7 (Ablation LIE)", group="ablation")
 def no_lie(cfg):
     """Drop the loop-index embedding."""
     return {"loop_embedding": "none"}
 
 
 # -- negative control ----------------------------------------------------------------------------------------
-@register_hook("noncausal_cross_attn", section="3.4 (causal cross-attention requirement)")
+@register_hook("noncausal_cross_attn", section="3.4 (causal cross-attention requirement)", group="control")
 def noncausal_cross_attn(cfg):
     """Negative control: unmask the core's cross-attention, leaking future tokens (section 3.4)."""
     return {"causal_cross_attn": False}
 
 
-PAPER_ABLATIONS = ("unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti", "no_lie")
+PAPER_ABLATIONS = hooks_in("ablation")
+"""The seven diagnostic ablations of section 8, in the paper's order."""
 
 
 # -- variable-depth training: how R is chosen per step, and how far the backward reaches ----------------
-@register_hook("random_loops", section="Huginn (Geiping et al. 2025) / paper 7.4 (fixed-R training)")
+@register_hook("random_loops", section="Huginn (Geiping et al. 2025) / paper 7.4 (fixed-R training)", group="training")
 def random_loops(cfg):
     """Draw R for every optimiser step (poisson_lognormal unless train_loops=uniform); n_loops is its mean."""
     return {"train_loops": cfg.train_loops if cfg.train_loops != "fixed" else "poisson_lognormal"}
 
 
-@register_hook("truncated_bptt", section="Huginn (Geiping et al. 2025) / paper 2 (Parcae)")
+@register_hook("truncated_bptt", section="Huginn (Geiping et al. 2025) / paper 2 (Parcae)", group="training")
 def truncated_bptt(cfg):
     """Backpropagate through the last k = bptt_loops loops only (default ceil(n_loops / 2))."""
     return {"bptt_loops": cfg.bptt_loops or max(1, math.ceil(cfg.n_loops / 2))}
 
 
-# -- LRT, the Latent Recurrent Transformer (2026), on the Dense model ---------------------------------------
-# The memory itself (projections, injection, interleaved training, exact reference) is
-# `cartlab.model.memory`; these hooks only switch its two injection paths on. Both together is
-# the paper's default; `memory_shared` (default true) picks the low-parameter shared projection.
-@register_hook("lrt_kv", section="LRT (2026): KVProjection", family="dense")
-def lrt_kv(cfg):
-    """LRT memory as an extra private key/value entry per token at the injection layers."""
-    return {"memory_kv": True}
-
-
-@register_hook("lrt_residual", section="LRT (2026): ResidualInjection", family="dense")
-def lrt_residual(cfg):
-    """LRT memory projected and added to the residual stream at the injection layers."""
-    return {"memory_residual": True}
-
-
-LRT_HOOKS = ("lrt_kv", "lrt_residual")
+def __getattr__(name: str):
+    # LRT's hooks are registered by `cartlab.model.lrt`, which imports this module
+    if name == "LRT_HOOKS":
+        return hooks_in("memory")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

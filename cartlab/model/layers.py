@@ -8,14 +8,25 @@ H heads, hd head dim, d_c MLA latent width.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from cartlab.model.config import LMConfig
+
+class LMShape(Protocol):
+    """What the layers read of a model config (every `LMConfig` has it); a Protocol, so that
+    this module, which the configs' modules import, imports no config."""
+
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    ffn_hidden: int
+    rope_theta: float
+    norm_eps: float
+    init_std: float
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +69,7 @@ class MLAKV(nn.Module):
     we cache K and V rather than absorbing the up-projection, so the decoupling is not needed.
     """
 
-    def __init__(self, cfg: LMConfig, latent_dim: int):
+    def __init__(self, cfg: LMShape, latent_dim: int):
         super().__init__()
         self.d_model = cfg.d_model
         self.down = nn.Linear(cfg.d_model, latent_dim, bias=False)
@@ -73,7 +84,7 @@ class MLAKV(nn.Module):
 class MHAKV(nn.Module):
     """Standard multi-head attention KV projection: K, V = x W_k, x W_v (2*d^2 parameters)."""
 
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMShape):
         super().__init__()
         self.d_model = cfg.d_model
         self.proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
@@ -109,43 +120,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class PrivateKV(NamedTuple):
-    """One extra key/value entry per query that only that query sees (LRT's memory slot,
-    `cartlab.model.memory`). The attention layer projects `source` (B, T, d) with its own K/V
-    projection and rotates the key to the query's own position, so the slot's score does not
-    depend on where the token sits. `present` (T,) bool marks the queries that have a slot
-    (position 0 has no previous token); None means all of them."""
-
-    source: torch.Tensor
-    present: torch.Tensor | None = None
-
-
-def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
-                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
-    """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
-    (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
-    `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
-    sees key t of the slot when present[t] (all when present is None)."""
-    T, S = q.size(-2), k.size(-2)
-    if visible is None:
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if slot is not None:
-        k_slot, v_slot, present = slot
-        own = torch.eye(T, dtype=torch.bool, device=q.device)
-        if present is not None:
-            own = own & present[:, None]
-        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
-        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
-    if T == 1 and bool(visible.all()):
-        return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-
-
 class Attention(nn.Module):
     """Base of every attention module: query and output projections. `attn_dim` and `causal` are
     read by the FLOP accounting (4 * T * S * attn_dim per application)."""
 
-    def __init__(self, cfg: LMConfig, causal: bool = True):
+    def __init__(self, cfg: LMShape, causal: bool = True):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.attn_dim = cfg.d_model
@@ -157,30 +136,23 @@ class Attention(nn.Module):
 class SelfAttention(Attention):
     """Causal self-attention with RoPE; `kv` is the KV projection (MLAKV in CART, MHAKV in Dense)."""
 
-    def __init__(self, cfg: LMConfig, kv: nn.Module):
+    def __init__(self, cfg: LMShape, kv: nn.Module):
         super().__init__(cfg, causal=True)
         self.kv = kv
 
-    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None,
-                slot: PrivateKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
         q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
+        k, v = self.keys_values(x, rope, cache)
+        return self.proj(merge_heads(attend(q, k, v, causal=True)))
+
+    def keys_values(self, x: torch.Tensor, rope, cache: "LayerKV | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """K (rotated) and V of x's new positions, appended to `cache`: (B, H, S, hd) each."""
         k, v = self.kv(x)
         k = apply_rope(split_heads(k, self.n_heads), rope)
         v = split_heads(v, self.n_heads)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, S, hd)
-        visible = None if cache is None else cache.visible(q.size(-2), k.size(-2))
-        if slot is None and visible is None:
-            return self.proj(merge_heads(attend(q, k, v, causal=True)))
-        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(slot, rope))))
-
-    def private_kv(self, slot: PrivateKV | None, rope):
-        """The slot's keys and values (B, H, T, hd) from this layer's own K/V projection, keys
-        rotated to the query's position (relative offset 0), and its `present` mask."""
-        if slot is None:
-            return None
-        k, v = self.kv(slot.source)
-        return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads), slot.present
+        return k, v
 
 
 class CrossAttention(Attention):
@@ -196,7 +168,7 @@ class CrossAttention(Attention):
 class SwiGLU(nn.Module):
     """FFN(x) = W_down(silu(W_gate x) * W_up x), hidden = 8/3 d rounded up (Shazeer 2020)."""
 
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMShape):
         super().__init__()
         self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
@@ -208,18 +180,20 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then + ffn(norm(x)). CART's prelude and
-    coda layers use MLA keys/values; Dense layers use MHA."""
+    coda layers use MLA keys/values; Dense layers use MHA. `attention` is the self-attention
+    class (LRT's layers use one that also sees a memory slot, `cartlab.model.memory`)."""
 
-    def __init__(self, cfg: LMConfig, kv: nn.Module):
+    attention: ClassVar[type[SelfAttention]] = SelfAttention
+
+    def __init__(self, cfg: LMShape, kv: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg, kv)
+        self.attn = self.attention(cfg, kv)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None,
-                slot: PrivateKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache, slot)
+    def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -247,12 +221,6 @@ class LayerKV:
         self.v[..., self.length: self.length + T, :] = v
         self.length += T
         return self.k[..., : self.length, :], self.v[..., : self.length, :]
-
-    def visible(self, T: int, S: int) -> torch.Tensor | None:
-        """Which of the S keys each of the T new queries sees, (T, S) bool; None is the causal
-        rule of `attend` (the last T keys are the queries' own). LRT's interleaved training
-        buffer (`cartlab.model.memory.BufferKV`) writes scattered positions and overrides this."""
-        return None
 
 
 class KVCache:

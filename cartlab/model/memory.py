@@ -1,4 +1,5 @@
-"""LRT, the Latent Recurrent Transformer (2026), as a recurrent memory of the Dense model.
+"""The mechanics of LRT's recurrent memory (the model: `cartlab.model.lrt.LRT`, the Dense layers
+with this memory).
 
 The previous token's state at a high source layer s is fed back into the current token:
 
@@ -8,7 +9,8 @@ The previous token's state at a high source layer s is fed back into the current
     at each injection layer i, on token t's input x_t:
       lrt_residual:  x_t <- x_t + g_i * c_t                     g_i (d,), zero at init
       lrt_kv:        t also attends to one extra entry (K_i c_t, V_i c_t): layer i's own key/value
-                     projection of c_t, key rotated to t's position, seen by t only (`PrivateKV`)
+                     projection of c_t, key rotated to t's position, seen by t only (`PrivateKV`,
+                     read by `SlotAttention`)
 
 Position 0 has no m_{-1}: it gets no residual term and no slot, so it is computed exactly as in
 Dense. Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
@@ -36,41 +38,32 @@ Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` p
                  (subset k = {k} reads the exact m_{k-1} and exact keys of positions < k).
                  Gradients flow through the buffer (nothing is detached): the source layers learn
                  what to store, and the backward pass costs 2x a plain backward, so a training
-                 step costs about 2x Dense's (accounting: `Dense.train_applications`).
+                 step costs about 2x Dense's (accounting: `LRT.train_applications`).
   exact_reference  a slow loop with no cache at all: for each t the whole prefix is recomputed,
                  each position reading the memory found for it so far. O(T^2) work; for tests.
 
 `trace` runs either fast schedule and also returns the source states m_t, for the probe that
 measures how far the interleaved forward is from the exact recurrence (`cartlab.measures.lrt`).
 
-Refusals: `subsets` on a model without memory, a cache filled by a model without memory.
+Refusal: a cache filled by a model without memory.
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from cartlab.model.components import register
-from cartlab.model.layers import KVCache, LayerKV, PrivateKV, RMSNorm
+from cartlab.model.layers import (Block, KVCache, LayerKV, RMSNorm, SelfAttention, apply_rope, attend, merge_heads,
+                                  split_heads)
 
-if TYPE_CHECKING:
-    from cartlab.model.config import DenseConfig
-    from cartlab.model.dense import Dense
 
-MEMORIES: dict[str, type[nn.Module]] = {}
-"""Memory components of the Dense model by `DenseConfig.memory_kind`: 'none' (plain Dense) and
-'lrt'."""
-
+# Duck-typed on purpose: `cfg` is an `LRTConfig` and `model` an `LRT` (`run`, `stack`, `layers`,
+# `rope`, `memory`); this module imports neither, so the model's modules import it and not back.
 STATE = "memory"
 """Key of m_{t-1} (B, 1, d) in `KVCache.states`."""
-
-
-def register_memory(name: str):
-    """Register a memory component class under `name` (the registry helper CART's components use)."""
-    return register(MEMORIES, name)
 
 
 class Recall(NamedTuple):
@@ -86,7 +79,7 @@ class MemoryProjection(nn.Module):
     """c = W RMSNorm(m): the source state is a residual stream whose scale grows with depth, so it
     is normalised before the (d, d) projection."""
 
-    def __init__(self, cfg: "DenseConfig"):
+    def __init__(self, cfg):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -96,46 +89,79 @@ class MemoryProjection(nn.Module):
         return self.proj(self.norm(m))  # (B, T, d)
 
 
-# -- plain Dense: no memory ----------------------------------------------------------------------------
-@register_memory("none")
-class NoMemory(nn.Module):
-    """Plain Dense: every call is one pass of the layers over the new positions."""
+# -- the private slot in the layers ---------------------------------------------------------------------------
+class PrivateKV(NamedTuple):
+    """One extra key/value entry per query that only that query sees (the `lrt_kv` slot). The
+    attention layer projects `source` (B, T, d) with its own K/V projection and rotates the key to
+    the query's own position, so the slot's score does not depend on where the token sits.
+    `present` (T,) bool marks the queries that have a slot (position 0 has no previous token);
+    None means all of them."""
 
-    source = -1  # no layer's output is kept
-    train_passes = 1
-
-    def __init__(self, cfg: "DenseConfig"):
-        super().__init__()
-
-    def schedule(self, model: "Dense", x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
-        if subsets is not None:
-            raise ValueError(f"subsets={subsets!r} is not allowed: it is the interleaved training schedule of the "
-                             f"LRT memory, and this model has none (hooks lrt_kv / lrt_residual)")
-        return model.run(x, cache)[0]
-
-    def inject(self, i: int, x: torch.Tensor, recall: Recall | None):
-        return x, None
-
-    def recall(self, m: torch.Tensor, present: torch.Tensor | None) -> None:
-        return None
-
-    def applications(self, layers: nn.ModuleList) -> list:
-        return []
-
-    def init_pass(self, layers: nn.ModuleList) -> list:
-        return []
-
-    def diagnostics(self) -> dict:
-        return {}
+    source: torch.Tensor
+    present: torch.Tensor | None = None
 
 
-# -- LRT ---------------------------------------------------------------------------------------------------------
-@register_memory("lrt")
+def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
+    (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
+    `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
+    sees key t of the slot when present[t] (all when present is None)."""
+    T, S = q.size(-2), k.size(-2)
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if slot is not None:
+        k_slot, v_slot, present = slot
+        own = torch.eye(T, dtype=torch.bool, device=q.device)
+        if present is not None:
+            own = own & present[:, None]
+        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
+        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
+    if T == 1 and bool(visible.all()):
+        return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+class SlotAttention(SelfAttention):
+    """A Dense layer's causal self-attention that also reads LRT's private slot (`lrt_kv`) and,
+    during the interleaved schedule, the buffer's key mask (`BufferKV.visible`). Without either
+    it is the plain causal attention, the same call as `SelfAttention`."""
+
+    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
+                slot: PrivateKV | None = None) -> torch.Tensor:
+        q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
+        k, v = self.keys_values(x, rope, cache)  # (B, H, S, hd)
+        visible = cache.visible(q.size(-2), k.size(-2)) if isinstance(cache, BufferKV) else None
+        if slot is None and visible is None:
+            return self.proj(merge_heads(attend(q, k, v, causal=True)))
+        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(slot, rope))))
+
+    def private_kv(self, slot: PrivateKV | None, rope):
+        """The slot's keys and values (B, H, T, hd) from this layer's own K/V projection, keys
+        rotated to the query's position (relative offset 0), and its `present` mask."""
+        if slot is None:
+            return None
+        k, v = self.kv(slot.source)
+        return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads), slot.present
+
+
+class SlotBlock(Block):
+    """An LRT layer: the Dense pre-norm layer whose attention takes the private slot."""
+
+    attention = SlotAttention
+
+    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
+                slot: PrivateKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, slot)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# -- the memory ------------------------------------------------------------------------------------------------
 class LatentMemory(nn.Module):
     """LRT's memory (see the module docstring): the projection(s), the per-layer residual gains,
     the injection at the injection layers, and the three schedules."""
 
-    def __init__(self, cfg: "DenseConfig"):
+    def __init__(self, cfg):
         super().__init__()
         self.source = cfg.memory_source_layer
         self.layers = cfg.memory_injection_layers
@@ -165,7 +191,7 @@ class LatentMemory(nn.Module):
         return x, (PrivateKV(c, recall.present) if self.kv else None)
 
     # -- schedules ---------------------------------------------------------------------------------------------
-    def schedule(self, model: "Dense", x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
+    def schedule(self, model: nn.Module, x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
         """Outputs (B, T, d) of the embedded tokens x: sequential with a cache; interleaved in
         training or when `subsets` is given; otherwise exact (sequential on a private cache, or
         interleaved with S = T when gradients are wanted: the same values, differentiable)."""
@@ -182,7 +208,7 @@ class LatentMemory(nn.Module):
 
     # Both schedules return the outputs and the source layer's states m_t (B, T, d) each: the
     # model uses the outputs; the approximation probe (`trace`) compares the states.
-    def sequential(self, model: "Dense", x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequential(self, model: nn.Module, x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact recurrence, one position at a time on `cache` (which carries m_{t-1})."""
         outs, sources = [], []
         for j in range(x.size(1)):
@@ -199,7 +225,7 @@ class LatentMemory(nn.Module):
             sources.append(source)
         return torch.cat(outs, dim=1), torch.cat(sources, dim=1)
 
-    def interleaved(self, model: "Dense", x: torch.Tensor, subsets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def interleaved(self, model: nn.Module, x: torch.Tensor, subsets: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved parallel training (module docstring) with S = `subsets` (>= 1; S >= T is
         exact). Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
         if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
@@ -223,10 +249,6 @@ class LatentMemory(nn.Module):
         return out, source
 
     # -- accounting ----------------------------------------------------------------------------------------------
-    @property
-    def train_passes(self) -> int:
-        return 2
-
     def applications(self, layers: nn.ModuleList) -> list:
         """Per forward: the projection(s) once per token, and with `lrt_kv` each injection layer's
         K/V projection once more (on c_t)."""
@@ -268,6 +290,8 @@ class BufferKV(LayerKV):
         return self.k, self.v
 
     def visible(self, T: int, S: int) -> torch.Tensor | None:
+        """Which of the S keys each of the T new queries sees, (T, S) bool: None (the causal rule
+        of `attend`) while a pass writes every position, else the keys at or before each query."""
         rows = self.owner.rows
         if rows is None:
             return None
@@ -293,11 +317,12 @@ class _Sites(dict):
         return self[site]
 
 
-def exact_reference(model: "Dense", idx: torch.Tensor) -> torch.Tensor:
+def exact_reference(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) of the exact recurrence computed the slow way, with no cache: for each t
     the prefix 0..t runs through the layers in one pass in which position j reads m_{j-1} as found
     when j was the newest position; m_t and the logits at t are read off that pass. O(T^2) work.
     Differentiable (nothing is written in place): wrap it in `torch.no_grad()` for values only."""
+    require_memory(model, "exact_reference")
     B, T = idx.shape
     x = model.wte(idx)  # (B, T, d)
     memories = [torch.zeros_like(x[:, 0])]  # memories[t] = m_{t-1}: (B, d)
@@ -306,18 +331,17 @@ def exact_reference(model: "Dense", idx: torch.Tensor) -> torch.Tensor:
         present = torch.arange(t + 1, device=idx.device) > 0
         recall = model.memory.recall(torch.stack(memories, dim=1), present)
         out, source = model.stack(x[:, : t + 1], model.rope(0, t + 1, idx.device), None, recall)
-        memories.append(torch.zeros_like(x[:, 0]) if source is None else source[:, t])
+        memories.append(source[:, t])
         logits.append(model.head(out[:, t: t + 1], None)[0])
     return torch.cat(logits, dim=1)
 
 
-def trace(model: "Dense", idx: torch.Tensor, targets: torch.Tensor | None = None, subsets: int | None = None):
+def trace(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None = None, subsets: int | None = None):
     """One forward of an LRT model that also hands back the memory: the interleaved schedule with
     S = `subsets`, or for None the exact recurrence (sequential, as the eval forward runs it).
     Returns logits (B, T, V), the loss (None without targets) and the source layer's states m_t
     (B, T, d). The approximation probe (`cartlab.measures.lrt`) compares the two schedules with it."""
-    if not isinstance(model.memory, LatentMemory):
-        raise ValueError("trace needs a model with the LRT memory (hooks lrt_kv / lrt_residual); this one has none")
+    require_memory(model, "trace")
     x = model.wte(idx)  # (B, T, d)
     if subsets is None:
         out, source = model.memory.sequential(model, x, KVCache())
@@ -325,3 +349,9 @@ def trace(model: "Dense", idx: torch.Tensor, targets: torch.Tensor | None = None
         out, source = model.memory.interleaved(model, x, subsets)
     logits, loss = model.head(out, targets)
     return logits, loss, source
+
+
+def require_memory(model: nn.Module, what: str) -> None:
+    """Refuse a model without LRT's memory, naming the function `what` that needs it."""
+    if not isinstance(getattr(model, "memory", None), LatentMemory):
+        raise ValueError(f"{what} needs a model with the LRT memory (hooks lrt_kv / lrt_residual); this one has none")

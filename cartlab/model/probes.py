@@ -87,12 +87,12 @@ def loop_maps(model, idx: torch.Tensor, n_loops: int | None = None) -> list[tupl
     model = _cart(model, "loop_maps")
     n = model.check_loops(n_loops)
     e, rope = model.encode(idx)  # (B, T, d)
-    memory = model.anchor.begin(e, None)
+    anchor = model.anchor.begin(e, None)
     history = [e] * model.mixer.depth  # h_r, h_{r-1}, ... as in CART.recur
     out = []
     for r in range(n):
         def f(h: torch.Tensor, r=r, older=tuple(history[1:])) -> torch.Tensor:
-            return model.step([h, *older], LoopContext(r, rope, None, memory))
+            return model.step([h, *older], LoopContext(r, rope, None, anchor))
 
         out.append((history[0], f))
         history = [f(history[0])] + history[:-1]

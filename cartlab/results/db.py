@@ -1,7 +1,7 @@
 """The results database: one SQLite file (WAL) holding every run, its logs and evaluations.
 
-Tables (columns match `cartlab.analysis.schema`, so analyses read runs and published numbers
-alike):
+Tables (their DDL and columns in `cartlab.results.schema`, which `cartlab.analysis.schema` reads,
+so analyses read runs and published numbers alike):
     runs        one row per run: identity, config JSON, hooks, seed, status, hardware, versions,
                 and its variant (`variant`, `overrides`, `variant_label`: what groups runs as
                 seeds of one configuration, `TrainConfig.variant_fields()`)
@@ -42,131 +42,27 @@ import json
 import os
 import sqlite3
 import time
-import urllib.parse
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "published")
-SCHEMA_VERSION = 4
-SQLITE_HEADER = b"SQLite format 3\x00"
-WRITE_FAILED = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_TRUNCATE")
-"""SQLite's errors for a write the disk refused: full, or past a size limit (an I/O error)."""
-
-# Each migration takes the schema from version i-1 to i; never edit a released one, append.
-MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY, name TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'local',
-        model TEXT, d_model INTEGER, prelude_layers INTEGER, n_loops INTEGER, n_layers INTEGER,
-        hooks TEXT NOT NULL DEFAULT '', seed INTEGER, n_seeds INTEGER NOT NULL DEFAULT 1, stage TEXT,
-        stored_params INTEGER, effective_params INTEGER, tokens INTEGER, step INTEGER NOT NULL DEFAULT 0,
-        status TEXT NOT NULL, message TEXT, config_json TEXT NOT NULL DEFAULT '{}',
-        hardware_json TEXT NOT NULL DEFAULT '{}', software_json TEXT NOT NULL DEFAULT '{}',
-        git_commit TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT
-    );
-    CREATE TABLE train_log (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, step INTEGER NOT NULL,
-        loss REAL, grad_norm REAL, lr REAL, rho_max REAL, rho_mean REAL, hyper_weights TEXT,
-        tokens_per_s REAL, mfu REAL, memory_mb REAL, PRIMARY KEY (run_id, step)
-    );
-    CREATE TABLE eval_log (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, step INTEGER NOT NULL,
-        split TEXT NOT NULL, loss REAL, ppl REAL, PRIMARY KEY (run_id, step, split)
-    );
-    CREATE TABLE downstream (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, task TEXT NOT NULL,
-        metric TEXT NOT NULL, value REAL, stderr REAL, num_fewshot INTEGER NOT NULL DEFAULT 0,
-        n_loops INTEGER NOT NULL DEFAULT 0, created_at TEXT,
-        PRIMARY KEY (run_id, task, metric, num_fewshot, n_loops)
-    );
-    CREATE TABLE artifacts (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, kind TEXT NOT NULL,
-        path TEXT NOT NULL, step INTEGER, created_at TEXT NOT NULL, PRIMARY KEY (run_id, kind, path)
-    );
-    """,
-    # the variant: what groups runs as seeds of one configuration (the identity minus the seed)
-    2: """
-    ALTER TABLE runs ADD COLUMN variant TEXT;
-    ALTER TABLE runs ADD COLUMN overrides TEXT NOT NULL DEFAULT '';
-    ALTER TABLE runs ADD COLUMN variant_label TEXT;
-    CREATE INDEX runs_variant ON runs (variant);
-    """,
-    # what a step trained with and spent; measurements of trained models (cartlab.train.measures)
-    3: """
-    ALTER TABLE train_log ADD COLUMN n_loops INTEGER;
-    ALTER TABLE train_log ADD COLUMN flops REAL;
-    ALTER TABLE train_log ADD COLUMN forward_cost REAL;
-    CREATE TABLE probes (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, probe TEXT NOT NULL,
-        step INTEGER NOT NULL, split TEXT NOT NULL DEFAULT '', x REAL NOT NULL DEFAULT 0,
-        metric TEXT NOT NULL, value REAL, PRIMARY KEY (run_id, probe, step, split, x, metric)
-    );
-    """,
-    # what a study's report concluded (cartlab.analysis.findings): one row per claim and domain
-    4: """
-    CREATE TABLE findings (
-        study TEXT NOT NULL, analysis TEXT NOT NULL, claim TEXT NOT NULL, a TEXT NOT NULL,
-        b TEXT NOT NULL DEFAULT '', split TEXT NOT NULL, metric TEXT NOT NULL, effect REAL, low REAL,
-        high REAL, n_a INTEGER NOT NULL, n_b INTEGER NOT NULL, verdict TEXT NOT NULL,
-        note TEXT NOT NULL DEFAULT '', code_version TEXT, created_at TEXT NOT NULL,
-        PRIMARY KEY (study, analysis, claim, a, b, split, metric)
-    );
-    """,
-}
-VARIANT_FIELDS = ("variant", "overrides", "variant_label")
-
-RUN_COLUMNS = ("run_id", "name", "source", "model", "d_model", "prelude_layers", "n_loops", "n_layers", "hooks",
-               "seed", "n_seeds", "stage", "stored_params", "effective_params", "tokens", "step", "status",
-               "message", "config_json", "hardware_json", "software_json", "git_commit", "created_at",
-               "updated_at", "finished_at", *VARIANT_FIELDS)
-TRAIN_COLUMNS = ("step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "hyper_weights", "tokens_per_s", "mfu",
-                 "memory_mb", "n_loops", "flops", "forward_cost")
-PROBE_COLUMNS = ("probe", "step", "split", "x", "metric", "value")
-FINDING_COLUMNS = ("analysis", "claim", "a", "b", "split", "metric", "effect", "low", "high", "n_a", "n_b", "verdict",
-                   "note")
-TABLES = ("runs", "train_log", "eval_log", "downstream", "artifacts", "probes")
+from cartlab.results import pending
+from cartlab.results.files import SQLITE_HEADER, WRITE_FAILED, disk_full, side_files, write_failed  # noqa: F401
+from cartlab.results.schema import (FINDING_COLUMNS, MIGRATIONS, ORDER, PROBE_COLUMNS,  # noqa: F401
+                                    RUN_COLUMNS, SCHEMA_VERSION, STATUSES, TABLES, TRAIN_COLUMNS, VARIANT_FIELDS)
+from cartlab.results.variants import variant_of
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def variant_of(row: dict) -> dict[str, str]:
-    """The variant fields of a runs row that was written without them (a database of schema 1,
-    or an insert that did not give them): a local run's are rebuilt from its stored training
-    config (`TrainConfig.variant_fields()`, the same as a run trained today records); a published
-    row's are a hash of its configuration columns (`cartlab.analysis.schema.config_variant`)."""
-    from cartlab.analysis.schema import _column_label, config_variant
-
-    if row.get("source") != "published":
-        try:
-            train = json.loads(row.get("config_json") or "{}").get("train")
-        except (ValueError, AttributeError):
-            train = None
-        if isinstance(train, dict):
-            try:
-                from cartlab.train.config import TrainConfig
-
-                return TrainConfig.from_dict(train).variant_fields()
-            except Exception:  # noqa: BLE001 - any reason an old config no longer builds
-                pass
-        # A row without a stored training config that builds with this cartlab (written by hand,
-        # or by a version whose fields have since changed): fall back on a hash of its descriptive
-        # columns. Fields set by hand are then invisible (overrides ""), so such a row is told from
-        # a baseline by its hooks alone; its label says the variant comes from the columns.
-    fields = {"variant": config_variant(row), "overrides": "", "variant_label": _column_label(row)}
-    if row.get("source") != "published":
-        fields["variant_label"] += " (variant from columns)"
-    return fields
-
-
 def _backfill_variants(c: sqlite3.Connection) -> None:
-    """Migration 2's data step: give every existing run its variant fields."""
+    """Migration 2's data step: give every existing run its variant fields (`variants.variant_of`)."""
     cur = c.execute("SELECT * FROM runs")
     names = [d[0] for d in cur.description]
     for values in cur.fetchall():
@@ -176,29 +72,8 @@ def _backfill_variants(c: sqlite3.Connection) -> None:
                   (fields["variant"], fields["overrides"], fields["variant_label"], row["run_id"]))
 
 
-# Python steps run after a migration's SQL, in the same transaction.
-BACKFILLS = {2: _backfill_variants}
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether `err` is SQLite saying the disk (or the database's max_page_count) is full."""
-    return isinstance(err, sqlite3.Error) and (getattr(err, "sqlite_errorname", "") == "SQLITE_FULL"
-                                               or "database or disk is full" in str(err))
-
-
-def write_failed(err: BaseException) -> bool:
-    """Whether `err` is SQLite failing to write the disk: full, or an I/O error."""
-    return disk_full(err) or (isinstance(err, sqlite3.Error) and
-                              (getattr(err, "sqlite_errorname", "") in WRITE_FAILED or "disk I/O error" in str(err)))
-
-
-def side_files(path: Path) -> list[Path]:
-    """The WAL and shared-memory files SQLite keeps beside database `path`."""
-    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
-
-
-def _pending_name(run_id: str) -> str:
-    return urllib.parse.quote(run_id, safe="") + ".json"
+BACKFILLS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _backfill_variants}
+"""Python steps run after a migration's SQL, in the same transaction."""
 
 
 class ResultsDB:
@@ -408,44 +283,14 @@ class ResultsDB:
             if version != SCHEMA_VERSION:
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
-    # -- statuses that could not be written -----------------------------------------------------------------
+    # -- statuses that could not be written (`cartlab.results.pending`) ---------------------------------------
     @property
     def pending_dir(self) -> Path:
         """Where status writes that failed wait for the next writable open: `<db>.pending/`."""
-        return self.path.with_name(self.path.name + ".pending")
-
-    def _save_pending(self, run_id: str, fields: dict) -> Path:
-        self.pending_dir.mkdir(exist_ok=True)
-        path = self.pending_dir / _pending_name(run_id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"run_id": run_id, "fields": fields}))
-        os.replace(tmp, path)  # atomic: a crash leaves the old sidecar or the new one, never half of one
-        return path
+        return pending.folder(self.path)
 
     def _apply_pending(self) -> None:
-        """Write the statuses earlier writes failed to record, then forget them. A sidecar older
-        than the run's row (the run was written since) or for a run not in the database is dropped."""
-        if not self.pending_dir.is_dir():
-            return
-        for path in sorted(self.pending_dir.glob("*.json")):
-            try:
-                saved = json.loads(path.read_text())
-                run_id, fields = saved["run_id"], saved["fields"]
-            except FileNotFoundError:
-                continue  # another process applied it first
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                warnings.warn(f"{path}: unreadable pending status ({err}); left in place", stacklevel=2)
-                continue
-            row = self.get_run(run_id)
-            if row is not None and row["updated_at"] <= fields["updated_at"]:
-                with self.transaction() as c:
-                    sets = ", ".join(f"{k} = ?" for k in fields)
-                    c.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*fields.values(), run_id))
-            path.unlink(missing_ok=True)
-        try:
-            self.pending_dir.rmdir()
-        except OSError:
-            pass  # not empty (an unreadable sidecar) or already gone
+        pending.apply(self)
 
     @property
     def schema_version(self) -> int:
@@ -497,16 +342,14 @@ class ResultsDB:
             self.upsert_run(run_id, **fields)
         except sqlite3.OperationalError as err:
             try:
-                saved = self._save_pending(run_id, {**fields, "updated_at": now()})
+                saved = pending.save(self.path, run_id, {**fields, "updated_at": now()})
             except OSError as err2:
                 raise ValueError(f"{self.path}: could not record status {status!r} of run {run_id} ({err}), nor "
                                  f"keep it for later in {self.pending_dir} ({err2.strerror or err2})") from err
             warnings.warn(f"{self.path}: could not record status {status!r} of run {run_id} ({err}); kept in "
                           f"{saved}, written when the database is next opened", RuntimeWarning, stacklevel=2)
             return False
-        stale = self.pending_dir / _pending_name(run_id)
-        if stale.exists():  # a newer status was written: an older pending one must never overwrite it
-            stale.unlink(missing_ok=True)
+        pending.forget(self.path, run_id)  # a newer status was written: an older pending one must never overwrite it
         return True
 
     def delete_run(self, run_id: str) -> None:
@@ -593,10 +436,7 @@ class ResultsDB:
             run_ids = list(run_ids)
             query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
             params = tuple(run_ids)
-        order = {"runs": "created_at, run_id", "train_log": "run_id, step", "eval_log": "run_id, step, split",
-                 "downstream": "run_id, task, metric, num_fewshot, n_loops", "artifacts": "run_id, kind, path",
-                 "probes": "run_id, probe, step, split, x, metric"}
-        frame = pd.read_sql_query(f"{query} ORDER BY {order[table]}", self.conn, params=params)
+        frame = pd.read_sql_query(f"{query} ORDER BY {ORDER[table]}", self.conn, params=params)
         if table == "runs" and self._version < 2:  # a read-only reader of an older file: fill, don't migrate
             fields = [variant_of(r) for r in frame.to_dict("records")]
             for k in VARIANT_FIELDS:

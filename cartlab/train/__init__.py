@@ -1,4 +1,6 @@
-"""Training: configs and presets, device selection, checkpoints, the training loop.
+"""Training: configs and presets (`config`), device selection (`device`), checkpoints, the training
+loop (`loop`) and what it leans on: what a run records (`recorder`), validation (`evaluation`),
+the checks before a run (`preflight`), torchrun (`distributed`, `parallel`) and signals.
 
     from cartlab.train import TrainConfig, train
     run_id = train(TrainConfig.from_preset("smoke", overrides=["model.n_loops=2"]))

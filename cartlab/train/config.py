@@ -3,10 +3,11 @@
     cfg = TrainConfig.from_preset("smoke", overrides=["model.n_loops=2", "optim.lr=1e-3"])
     cfg = TrainConfig.from_yaml("my_run.yaml", overrides=["seed=2"])
 
-The run's identity is every field except the operational ones (`OPERATIONAL`: where results go,
-the device, logging cadence, ...). Its name lists the identity fields that differ from the
-preset it came from, so runs of one sweep read apart at a glance, and it ends in a hash of the
-full identity so two different runs never share a name.
+The run's identity is every field except the operational ones, declared `field(...,
+identity=False)` (where results go, the device, logging cadence, ...). Its name lists the sweep
+knobs, declared `field(..., in_name=k)`, that differ from the preset it came from, so runs of one
+sweep read apart at a glance, and it ends in a hash of the full identity so two different runs
+never share a name.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cartlab.config import Config, ConfigError, field, load_yaml
-from cartlab.model import CARTConfig, LMConfig, matched_dense
+from cartlab.config import Config, ConfigError, field, load_yaml, marked_fields
+from cartlab.model import CARTConfig, LMConfig, family_of, matched_dense
 from cartlab.model.config import format_overrides, model_overrides
+from cartlab.results.variants import register_variant_rebuilder
 from cartlab.train.device import DEVICES, OPTIMIZERS, PRECISIONS
 from cartlab.train.parallel import PARALLEL, fsdp_available
 from cartlab.trackers import INSTALL, TRACKERS, missing_module
@@ -28,7 +30,7 @@ from cartlab.trackers import INSTALL, TRACKERS, missing_module
 
 @dataclass
 class DataConfig(Config):
-    recipe: str = "embedded"
+    recipe: str = field("embedded", in_name=6)
     """Data recipe (data/recipes/NAME.yaml); its build lives in <data root>/built/NAME."""
     dir: str | None = None
     """An explicit build folder (train.bin, val_*.bin, meta.json) instead of the recipe's."""
@@ -46,7 +48,7 @@ class DataConfig(Config):
 class OptimConfig(Config):
     name: str = field("auto", choices=OPTIMIZERS)
     """'auto' (AdamW8bit on CUDA with bitsandbytes, torch AdamW otherwise), 'adamw', 'adamw8bit'."""
-    lr: float = field(6e-4, gt=0)
+    lr: float = field(6e-4, gt=0, in_name=1)
     """Peak learning rate. The paper's value was lost in extraction; 6e-4 is GPT-3 small's
     (125M), the size of the paper's largest model, and trains every width here stably."""
     min_lr_ratio: float = field(0.1, ge=0, le=1)
@@ -70,13 +72,13 @@ class TrainConfig(Config):
     """Train the Dense baseline matched to `model` (a CART) on 'stored', 'effective' or 'flops'."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    steps: int = field(1000, ge=1)
+    steps: int = field(1000, ge=1, in_name=2)
     """Optimizer steps."""
-    batch_size: int = field(8, ge=1)
+    batch_size: int = field(8, ge=1, in_name=4)
     """Sequences per micro-batch per process."""
-    grad_accum: int = field(1, ge=1)
+    grad_accum: int = field(1, ge=1, in_name=5)
     """Micro-batches per optimizer step."""
-    seq_len: int = field(512, ge=1)
+    seq_len: int = field(512, ge=1, in_name=3)
     """Tokens per training window."""
     seed: int = field(1, ge=0)
     """Seeds the model init and the data order."""
@@ -86,35 +88,35 @@ class TrainConfig(Config):
     eval_batches: int = field(50, ge=1)
     """Validation: this many batches of `eval_batch_size` from the start of every val bin (section 11)."""
     eval_batch_size: int = field(1, ge=1)
-    # -- operational: not part of the run's identity --------------------------------------------------
-    name: str | None = None
+    # -- operational (identity=False): not part of the run's identity ----------------------------------
+    name: str | None = field(None, identity=False)
     """Run name; default derived from the non-default fields."""
-    preset: str | None = None
+    preset: str | None = field(None, identity=False)
     """The preset this config started from (names are derived relative to it)."""
-    results_db: str = "runs/results.db"
-    out_dir: str = "runs"
+    results_db: str = field("runs/results.db", identity=False)
+    out_dir: str = field("runs", identity=False)
     """Checkpoints go to <out_dir>/<run name>/checkpoints."""
-    device: str = field("auto", choices=DEVICES)
-    precision: str = field("auto", choices=PRECISIONS)
-    compile: bool = False
-    parallel: str = field("ddp", choices=PARALLEL, elide_default=True)
+    device: str = field("auto", choices=DEVICES, identity=False)
+    precision: str = field("auto", choices=PRECISIONS, identity=False)
+    compile: bool = field(False, identity=False)
+    parallel: str = field("ddp", choices=PARALLEL, elide_default=True, identity=False)
     """Under torchrun: 'ddp', a full replica per rank, or 'fsdp', parameters, gradients and
     optimizer state sharded over the ranks with FSDP2 (`cartlab.train.parallel`)."""
-    log_every: int = field(10, ge=1)
-    checkpoint_every: int = field(500, ge=1)
-    keep_checkpoints: int = field(2, ge=1)
-    quiet: bool = False
+    log_every: int = field(10, ge=1, identity=False)
+    checkpoint_every: int = field(500, ge=1, identity=False)
+    keep_checkpoints: int = field(2, ge=1, identity=False)
+    quiet: bool = field(False, identity=False)
     measures: list[str] | None = field(None, none="null for every measure that applies to the model",
-                                       elide_default=True)
+                                       elide_default=True, identity=False)
     """Measurements stored in the `probes` table (`cartlab.measures`): e.g. depth_profile,
     lrt_gap, logit_lens, loop_contraction; null: every one that applies to the model; []: none."""
-    tracker: str = field("none", choices=tuple(TRACKERS), elide_default=True)
+    tracker: str = field("none", choices=tuple(TRACKERS), elide_default=True, identity=False)
     """Mirror the run live into an experiment tracker (`cartlab.trackers`): mlflow, wandb or
     trackio (`pip install cartlab[trackers]`); the results database stays the source of truth."""
-    tracking_uri: str | None = field(None, elide_default=True, none="null for the tracker's default: MLflow "
+    tracking_uri: str | None = field(None, elide_default=True, identity=False, none="null for the tracker's default: MLflow "
                                      "sqlite:///<results_db folder>/mlflow.db, W&B its own")
     """Where the tracker writes: an MLflow tracking URI, or the W&B / trackio server's URL."""
-    tracker_project: str | None = field(None, none="null for 'cartlab'", elide_default=True)
+    tracker_project: str | None = field(None, none="null for 'cartlab'", elide_default=True, identity=False)
     """The MLflow experiment, or W&B / trackio project, the run goes to (e.g. its study's name)."""
 
     # ------------------------------------------------------------------------------------------------
@@ -157,10 +159,15 @@ class TrainConfig(Config):
 
     # -- identity -------------------------------------------------------------------------------------
     def identity(self) -> dict:
-        """Every field that changes what is trained (not where it is written or how it is shown)."""
+        """Every field that changes what is trained (not where it is written or how it is shown):
+        `to_dict` without the fields declared `identity=False`, with the model trained."""
         d = self.to_dict()
-        for key in OPERATIONAL:
-            d.pop(key, None)  # fields added later are absent at their default
+        for path in OPERATIONAL:
+            *sections, key = path.split(".")
+            node = d
+            for part in sections:
+                node = node.get(part, {})
+            node.pop(key, None)  # fields added later are absent at their default
         d["model"] = self.model_config().to_dict()
         return d
 
@@ -181,10 +188,7 @@ class TrainConfig(Config):
         says on what)."""
         m = self.model_config()
         overrides = format_overrides(model_overrides(m))
-        if m.kind == "cart":
-            label = f"cart d={m.d_model} P={m.prelude_layers} R={m.n_loops}"
-        else:
-            label = f"dense d={m.d_model} L={m.n_layers}" + (f" ({self.dense_match}-matched)" if self.dense_match else "")
+        label = family_of(m).label(m) + (f" ({self.dense_match}-matched)" if self.dense_match else "")
         if getattr(m, "hooks", ()):
             label += f" [{','.join(sorted(m.hooks))}]"
         if overrides:
@@ -194,15 +198,12 @@ class TrainConfig(Config):
     def run_name(self) -> str:
         """`cart-d256-P6-R6-no_lti-s1-lr0.001-3f2a9c1e`: the architecture's key fields, hooks, seed,
         the usual sweep knobs that differ from the preset, and a hash of the full identity (so
-        runs that differ in any other field never share a name)."""
+        runs that differ in any other field never share a name). The knobs are the fields
+        declared `in_name`, in that order."""
         if self.name:
             return self.name
         m = self.model_config()
-        if m.kind == "cart":
-            parts = [f"cart-d{m.d_model}-P{m.prelude_layers}-R{m.n_loops}", *m.hooks]
-        else:
-            parts = [f"dense{m.n_layers}L-d{m.d_model}" + (f"-{self.dense_match}" if self.dense_match else ""),
-                     *m.hooks]
+        parts = [family_of(m).stem(m) + (f"-{self.dense_match}" if self.dense_match else ""), *m.hooks]
         parts.append(f"s{self.seed}")
         base = _flatten(TrainConfig.from_preset(self.preset).to_dict()) if self.preset else {}
         mine = _flatten(self.to_dict())
@@ -239,11 +240,10 @@ def preset_dict(name: str) -> dict:
     return {**copy.deepcopy(PRESETS[name]), "preset": name}
 
 
-OPERATIONAL = ("name", "preset", "results_db", "out_dir", "device", "precision", "compile", "parallel", "log_every",
-               "checkpoint_every", "keep_checkpoints", "quiet", "measures", "tracker", "tracking_uri",
-               "tracker_project")
-
-NAME_KNOBS = ("optim.lr", "steps", "seq_len", "batch_size", "grad_accum", "data.recipe")
+OPERATIONAL = tuple(marked_fields(TrainConfig, "identity"))
+"""Dotted paths of the fields declared `identity=False`: not part of a run's identity."""
+NAME_KNOBS = tuple(path for path, _ in sorted(marked_fields(TrainConfig, "in_name").items(), key=lambda kv: kv[1]))
+"""Dotted paths of the fields declared `in_name`, in their order: the sweep knobs a run name shows."""
 
 
 def _fmt(value: Any) -> str:
@@ -292,3 +292,11 @@ PRESETS: dict[str, dict] = {
                   eval_every=20, eval_batches=4, eval_batch_size=4, log_every=5, checkpoint_every=20,
                   optim={"lr": 3e-3, "warmup_steps": 5, "name": "adamw"}),
 }
+
+
+@register_variant_rebuilder
+def stored_variant_fields(train: dict) -> dict[str, str]:
+    """The variant fields of a run stored without them (a results database of schema 1): its
+    stored training config rebuilt and asked, as a run trained today records them. Registered
+    with the storage layer (`cartlab.results.variants`), which imports nothing from training."""
+    return TrainConfig.from_dict(train).variant_fields()

@@ -18,20 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cartlab.hardware import PEAK_FLOPS, peak_flops  # noqa: F401 - the one table; read here by `select`
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
-
-# Dense bf16 peak FLOP/s of known devices, for MFU (vendor datasheets, without sparsity).
-PEAK_FLOPS = {
-    "NVIDIA GeForce RTX 3050": 35.0e12,
-    "NVIDIA GeForce RTX 3090": 71.0e12,  # the paper's Stage-2 GPU (section 4.6)
-    "NVIDIA GeForce RTX 4090": 165.2e12,
-    "NVIDIA A10G": 125.0e12,
-    "NVIDIA A100": 312.0e12,
-    "NVIDIA H100": 989.0e12,
-    "NVIDIA L4": 121.0e12,
-}
 
 
 @dataclass(frozen=True)
@@ -75,12 +66,6 @@ class Selection:
 def _check(field: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s of a known device (longest matching table key), else None."""
-    matches = [k for k in PEAK_FLOPS if k.lower() in device_name.lower() or device_name.lower() in k.lower()]
-    return PEAK_FLOPS[max(matches, key=len)] if matches and device_name else None
 
 
 def select(caps: Capabilities, device: str = "auto", precision: str = "auto", optimizer: str = "auto",

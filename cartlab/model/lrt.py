@@ -1,0 +1,182 @@
+"""LRT, the Latent Recurrent Transformer (2026): the Dense model with a recurrent memory, its own
+model family on the Dense backbone.
+
+The previous token's state at the source layer, m_{t-1}, is read by the current token at the
+injection layers (the mechanics: `cartlab.model.memory`). Two hooks switch its injection paths
+on, `lrt_kv` and `lrt_residual`; both together is the paper's default.
+
+Stored exactly as before LRT was a family: an `LRTConfig` serializes to kind 'dense' with its LRT
+hooks and its `memory_*` fields (each left out while at its default), so run ids, variant keys
+and the runs table's `model` column do not change; `LMConfig.from_dict` reads such a dict back as
+an `LRTConfig` because it names LRT hooks (`cartlab.model.family.config_for`).
+
+    from cartlab.model import LRTConfig, build_model
+    model = build_model(LRTConfig(d_model=512, n_layers=12, hooks=("lrt_kv", "lrt_residual")))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from cartlab.config import ConfigError, field
+from cartlab.model.config import DenseConfig
+from cartlab.model.dense import Dense, dense_label, dense_stem
+from cartlab.model.family import ModelSpec, register_family
+from cartlab.model.hooks import hooks_in, register_hook
+from cartlab.model.layers import KVCache, cache_site
+from cartlab.model.memory import LatentMemory, Recall, SlotBlock
+
+
+# -- the hooks: which injection paths the memory uses ---------------------------------------------------------
+@register_hook("lrt_kv", section="LRT (2026): KVProjection", family="lrt", group="memory")
+def lrt_kv(cfg):
+    """LRT memory as an extra private key/value entry per token at the injection layers."""
+    return {"memory_kv": True}
+
+
+@register_hook("lrt_residual", section="LRT (2026): ResidualInjection", family="lrt", group="memory")
+def lrt_residual(cfg):
+    """LRT memory projected and added to the residual stream at the injection layers."""
+    return {"memory_residual": True}
+
+
+LRT_HOOKS = hooks_in("memory")
+"""LRT's hooks, in registration order: ('lrt_kv', 'lrt_residual')."""
+
+
+@dataclass
+class LRTConfig(DenseConfig):
+    """LRT on a Dense backbone of n_layers layers: at least one of the hooks `lrt_kv`,
+    `lrt_residual`. Every `memory_*` field below is left out of `to_dict` at its default."""
+
+    memory_kv: bool = field(False, elide_default=True)
+    """LRT KVProjection (set by `lrt_kv`): at each injection layer token t attends to one extra
+    key/value entry projected from m_{t-1}, private to t."""
+    memory_residual: bool = field(False, elide_default=True)
+    """LRT ResidualInjection (set by `lrt_residual`): a projection of m_{t-1} is added to token t's
+    residual stream at the input of each injection layer."""
+    memory_source: int | None = field(None, ge=0, elide_default=True,
+                                      none="null for the second-to-last layer, n_layers - 2")
+    """Layer whose output at position t-1 is the memory m_{t-1} (0-based). The default is the
+    second-to-last layer (layer 0 for a 1-layer model): the LRT summary reports that higher-level
+    source layers give stronger recurrent memory than the final layer, whose state is shaped for
+    the next-token head."""
+    memory_layers: tuple[int, ...] | None = field(None, elide_default=True,
+                                                  none="null for every layer from 0 to memory_source")
+    """Injection layers (0-based, distinct, stored sorted). Any layer is causal, since m_{t-1}
+    comes from the previous token; layers at or below the source feed the recurrence (m_t then
+    depends on m_{t-1}), layers above it only read the previous token's state. The default, every
+    layer up to and including the source, makes the whole path to the source recurrent."""
+    memory_shared: bool = field(True, elide_default=True)
+    """True: one memory projection (d*d weights, plus a norm) shared by every injection layer and
+    both injection paths, the low-parameter default (+0.46% parameters at d=512, 12 layers).
+    False: one projection per injection layer."""
+    memory_subsets: int = field(4, ge=1, elide_default=True)
+    """S, the number of disjoint interleaved position subsets {t : t % S == k} refined in turn by
+    the interleaved parallel training forward (`cartlab.model.memory`). The training forward costs
+    about 2 plain forwards whatever S; S >= sequence length is the exact recurrence. The LRT
+    summary gives no value; 4 is our choice."""
+
+    family: ClassVar[str] = "lrt"
+
+    def validate(self) -> None:
+        super().validate()
+        layers = f"a layer index in 0..{self.n_layers - 1} (n_layers={self.n_layers})"
+        if not self.has_memory:
+            raise ConfigError.value("hooks", list(self.hooks), (
+                f"an LRTConfig needs {' and/or '.join(LRT_HOOKS)}; a Dense model without memory is a DenseConfig"))
+        if self.memory_source is not None and self.memory_source >= self.n_layers:
+            raise self.reject("memory_source", f"it must be {layers}")
+        if self.memory_layers is not None:
+            given = list(self.memory_layers)
+            if not given:
+                raise ConfigError.value("memory_layers", given, (
+                    f"name at least one injection layer, each {layers}, or null for every layer from 0 to "
+                    f"memory_source"))
+            bad = [i for i in given if not 0 <= i < self.n_layers]
+            if bad:
+                raise ConfigError.value("memory_layers", given, f"{bad} out of range; each entry must be {layers}")
+            if len(set(given)) != len(given):
+                raise ConfigError.value("memory_layers", given, "names a layer twice; each layer may appear once")
+            self.memory_layers = tuple(sorted(given))
+
+    @property
+    def has_memory(self) -> bool:
+        """True for LRT: at least one memory injection path is on."""
+        return self.memory_kv or self.memory_residual
+
+    @property
+    def memory_source_layer(self) -> int:
+        """The resolved `memory_source`."""
+        return self.memory_source if self.memory_source is not None else max(0, self.n_layers - 2)
+
+    @property
+    def memory_injection_layers(self) -> tuple[int, ...]:
+        """The resolved `memory_layers`."""
+        if self.memory_layers is not None:
+            return self.memory_layers
+        return tuple(range(self.memory_source_layer + 1))
+
+    @classmethod
+    def tiny(cls, **kw) -> "LRTConfig":
+        return super().tiny(**{"hooks": LRT_HOOKS, **kw})
+
+
+class LRT(Dense):
+    """The Dense layers with LRT's memory (`cartlab.model.memory.LatentMemory`), made after the
+    backbone's `init_weights()` so one seed gives an LRT model and its Dense backbone the same
+    weights. The memory decides in which order positions go through the layers (`schedule`) and
+    what each injection layer adds (`inject`)."""
+
+    block = SlotBlock
+
+    def __init__(self, cfg: LRTConfig):
+        super().__init__(cfg)
+        self.memory = LatentMemory(cfg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                subsets: int | None = None):
+        """idx (B, T) -> logits (B, T, V), loss. `cache` continues a sequence (the exact recurrence);
+        `subsets` runs the interleaved schedule with S = subsets (the training forward uses
+        `memory_subsets`)."""
+        x = self.wte(idx)  # (B, T, d)
+        x = self.memory.schedule(self, x, cache, subsets)  # (B, T, d)
+        return self.head(x, targets, cache)
+
+    def run(self, x: torch.Tensor, cache: KVCache | None = None, recall: Recall | None = None):
+        """One pass of the layers over the new positions of x (B, T, d), continuing `cache`."""
+        start = 0 if cache is None else cache.pos
+        out = self.stack(x, self.rope(start, x.size(1), x.device), cache, recall)
+        if cache is not None:
+            cache.pos += x.size(1)
+        return out
+
+    def stack(self, x: torch.Tensor, rope, cache: KVCache | None = None, recall: Recall | None = None):
+        """The layers on x (B, T, d) at the positions `rope` rotates to; `recall` is the memory
+        the positions read (None: none). Returns the output and the memory source layer's output,
+        (B, T, d) each."""
+        source = None
+        for i, layer in enumerate(self.layers):
+            x, slot = self.memory.inject(i, x, recall)
+            x = layer(x, rope, cache_site(cache, f"layer.{i}"), slot)
+            if i == self.memory.source:
+                source = x
+        return x, source
+
+    def diagnostics(self) -> dict:
+        return self.memory.diagnostics()
+
+    def applications(self) -> list[tuple[str, nn.Module, int]]:
+        return [("embedding", self.wte, 1), ("layers", self.layers, 1), *self.memory.applications(self.layers),
+                ("norm", self.norm, 1)]
+
+    def train_applications(self) -> list[tuple[str, nn.Module, int]]:
+        """One training forward: the interleaved schedule adds a memory-free pass of the layers."""
+        return self.applications() + self.memory.init_pass(self.layers)
+
+
+register_family(ModelSpec(name="lrt", display="LRT", config=LRTConfig, model=LRT, stem=dense_stem,
+                          label=dense_label, memory=True))
