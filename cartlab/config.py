@@ -40,6 +40,11 @@ import yaml
 __all__ = ["Config", "ConfigError", "field", "load_yaml", "marked_fields", "parse_override", "show"]
 
 
+SELECTING = ("kind", "hooks")
+"""Override keys that choose a section's class (a model family: `kind`, and `hooks` for LRT, stored
+as kind "dense"); `from_dict` applies them first, so override order does not matter."""
+
+
 class ConfigError(ValueError):
     """A value that a config cannot take. `path` is the dotted field path ('' for the whole
     config); the message is one line: `<path>=<value> is not allowed: <what is allowed>`."""
@@ -187,7 +192,7 @@ class Config:
         if not isinstance(d, Mapping):
             raise ConfigError(f"a {cls.__name__} must be a mapping of field: value, got {_kind(d)}")
         d = copy.deepcopy(dict(d))
-        for item in overrides:
+        for item in sorted(overrides, key=lambda it: parse_override(it)[0][-1] not in SELECTING):
             cls.apply_override(d, item)
         target = cls.concrete(d)
         if target.tag:

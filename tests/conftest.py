@@ -212,3 +212,13 @@ def tiny_study(tmp_path_factory, tiny_data):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     return {"study": study, "db": db, "reports": reports, "after_kill": after_kill, "executed": executed,
             "rerun_log": rerun.stdout + rerun.stderr}
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tiny_study) -> Path:
+    """The tiny study's report, rendered once per session into its reports folder: the path of its
+    index.html. tests/test_notebooks.py checks what it holds; tests/test_report_browser.py opens
+    its pages (read it, never render into that folder again)."""
+    from cartlab.report import render
+
+    return render(str(tiny_study["study"]), tiny_study["db"], tiny_study["reports"], log=lambda s: None)

@@ -70,8 +70,8 @@ def test_it_opens_and_every_stored_config_and_checkpoint_loads(legacy):
 
 @pytest.mark.slow
 def test_it_resumes_and_reports_with_run_ids_unchanged(legacy, smoke_run):
-    """The interrupted run resumes from the checkpoint it stopped with to completion under its old id; the
-    completed study then reports (the embedded corpus is the smoke run's build)."""
+    """The interrupted run resumes from the checkpoint it stopped with to completion under its old id;
+    the completed study then reports (the embedded corpus is the smoke run's build)."""
     db, run_id = legacy / "results.db", EXPECTED["interrupted"]
     before = sqlite3.connect(db).execute("SELECT step, loss FROM train_log WHERE run_id = ? AND step <= 4 "
                                          "ORDER BY step", (run_id,)).fetchall()
@@ -88,9 +88,20 @@ def test_it_resumes_and_reports_with_run_ids_unchanged(legacy, smoke_run):
     assert con.execute("SELECT count(*) FROM train_log WHERE run_id = ?", (run_id,)).fetchone()[0] == 4
     con.close()
 
-    reports = legacy / "reports"
-    proc = run_offline_cli("report", str(legacy / "legacy.yaml"), "--db", str(db), "--reports-dir", str(reports),
-                           data_root=smoke_run.data_root)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = (reports / "legacy" / "summary.md").read_text()
-    assert "What this study shows" in summary
+    # what `cartlab report` computes before it executes the notebooks (their rendering is
+    # tests/test_notebooks.py's): completeness, the results frames, the findings and their block
+    from cartlab.analysis.findings import shows_markdown
+    from cartlab.analysis.study import study_findings
+    from cartlab.report import completeness, load_results, run_overview, store_findings
+
+    study = str(legacy / "legacy.yaml")
+    state = completeness(study, db)
+    assert state.complete, state.line()
+    res = load_results(study, db)
+    assert set(res.runs.run_id) == set(EXPECTED["runs"]) and len(run_overview(study, res)) == len(EXPECTED["runs"])
+    found = study_findings(res)
+    assert "What this study shows" in shows_markdown(found, completeness=state.line())
+    store_findings("legacy", db, found, log=lambda s: None)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM findings WHERE study = 'legacy'").fetchone()[0] == len(found)
+    con.close()

@@ -326,3 +326,14 @@ def test_accounting_counts_the_memory_and_the_interleaved_training_pass():
             assert 2.0 < ratio < 2.5
             kv = inj * 2 * d * d if "lrt_kv" in hooks else 0  # K/V projections applied twice per token
             assert acc.effective_params == acc.stored_params + kv
+
+
+def test_overrides_pick_the_lrt_family_whatever_their_order():
+    """`memory_subsets` is an LRT field: named before the hook that makes the model LRT, it still
+    lands on the LRT config (the family-selecting keys are applied first)."""
+    base = {"kind": "dense", "vocab_size": 64, "d_model": 32, "n_heads": 4, "n_layers": 3, "ffn_multiple_of": 16}
+    one = LMConfig.from_dict(base, ["memory_subsets=8", "hooks=lrt_kv"])
+    other = LMConfig.from_dict(base, ["hooks=lrt_kv", "memory_subsets=8"])
+    assert type(one) is LRTConfig and one == other and one.memory_subsets == 8
+    with pytest.raises(ConfigError, match="memory_subsets is not a field"):
+        LMConfig.from_dict(base, ["memory_subsets=8"])  # plain Dense has no memory

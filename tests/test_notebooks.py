@@ -151,8 +151,8 @@ def test_train_variant_notebook_shows_the_runs_figures(tiny_study):
     assert len(images) == 2  # loss curve and spectral radius
 
 
-def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_study):
-    index = render(str(tiny_study["study"]), tiny_study["db"], tiny_study["reports"], log=lambda s: None)
+def test_report_renders_the_study_with_loss_radius_gap_and_decomposition(tiny_study, tiny_report):
+    index = tiny_report
     out = index.parent
     assert index == tiny_study["reports"] / "tiny" / "index.html"
     figures = {p.name for p in (out / "figures").glob("*.png")}

@@ -19,8 +19,9 @@ def tracked_files(repo):
 
 
 def test_the_pattern_finds_machine_paths():
-    assert MACHINE_PATH.search("Run: cd /work/main && pytest")
-    assert MACHINE_PATH.search('"input_path": "/home/ana/cartlab/notebooks/x.ipynb"')
+    home, checkout = "/" + "home/ana", "/" + "work/main"  # split, so this file does not name them itself
+    assert MACHINE_PATH.search(f"Run: cd {checkout} && pytest")
+    assert MACHINE_PATH.search(f'"input_path": "{home}/cartlab/notebooks/x.ipynb"')
     assert not MACHINE_PATH.search("pytest tests/test_x.py  # writes runs/work/ and data/home/")
 
 

@@ -8,7 +8,7 @@ as a float, and every figure has a title and labelled axes.
     python -m pytest -q tests/test_report_browser.py
 
 Slow: it trains the tiny study (once per session, shared with test_notebooks.py) and renders its
-report. Skipped, saying so, on a machine without chromium; in CI (CI set) a missing browser fails.
+report (once per session too). Skipped, saying so, on a machine without chromium; in CI (CI set) a missing browser fails.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from cartlab.report import render
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +73,9 @@ def page_problems(driver, page: Path) -> tuple[list, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def report(tiny_study, tmp_path_factory) -> Path:
-    """The tiny study's report, rendered into a folder of this module's own."""
-    out = tmp_path_factory.mktemp("browser_reports")
-    return render(str(tiny_study["study"]), tiny_study["db"], out, log=lambda s: None)
+def report(tiny_report) -> Path:
+    """The tiny study's report (rendered once per session, conftest)."""
+    return tiny_report
 
 
 def _figure_items(report: Path) -> list[dict]:
