@@ -97,3 +97,36 @@ def test_storage_imports_nothing_above_it_and_never_guesses_a_variant(tmp_path):
     assert proc.stdout.strip() == ("run 'x': its variant must be rebuilt from its stored training config (a database "
                                    "of schema 1), which needs the training layer: import cartlab.train before "
                                    "opening it (`cartlab train`, `ablate` and `report` do)")
+
+
+def test_a_new_database_appears_only_whole(tmp_path, monkeypatch):
+    """While one process gives a new database its schema, another that opens the path sees no file
+    or a whole results database, never an empty SQLite file (four trainers starting at once into
+    one new database used to refuse each other that way)."""
+    target = tmp_path / "results.db"
+    seen = []
+    real = ResultsDB._migrate
+
+    def migrate_while_another_looks(self):
+        seen.append(target.exists())
+        real(self)
+
+    monkeypatch.setattr(ResultsDB, "_migrate", migrate_while_another_looks)
+    ResultsDB(target).close()
+    assert seen[0] is False, "the path existed before the database had its schema"
+    monkeypatch.undo()
+    db = ResultsDB(target, readonly=True)
+    assert db.schema_version == SCHEMA_VERSION
+    db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.db"]
+
+
+def test_trainers_creating_one_database_at_once_all_open_it(tmp_path):
+    """Processes racing to create one database all open it, and leave no private file behind."""
+    script = "import sys; from cartlab.results.db import ResultsDB; ResultsDB(sys.argv[1]).close()"
+    target = tmp_path / "results.db"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(target)], stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == ["results.db"]

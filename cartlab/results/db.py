@@ -28,7 +28,8 @@ published. A status write that fails (a full disk) is kept in `<db>.pending/<run
 applied by the next writable open, so a run is never left `running` for ever. A write that fails
 (a full disk: SQLite's `database or disk is full`, or a disk I/O error) is rolled back and the
 WAL it grew is truncated (`PRAGMA wal_checkpoint(TRUNCATE)`), so a failed write does not keep
-the disk full; a new database whose creation failed that way is removed again.
+the disk full. A new database is made whole in a private file and linked into place, so no
+process sees it half-made, and one whose creation failed leaves nothing.
 
 Readers open read-only (`ResultsDB(path, readonly=True)`, what `cartlab.results.runs` & co. and
 `cartlab report` use): no migration, no file created or changed, so a database on a read-only
@@ -51,7 +52,8 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from cartlab.results import pending
-from cartlab.results.files import SQLITE_HEADER, WRITE_FAILED, disk_full, side_files, write_failed  # noqa: F401
+from cartlab.results.files import (SQLITE_HEADER, WRITE_FAILED, disk_full, link_into_place, side_files,  # noqa: F401
+                                   write_failed)
 from cartlab.results.schema import (FINDING_COLUMNS, MIGRATIONS, ORDER, PROBE_COLUMNS,  # noqa: F401
                                     RUN_COLUMNS, SCHEMA_VERSION, STATUSES, TABLES, TRAIN_COLUMNS, VARIANT_FIELDS)
 from cartlab.results.variants import variant_of
@@ -89,12 +91,13 @@ class ResultsDB:
         self.readonly = readonly
         self.conn = None
         self._check_file()
-        new = not readonly and not self.path.exists()
         try:
             if readonly:
                 self.conn = self._connect_readonly()
                 self._version = self._check_schema()
             else:
+                if not self.path.exists():
+                    self._create()
                 self.conn = self._connect()
                 self._check_schema()  # before anything is written
                 self._set_wal()
@@ -102,9 +105,6 @@ class ResultsDB:
                 self._version = SCHEMA_VERSION
                 self._apply_pending()
         except sqlite3.Error as err:
-            if new and write_failed(err):  # the file this open created holds nothing: it goes
-                self.close()
-                self._discard_if_empty()
             self._fail(self._explain(err))
         except ValueError:
             self.close()
@@ -131,22 +131,24 @@ class ResultsDB:
         return (f"{self.path}: no space left on the disk to {doing} (SQLite says: {err}); free space in "
                 f"{self.path.parent} and run again")
 
-    def _discard_if_empty(self) -> None:
-        """Remove the database file (and its -wal, -shm) when no table was ever committed to it:
-        a creation that failed. A file someone else has meanwhile given a schema stays."""
+    def _create(self) -> None:
+        """Make a new database whole in a private file, then link it into place: no other process
+        ever opens it half-made (readers refuse an empty SQLite file, and trainers starting at once
+        into one new database must not see one). The first link wins; the others open what it made.
+        A creation that fails (a full disk) leaves nothing."""
+        made = ResultsDB.__new__(ResultsDB)
+        made.path, made.timeout, made.readonly, made.conn = \
+            self.path.with_name(f".{self.path.name}.{os.getpid()}.new"), self.timeout, False, None
         try:
-            if self.path.stat().st_size > 4096:  # more than the header page: something was committed
-                return
-            probe = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-            try:
-                if probe.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                    return
-            finally:
-                probe.close()
-        except (OSError, sqlite3.Error):
-            pass
-        for leftover in (self.path, *side_files(self.path)):
-            leftover.unlink(missing_ok=True)
+            made.conn = made._connect()
+            made._set_wal()
+            made._migrate()
+            made.close()  # the last connection checkpoints: the whole database is in the file
+            link_into_place(made.path, self.path)
+        finally:
+            made.close()
+            for leftover in (made.path, *side_files(made.path)):
+                leftover.unlink(missing_ok=True)
 
     def release_wal(self) -> None:
         """After a failed write: copy what is committed into the database and truncate the WAL to

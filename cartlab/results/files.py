@@ -1,7 +1,9 @@
 """SQLite's files and failures as the results database meets them: the header that marks an SQLite
-file, the side files beside a WAL database, and which errors mean the disk refused a write."""
+file, the side files beside a WAL database, which errors mean the disk refused a write, and how
+a new database file appears whole."""
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -25,3 +27,16 @@ def write_failed(err: BaseException) -> bool:
 def side_files(path: Path) -> list[Path]:
     """The WAL and shared-memory files SQLite keeps beside database `path`."""
     return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+
+
+def link_into_place(made: Path, path: Path) -> None:
+    """Put the finished file `made` at `path` unless a file is already there (then the one there
+    stays: whoever came first wins). Atomic by a hard link; a filesystem without hard links
+    falls back to a rename."""
+    try:
+        os.link(made, path)
+    except FileExistsError:
+        pass
+    except OSError:
+        if not path.exists():
+            os.replace(made, path)

@@ -25,8 +25,8 @@ def preflight(cfg: TrainConfig) -> None:
     check_data(meta, cfg)
     if str(cfg.results_db) != ":memory:":
         db = Path(cfg.results_db)
-        # a directory, or a file that is not a results database (an empty file is one that another
-        # run's process is creating right now: SQLite writes its header with the first table)
+        # a directory, or a file that is not a results database (a new one appears only whole,
+        # `ResultsDB._create`; an empty file is one its owner made: the writer gives it a schema)
         if db.is_dir() or (db.exists() and db.stat().st_size > 0):
             ResultsDB(cfg.results_db, readonly=True).close()
         check_writable(Path(cfg.results_db).parent, "results_db", cfg.results_db)
