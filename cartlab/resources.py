@@ -1,14 +1,14 @@
 """Where the files cartlab ships are found: notebooks, study files, the paper's tables, data
-recipes and offline eval tasks. Every module asks here instead of walking up from its own file,
-so the package finds them both in a checkout and when installed from a wheel.
+recipes, offline eval tasks and eval protocols. Every module asks here instead of walking up from
+its own file, so the package finds them both in a checkout and when installed from a wheel.
 
     from cartlab import resources
     resources.notebooks_dir() / "report.ipynb"
 
 The files live in the repository's top-level folders (notebooks/, ablations/, data/paper,
-data/recipes, data/tasks). A wheel carries copies of them as `cartlab/_shipped/<kind>/`
-(setup.py maps the folders into the package; SHIPPED is the table both sides read). The
-checkout wins: run from a clone (editable install or not), cartlab reads and edits the
+data/recipes, data/tasks, data/protocols). A wheel carries copies of them as
+`cartlab/_shipped/<kind>/` (setup.py maps the folders into the package; SHIPPED is the table
+both sides read). The checkout wins: run from a clone (editable install or not), cartlab reads and edits the
 repository's folders; installed without one, it reads the copies inside the package.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ SHIPPED = {
     "paper": "data/paper",
     "recipes": "data/recipes",
     "tasks": "data/tasks",
+    "protocols": "data/protocols",
 }
 """kind -> its folder in the repository; the wheel holds it as cartlab/_shipped/<kind>/."""
 
@@ -75,3 +76,8 @@ def recipes_dir() -> Path:
 def tasks_dir() -> Path:
     """The offline lm-eval tasks (data/tasks/*.yaml and the files they name)."""
     return shipped("tasks")
+
+
+def protocols_dir() -> Path:
+    """The pinned evaluation protocols (data/protocols/*.yaml: `cartlab eval --preset NAME`)."""
+    return shipped("protocols")

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 from conftest import copy_db, need
 import torch
@@ -159,21 +158,6 @@ def test_lm_evals_own_cli_runs_the_cartlab_model(tiny_run, repo):
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"cartlab_mc\s*\|.*\|\s*acc\s*\|", proc.stdout), proc.stdout
-
-
-@pytest.mark.slow
-def test_partial_or_earlier_evaluations_are_printed_but_never_stored(tiny_run, capsys):
-    """The downstream table means the run's final weights on whole tasks: a --limit run and an
-    older checkpoint must not overwrite those rows."""
-    ckpts = sorted((tiny_run["ckpt"] / "checkpoints").glob("step_*"))
-    assert len(ckpts) == 2
-    before = results.downstream(tiny_run["db"])
-    for args, why in (([str(tiny_run["ckpt"]), "--limit", "3"], "--limit 3 evaluates part of each task"),
-                      ([str(ckpts[0])], f"{ckpts[0].name} is not the run's newest checkpoint")):
-        assert main(["eval", *args, "--tasks", "cartlab_mc", "--n-loops", "2", "--db", str(tiny_run["db"])]) == 0
-        out = capsys.readouterr().out
-        assert why in out and "0-shot R=2" in out and "metric rows ->" not in out
-    pd.testing.assert_frame_equal(results.downstream(tiny_run["db"]), before)
 
 
 def test_empty_and_overlong_continuations(tiny_run):

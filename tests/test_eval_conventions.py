@@ -30,12 +30,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "hf_offlin
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_data):
-    """An unshared-core CART checkpoint (3 core blocks, so R <= 3) and an empty results database
-    (the evaluations use --limit, so nothing is stored)."""
+    """An unshared-core CART checkpoint (3 core blocks, so R <= 3) and a results database holding
+    its run (the --limit evaluations are stored there, under a protocol that says so)."""
     root = tmp_path_factory.mktemp("conventions")
     ckpt = write_checkpoint(root / "unshared", {**CART, "hooks": ["unshare_core"]}, tiny_data)
     db = root / "results.db"
-    ResultsDB(db).close()
+    store = ResultsDB(db)
+    store.upsert_run(CartlabLM(checkpoint=str(ckpt)).run_id, status="completed")
+    store.close()
     return {"ckpt": ckpt, "db": db}
 
 

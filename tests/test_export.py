@@ -163,6 +163,40 @@ def test_exported_models_equal_cartlabs_without_cartlab(exported, tmp_path):
             assert got["cached"] and got["uncached"], (name, setting, got)
 
 
+LOAD_WITH_CARTLAB = r"""
+import json, sys
+import torch
+import cartlab
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+report = {}
+for folder in sys.argv[1:]:
+    ref = torch.load(f"{folder}/reference.pt")
+    tok = AutoTokenizer.from_pretrained(folder)  # no trust_remote_code: the config type is cartlab's own
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        diff = (model(torch.tensor([ref["ids"]])).logits - ref["default"]["logits"]).abs().max().item()
+    report[folder] = {"ids": tok("PROMPT")["input_ids"] == ref["ids"], "logits": diff,
+                      "class": type(model).__module__, "tokenizer": type(tok).__name__}
+print(json.dumps(report))
+""".replace("PROMPT", PROMPT)
+
+
+def test_with_cartlab_imported_exports_load_without_remote_code_or_a_prompt(exported, tmp_path):
+    """`import cartlab` registers the model type with transformers' auto classes: the model and
+    its tokenizer load without trust_remote_code, with cartlab's installed code, and nothing asks
+    "Do you wish to run the custom code?" (stdin stays open, as in a headless job: a prompt would
+    wait for it and time out into an error)."""
+    folders = [str(folder) for _, folder in exported.values()]
+    proc = subprocess.Popen([sys.executable, "-c", LOAD_WITH_CARTLAB, *folders], cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "custom code" not in out + err, err[-3000:]
+    for folder, row in json.loads(out.strip().splitlines()[-1]).items():
+        assert row["ids"] and row["logits"] <= 1e-5 and row["class"] == "cartlab.export.hf", (folder, row)
+
+
 def test_every_hook_combination_that_builds_runs_the_same_through_the_exported_code(tmp_path):
     """Every combination of every registered hook (CART and Dense) that the config accepts gives,
     through the generated file's transformers wrapper, cartlab's logits and greedy tokens."""

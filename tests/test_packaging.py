@@ -91,7 +91,8 @@ def test_a_checkout_reads_its_own_folders(repo):
 
     assert resources.checkout() == repo
     found = {"notebooks": resources.notebooks_dir(), "studies": resources.studies_dir(),
-             "paper": resources.paper_dir(), "recipes": resources.recipes_dir(), "tasks": resources.tasks_dir()}
+             "paper": resources.paper_dir(), "recipes": resources.recipes_dir(), "tasks": resources.tasks_dir(),
+                 "protocols": resources.protocols_dir()}
     assert found == {kind: repo / folder for kind, folder in resources.SHIPPED.items()}
     assert all(path.is_dir() for path in found.values())
 

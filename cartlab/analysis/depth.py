@@ -277,6 +277,9 @@ def plot_variable_r_profile(downstream: pd.DataFrame, runs: pd.DataFrame | None 
     df = df[df["run_id"] == run_id]
     if df["n_loops"].nunique() < 2:
         raise ValueError(f"run_id: {run_id!r} has no downstream rows at >= 2 n_loops")
+    if df.duplicated(["task", "metric", "n_loops"]).any():
+        raise ValueError(f"downstream: run {run_id!r} has scores of more than one protocol at one loop count; "
+                         f"draw one sweep at a time (cartlab.eval.protocol.sweeps)")
     panels = sorted(df.groupby(["task", "metric"]).groups)
     fig = Figure(figsize=(3 * len(panels), 3))
     axes = fig.subplots(1, len(panels), squeeze=False)

@@ -186,7 +186,7 @@ def load_published() -> Results:
 def _downstream_rows(rid: str, row: dict, *, num_fewshot: int, n_loops: int) -> list[dict]:
     return [
         dict(run_id=rid, task=task, metric=metric, value=row[col] * scale, stderr=np.nan,
-             num_fewshot=num_fewshot, n_loops=n_loops)
+             num_fewshot=num_fewshot, n_loops=n_loops, protocol="published")  # cartlab.eval.protocol.PUBLISHED
         for col, (task, metric, scale) in _DOWNSTREAM.items()
     ]
 

@@ -3,7 +3,7 @@
 The training engine writes these as SQLite tables with exactly these columns; `published.py`
 builds the same frames from the paper's tables. One row per run in `runs`; one row per
 (run, step) in `train_log`; one row per (run, step, split) in `eval_log`; one row per
-(run, task, metric, few-shot, inference loop count) in `downstream`.
+(run, task, metric, few-shot, inference loop count, protocol) in `downstream`.
 
 runs
     run_id            str    unique key, e.g. "paper/stage2/cart-d1024-P6-R6"
@@ -40,9 +40,11 @@ train_log: run_id, step, loss, grad_norm, lr, rho_max, rho_mean, tokens_per_s, m
     rho_max / rho_mean are the LTI gate's spectral radius and mean |eigenvalue| (section 6).
 eval_log: run_id, step, split, loss, ppl
     split is a validation domain ("tinystories", "wiki", "fineweb" or any name); loss in nats.
-downstream: run_id, task, metric, value, stderr, num_fewshot, n_loops
+downstream: run_id, task, metric, value, stderr, num_fewshot, n_loops, protocol
     lm-eval names (task "lambada_openai", metric "acc" as a fraction in [0, 1] or
-    "perplexity"); n_loops is the loop count used at inference (section 7.4).
+    "perplexity"); n_loops is the loop count used at inference (section 7.4); protocol is the
+    key of how the score was produced (`cartlab.eval.protocol`; "published" for the paper's,
+    "" for a score stored before protocols were): scores of two protocols are never pooled.
 """
 from __future__ import annotations
 

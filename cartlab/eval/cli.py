@@ -5,12 +5,17 @@
         --num-fewshot 0,5 --n-loops 2,4,6,8,10,12,14,16                    # the paper's Table 12 (online)
     cartlab eval runs/RUN --tasks cartlab_mc,cartlab_ppl --n-loops profile   # the depth-profile grid
     cartlab eval pretrained=runs/RUN --tasks cartlab_mc --output-path results --log-samples   # lm-eval's files
+    cartlab eval runs/RUN --preset paper                                   # a pinned protocol (--list-presets)
 
-Every metric and its stderr goes to the downstream table of the results database (one row per
-task, metric, few-shot setting and inference R), which the variable_R notebook reads. That table
-holds the run's final weights on whole tasks: with --limit, or on a checkpoint that is not the
-run's newest, the metrics are printed and not stored. `--n-loops profile` is the grid of the
-validation depth profile (`cartlab.measures.depth.depth_grid`: 1..2R, then 2.5R, 3R, 4R).
+Every metric and its stderr goes to the downstream table of the results database, with the
+protocol that produced it (`cartlab.eval.protocol`: task version and config hash, lm-eval's
+version, few-shot count and seed, chat template and system prompt, batch size, limit, dtype,
+loop count and exit rule, the checkpoint's step): one row per task, metric and protocol, so a
+quick `--limit` look or an earlier checkpoint is kept apart from the final weights on whole
+tasks, and a report gives each protocol its own column. `--preset NAME` takes the tasks, shots,
+loop counts and seeds of a pinned protocol (data/protocols/NAME.yaml: `local`, section 7.5's
+`paper`, section 7.4's `variable-r`); flags given beside it win. `--n-loops profile` is the grid
+of the validation depth profile (`cartlab.measures.depth.depth_grid`: 1..2R, then 2.5R, 3R, 4R).
 
 The habits are lm-eval's: the checkpoint may be given as `pretrained=PATH`, `--output-path` and
 `--log-samples` write lm-eval's results and samples files (in a folder named after PATH), the
@@ -25,16 +30,25 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint); "
-                                      "lm-eval's pretrained=PATH also works")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or local tasks (data/tasks)")
-    p.add_argument("--num-fewshot", "--num_fewshot", default="0", help="comma-separated few-shot counts (default 0)")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint folder, or a run folder (its newest checkpoint); "
+                                                  "lm-eval's pretrained=PATH also works")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names or local tasks (data/tasks)")
+    p.add_argument("--preset", help="a pinned protocol (data/protocols/NAME.yaml): its tasks, few-shot counts, loop "
+                                    "counts, seed and batch size; flags given beside it win")
+    p.add_argument("--list-presets", action="store_true", help="list the protocol presets and exit")
+    p.add_argument("--num-fewshot", "--num_fewshot", default=None, help="comma-separated few-shot counts (default 0)")
     p.add_argument("--n-loops", default=None,
                    help="comma-separated inference loop counts for CART, or 'profile' for the depth-profile "
                         "grid 1..2R, 2.5R, 3R, 4R (default: the trained R)")
+    p.add_argument("--fewshot-seed", "--fewshot_random_seed", default=None,
+                   help="lm-eval's fewshot_random_seed (default 1234)")
+    p.add_argument("--system-prompt", "--system_instruction", default=None,
+                   help="lm-eval's system_instruction, prepended to every prompt (default: none)")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
-    p.add_argument("--limit", help="evaluate only the first N documents of each task (printed, not stored)")
-    p.add_argument("--batch-size", "--batch_size", default=8)
+    p.add_argument("--limit", help="evaluate only the first N documents of each task (stored under a protocol "
+                                   "that says so)")
+    p.add_argument("--batch-size", "--batch_size", default=None, help="(default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no lm-eval log below errors")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available, as training picks), cpu or cuda")
     p.add_argument("--output-path", "--output_path", "-o", default=None,
                    help="write lm-eval's results_<time>.json under OUTPUT_PATH/<checkpoint path>/ for each setting")
@@ -48,18 +62,39 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from cartlab.checkpoint import trusting
     from cartlab.eval.config import EvalConfig
+    from cartlab.eval.protocol import load_preset, presets
     from cartlab.eval.run import evaluate, format_table
 
+    if args.list_presets:
+        for name, spec in presets().items():
+            print(f"{name}: {', '.join(spec['tasks'])}; shots {spec.get('num_fewshot', [0])}; "
+                  f"R {spec.get('n_loops') or 'trained'}\n    {spec.get('description', '')}")
+        return 0
+    if args.checkpoint is None:
+        raise ValueError("checkpoint: give a checkpoint or run folder (or --list-presets)")
+    preset = load_preset(args.preset) if args.preset else {}
+
+    def joined(key):
+        value = preset.get(key)
+        return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
     args.checkpoint = checkpoint_arg(args.checkpoint)
-    given = {"checkpoint": args.checkpoint, "tasks": args.tasks, "num_fewshot": args.num_fewshot,
-             "n_loops": expand_loops(args.n_loops, args.checkpoint), "db": args.db, "limit": args.limit,
-             "batch_size": args.batch_size, "device": args.device}
-    cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": []},
+    tasks = args.tasks or joined("tasks")
+    if not tasks:
+        raise ValueError("--tasks: name at least one task, or give --preset (cartlab eval --list-presets)")
+    given = {"checkpoint": args.checkpoint, "tasks": tasks, "num_fewshot": args.num_fewshot or joined("num_fewshot"),
+             "n_loops": expand_loops(args.n_loops or joined("n_loops"), args.checkpoint), "db": args.db,
+             "limit": args.limit, "batch_size": args.batch_size or preset.get("batch_size"), "device": args.device,
+             "fewshot_seed": args.fewshot_seed or preset.get("fewshot_seed")}
+    cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": [],
+                                "system_prompt": args.system_prompt or preset.get("system_prompt")},
                                [f"{k}={v}" for k, v in given.items() if v is not None])
     with trusting(args.trust_checkpoint):
         rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
                         db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
-                        output_path=args.output_path, log_samples=args.log_samples)
+                        output_path=args.output_path, log_samples=args.log_samples, fewshot_seed=cfg.fewshot_seed,
+                        system_prompt=cfg.system_prompt, quiet=args.quiet,
+                        log=(lambda s: None) if args.quiet else print)
     print(format_table(rows))
     if rows.attrs["stored"]:
         print(f"cartlab: {len(rows)} metric rows -> {args.db}")

@@ -21,8 +21,12 @@ class EvalConfig(Config):
     db: str = "runs/results.db"
     """Results database of the run."""
     limit: int | None = field(None, ge=1, none="null for whole tasks")
-    """Evaluate only the first N documents of each task (printed, not stored)."""
+    """Evaluate only the first N documents of each task (stored under a protocol that says so)."""
     batch_size: int = field(8, ge=1)
+    fewshot_seed: int = field(1234, ge=0)
+    """lm-eval's fewshot_random_seed: which examples a k-shot prompt draws (stored with the score)."""
+    system_prompt: str | None = field(None, none="null for none")
+    """lm-eval's system_instruction, prepended to every prompt (stored with the score)."""
     device: str = field("auto", choices=DEVICES)
     """'auto' picks what the hardware supports, as training does."""
 

@@ -79,7 +79,7 @@ class CartlabLM(TemplateLM):
     def __init__(self, checkpoint: str | None = None, n_loops: int | None = None, batch_size: int | str = 1,
                  device: str | None = "auto", max_length: int | None = None, max_gen_toks: int = 128, *,
                  pretrained: str | None = None, model=None, tokenizer=None, max_batch_size: int | None = None,
-                 **unknown):
+                 quiet: bool = False, **unknown):
         super().__init__()
         if unknown:  # a typo in --model_args must not be silently ignored (max_batch_size: lm-eval always passes it)
             raise ValueError(f"model_args: unknown argument(s) {sorted(unknown)} for the cartlab model; "
@@ -91,7 +91,7 @@ class CartlabLM(TemplateLM):
             raise ValueError("cartlab model: give either checkpoint=PATH or an already built model and tokenizer")
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size: 'auto' is not supported by the cartlab model; give an integer >= 1")
-        self.batch_size = int(batch_size)
+        self.batch_size, self.quiet = int(batch_size), bool(quiet)  # quiet: no progress bars
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self._device = torch.device(resolve_device(device))
@@ -147,6 +147,9 @@ class CartlabLM(TemplateLM):
             idx[i, : len(s)] = torch.tensor(s)
         return self.model(idx.to(self._device), **self.forward_kw)[0]
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)  # its tokenizing bar
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether it is the greedy continuation. The
         model reads the last max_length + 1 tokens of context + continuation, minus the final
@@ -160,7 +163,7 @@ class CartlabLM(TemplateLM):
                 raise ValueError(f"continuation: {len(requests[i][2])} tokens, longer than max_length="
                                  f"{self.max_length}; pass a larger max_length in --model_args")
         order = [i for i in order if results[i] is None]
-        bar = tqdm(total=len(requests), initial=len(requests) - len(order), disable=disable_tqdm,
+        bar = tqdm(total=len(requests), initial=len(requests) - len(order), disable=disable_tqdm or self.quiet,
                    desc="Running loglikelihood requests")
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
@@ -182,7 +185,7 @@ class CartlabLM(TemplateLM):
         windows of max_length predicted tokens: each token is predicted once, from a window of at
         most max_length input tokens (the first window starts with the end-of-text prefix)."""
         out = []
-        for (string,) in tqdm([req.args for req in requests], disable=disable_tqdm,
+        for (string,) in tqdm([req.args for req in requests], disable=disable_tqdm or self.quiet,
                               desc="Running loglikelihood_rolling requests"):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
@@ -199,7 +202,7 @@ class CartlabLM(TemplateLM):
         and at least half of max_length: CART and Dense have no position limit, so a long answer
         may run past the trained length rather than lose its prompt."""
         out = []
-        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm,
+        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm or self.quiet,
                                         desc="Running generate_until requests"):
             until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)

@@ -2,6 +2,8 @@
 counts, store every metric in the results database, and format the paper's Table 12 layout."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from pathlib import Path
@@ -47,14 +49,15 @@ def local_tasks() -> dict[str, dict]:
 
 def resolve_tasks(names: list[str]) -> list:
     """Local task names become their configs; other names must be tasks lm-eval knows (hub
-    tasks such as hellaswag are used unchanged and need the internet or a cached dataset). A hub
-    task whose dataset is not cached is refused at once when the hub cannot be reached
-    (`hub_unreachable`), instead of after lm-eval's and datasets' retries."""
+    tasks such as hellaswag are used unchanged and need the internet or a cached dataset). Hub
+    tasks whose datasets are not cached are refused at once when the hub cannot be reached
+    (`hub_unreachable`), all of them named in one line, instead of after lm-eval's and datasets'
+    retries."""
     from lm_eval.tasks import TaskManager
 
     local = local_tasks()
     manager = None
-    out = []
+    out, missing = [], {}
     for name in names:
         if name in local:
             out.append(local[name])
@@ -64,15 +67,21 @@ def resolve_tasks(names: list[str]) -> list:
         if name not in set(manager.all_tasks):
             raise ValueError(f"--tasks: unknown task {name!r}; local tasks: {sorted(local)}, "
                              f"or any lm-eval task (lm-eval ls tasks)")
-        missing = [d for d in hub_datasets(manager, name) if not hub_dataset_cached(d)]
-        why = hub_unreachable() if missing else None
-        if why:
-            raise ValueError(
-                f"--tasks: task {name!r} reads the Hugging Face hub dataset {missing[0]!r}, which is not cached, and "
-                f"{why}; use a local task ({', '.join(sorted(local))} in {TASKS_DIR}), or point a task at local files: "
-                f"a YAML in {TASKS_DIR} with dataset_path: json and dataset_kwargs.data_files naming the files (as "
-                f"cartlab_mc.yaml does), or run once online to cache {missing[0]!r}")
+        uncached = [d for d in hub_datasets(manager, name) if not hub_dataset_cached(d)]
+        if uncached:
+            missing[name] = uncached[0]
         out.append(name)
+    why = hub_unreachable() if missing else None
+    if why:
+        task, data = next(iter(missing.items()))
+        what = (f"task {task!r} reads the Hugging Face hub dataset {data!r}, which is not cached," if len(missing) == 1
+                else f"tasks {', '.join(f'{t!r} ({d})' for t, d in missing.items())} read Hugging Face hub datasets "
+                     f"that are not cached,")
+        raise ValueError(
+            f"--tasks: {what} and {why}; use a local task ({', '.join(sorted(local))} "
+            f"in {TASKS_DIR}), or point a task at local files: a YAML in {TASKS_DIR} with dataset_path: json and "
+            f"dataset_kwargs.data_files naming the files (as cartlab_mc.yaml does), or run once online to cache "
+            f"{data!r}")
     return out
 
 
@@ -149,44 +158,55 @@ def hub_unreachable() -> str | None:
     return f"the hub's host {host} cannot be resolved (no network?)"
 
 
-def metric_rows(results: dict, num_fewshot: int, n_loops: int) -> list[dict]:
+def metric_rows(results: dict, num_fewshot: int, n_loops: int, protocol: dict | None = None) -> list[dict]:
     """simple_evaluate's results -> downstream rows (task, metric, value, stderr): metric names
-    without lm-eval's filter suffix (",none"); stderr None where lm-eval reports "N/A"."""
+    without lm-eval's filter suffix (",none"); stderr None where lm-eval reports "N/A". With
+    `protocol` (`Protocol.row()`), each row carries it and its task's version and config hash."""
+    from cartlab.eval.protocol import task_fingerprint
+
     rows = []
     for task, metrics in results["results"].items():
+        version, digest = task_fingerprint(results, task)
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
             if name.endswith("_stderr") or name in ("alias", "sample_len") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
             stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
-            rows.append({"task": task, "metric": name, "value": float(value), "stderr": stderr,
-                         "num_fewshot": num_fewshot, "n_loops": n_loops})
+            rows.append({**(protocol or {}), "task": task, "metric": name, "value": float(value), "stderr": stderr,
+                         "num_fewshot": num_fewshot, "n_loops": n_loops, "task_version": version,
+                         "task_hash": digest})
     return rows
 
 
 def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,), n_loops=(None,),
              db: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 1,
              device: str = "auto", output_path: str | os.PathLike | None = None, log_samples: bool = False,
+             fewshot_seed: int = 1234, system_prompt: str | None = None, quiet: bool = False,
              log=print) -> pd.DataFrame:
     """Run lm_eval.simple_evaluate for every (num_fewshot, n_loops) and store the metrics as
-    downstream rows of the checkpoint's run in `db`. n_loops None means the trained R (stored as
-    the trained value; 0 for Dense). Returns the rows as a DataFrame.
+    downstream rows of the checkpoint's run in `db`, each with the protocol that produced it
+    (`cartlab.eval.protocol.Protocol`: few-shot count and seed, system prompt, batch size, limit,
+    dtype, loop count and exit rule, checkpoint step, lm-eval's version; the task's version and
+    config hash). n_loops None means the trained R (stored as the trained value; 0 for Dense).
+    Returns the rows as a DataFrame.
 
     Every (task, few-shot count) and every R is checked before anything is evaluated (`preflight`),
     so an impossible setting fails at once, in one line naming it, not after hours of the others.
     `device` 'auto' picks what the hardware supports, as training does. With `output_path`, each
     setting's results (and with `log_samples` its per-document samples) are written as lm-eval
     writes them: results_<time>.json and samples_<task>_<time>.jsonl in a folder named after the
-    checkpoint path (`pretrained=`; `lm_eval.loggers.EvaluationTracker`).
+    checkpoint path (`pretrained=`; `lm_eval.loggers.EvaluationTracker`). `quiet` silences
+    lm-eval's log and every progress bar.
 
-    The downstream table holds one value per (run, task, metric, shots, R): the run's final
-    weights on whole tasks. So `limit` (a quick look at the first documents) and a checkpoint
-    that is not the run's newest are evaluated and returned but never stored (said in `log`)."""
+    A quick look (`limit`) or an earlier checkpoint is stored too, under its own protocol (the
+    limit and the step are part of it), so it never stands in for the final weights on whole
+    tasks: a score table gives each protocol its own column (`protocol.score_table`)."""
     import lm_eval
 
-    from cartlab.checkpoint import latest
+    from cartlab.checkpoint import PREFIX, latest
     from cartlab.eval.lm import CartlabLM, resolve_checkpoint, resolve_device
+    from cartlab.eval.protocol import NONE, Protocol
     from cartlab.results.db import ResultsDB
 
     for r in n_loops:
@@ -201,44 +221,74 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     if db is not None and not Path(db).is_file():
         raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
     device = resolve_device(device)
-    lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device)
+    lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device, quiet=quiet)
     preflight(lm, task_list, n_loops=n_loops, num_fewshot=num_fewshot)
     trained_r = getattr(lm.model.config, "n_loops", 0)
+    step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else -1
     store = None
     if db is not None:
         if limit is not None:
-            log(f"cartlab eval: --limit {limit} evaluates part of each task; the metrics are printed, not stored")
-        elif ckpt.resolve() != (latest(ckpt.parent) or ckpt).resolve():
-            log(f"cartlab eval: {ckpt.name} is not the run's newest checkpoint; the metrics are printed, not stored")
-        else:
-            store = ResultsDB(db)
-            if store.get_run(lm.run_id) is None:
-                store.close()
-                raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
-                                 f"give the database it was trained into")
+            log(f"cartlab eval: --limit {limit} evaluates part of each task; stored under a protocol that says so")
+        if ckpt.resolve() != (latest(ckpt.parent) or ckpt).resolve():
+            log(f"cartlab eval: {ckpt.name} is not the run's newest checkpoint; stored under its step ({step})")
+        store = ResultsDB(db)
+        if store.get_run(lm.run_id) is None:
+            store.close()
+            raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
+                             f"give the database it was trained into")
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     rows = []
     try:
         for r in n_loops:
             lm.set_loops(r)
             for k in num_fewshot:
+                protocol = Protocol(lm_eval_version=lm_eval.__version__, num_fewshot=int(k),
+                                    fewshot_seed=int(fewshot_seed), chat_template=NONE,
+                                    system_prompt=system_prompt or NONE, batch_size=int(batch_size),
+                                    limit_docs=None if limit is None else float(limit), dtype=dtype,
+                                    n_loops=int(r or trained_r), exit_rule="fixed", step=step)
                 log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)} ({device})")
                 tracker = tracker_for(output_path)
-                res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=task_list,
-                                              num_fewshot=int(k), limit=limit, batch_size=batch_size, device=device,
-                                              log_samples=log_samples, evaluation_tracker=tracker,
-                                              bootstrap_iters=1000)
+                with silenced(quiet):
+                    res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=task_list,
+                                                  num_fewshot=int(k), limit=limit, batch_size=batch_size,
+                                                  device=device, log_samples=log_samples, evaluation_tracker=tracker,
+                                                  bootstrap_iters=1000, fewshot_random_seed=int(fewshot_seed),
+                                                  system_instruction=system_prompt)
                 if tracker is not None:
                     write_outputs(tracker, res, log_samples)
-                new = metric_rows(res, int(k), int(r or trained_r))
+                new = metric_rows(res, int(k), int(r or trained_r), protocol.row())
                 if store is not None:
                     store.log_downstream(lm.run_id, new)
                 rows += new
     finally:
         if store is not None:
             store.close()
-    frame = pd.DataFrame(rows, columns=["task", "metric", "value", "stderr", "num_fewshot", "n_loops"])
+    frame = pd.DataFrame(rows, columns=["task", "metric", "value", "stderr", "num_fewshot", "n_loops", "protocol"])
     frame.attrs["stored"] = store is not None
     return frame
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool):
+    """With `quiet`, lm-eval's log below errors and its context-building bar off for the block
+    (that bar has no switch of its own: lm_eval.api.task's tqdm is given `disable=True`)."""
+    if not quiet:
+        yield
+        return
+    import logging
+
+    import lm_eval.api.task as task_module
+
+    logger, bar = logging.getLogger("lm_eval"), task_module.tqdm
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    task_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        task_module.tqdm = bar
 
 
 def preflight(lm, task_list: list, *, n_loops, num_fewshot) -> None:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from cartlab.export.config import CartlabConfig
 from cartlab.model.cart import CART  # noqa: F401 - each family module registers its spec on import
 from cartlab.model.config import LMConfig
 from cartlab.model.dense import Dense  # noqa: F401
@@ -33,22 +34,6 @@ from cartlab.model.lrt import LRT  # noqa: F401
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """What this transformers version calls the cache in model outputs and `forward` (transformers 5
 renamed `past_key_values` to `cache`)."""
-
-
-class CartlabConfig(PretrainedConfig):
-    """config.json of an exported cartlab model. `cartlab` is the cartlab model config
-    (`LMConfig.to_dict()`: kind, shape and hooks) the model is rebuilt from. `n_loops` is the loop
-    count R a CART model runs when a call does not give one: the trained R as exported; set it at
-    load time for variable-R inference (`from_pretrained(DIR, n_loops=8)`, or lm-eval's
-    `--model_args pretrained=DIR,n_loops=8`). None for Dense, which does not loop."""
-
-    model_type = "cartlab"
-
-    def __init__(self, cartlab: dict | None = None, n_loops: int | None = None, **kwargs):
-        self.cartlab = dict(cartlab or {})
-        self.n_loops = n_loops
-        kwargs.setdefault("tie_word_embeddings", True)  # cartlab ties the LM head to the embedding
-        super().__init__(**kwargs)
 
 
 class CartlabCache(Cache):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
 
 from cartlab.model.config import CARTConfig
 
@@ -81,6 +80,8 @@ class LoopSampler:
         weights /= weights.sum()
         rate = np.exp(self.mu + self.sigma * z)  # e^tau on the grid
         # P(R <= r) = P(Poisson(e^tau) <= r - 1), averaged over tau; the top of the support takes the rest
+        from scipy import special  # here, not at import: every model import would pay for scipy
+
         cdf = np.array([weights @ special.pdtr(r - 1, rate) for r in support[:-1]] + [1.0])
         probs = np.diff(cdf, prepend=0.0)
         return {int(r): float(p) for r, p in zip(support, probs)}

@@ -16,7 +16,7 @@ so analyses read runs and published numbers alike):
     probes      (run_id, probe, step, split, x, metric) -> value: measurements of a trained model
                 (`cartlab.train.measures`): a depth profile (x = inference R), LRT's approximation
                 gap (x = S), the per-loop logit lens (x = loop), ... in one long table
-    downstream  (run_id, task, metric, num_fewshot, n_loops) -> value, stderr   (lm-eval)
+    downstream  (run_id, task, metric, num_fewshot, n_loops, protocol) -> value, stderr, the protocol (lm-eval)
     artifacts   (run_id, kind, path) -> step, created_at                     (checkpoints, notebooks)
     meta        schema_version
 
@@ -54,8 +54,8 @@ import pandas as pd
 from cartlab.results import pending
 from cartlab.results.files import (SQLITE_HEADER, WRITE_FAILED, disk_full, link_into_place, side_files,  # noqa: F401
                                    write_failed)
-from cartlab.results.schema import (FINDING_COLUMNS, MIGRATIONS, ORDER, PROBE_COLUMNS,  # noqa: F401
-                                    RUN_COLUMNS, SCHEMA_VERSION, STATUSES, TABLES, TRAIN_COLUMNS, VARIANT_FIELDS)
+from cartlab.results.schema import (FINDING_COLUMNS, MIGRATIONS, ORDER, PROBE_COLUMNS, RUN_COLUMNS,  # noqa: F401
+                                    SCHEMA_VERSION, SCORE_COLUMNS, STATUSES, TABLES, TRAIN_COLUMNS, VARIANT_FIELDS)
 from cartlab.results.variants import variant_of
 
 
@@ -132,10 +132,9 @@ class ResultsDB:
                 f"{self.path.parent} and run again")
 
     def _create(self) -> None:
-        """Make a new database whole in a private file, then link it into place: no other process
-        ever opens it half-made (readers refuse an empty SQLite file, and trainers starting at once
-        into one new database must not see one). The first link wins; the others open what it made.
-        A creation that fails (a full disk) leaves nothing."""
+        """Make a new database whole in a private file, then link it into place: no process ever
+        opens it half-made (trainers starting at once into one new database would refuse an empty
+        one). The first link wins, the others open what it made; a failed creation leaves nothing."""
         made = ResultsDB.__new__(ResultsDB)
         made.path, made.timeout, made.readonly, made.conn = \
             self.path.with_name(f".{self.path.name}.{os.getpid()}.new"), self.timeout, False, None
@@ -373,12 +372,13 @@ class ResultsDB:
                           [(run_id, step, split, r["loss"], r["ppl"]) for split, r in results.items()])
 
     def log_downstream(self, run_id: str, rows: Iterable[dict]) -> None:
-        """rows: dicts with task, metric, value, stderr, num_fewshot, n_loops."""
-        stamp = now()
+        """rows: dicts with task, metric, value, stderr, num_fewshot, n_loops and the fields of the
+        protocol that produced them (`PROTOCOL_COLUMNS`: absent ones null, an absent protocol '')."""
+        columns, blank = ("run_id", *SCORE_COLUMNS, "created_at"), {"num_fewshot": 0, "n_loops": 0, "protocol": ""}
         with self.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO downstream VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                          [(run_id, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("num_fewshot", 0),
-                            r.get("n_loops", 0), stamp) for r in rows])
+            c.executemany(f"INSERT OR REPLACE INTO downstream ({', '.join(columns)}) VALUES "
+                          f"({', '.join('?' * len(columns))})",
+                          [(run_id, *(r.get(k, blank.get(k)) for k in SCORE_COLUMNS), now()) for r in rows])
 
     def log_probes(self, run_id: str, rows: Iterable[dict]) -> None:
         """rows: dicts with probe, step, metric, value and optionally split ('' when the probe is
@@ -438,13 +438,13 @@ class ResultsDB:
             run_ids = list(run_ids)
             query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
             params = tuple(run_ids)
-        frame = pd.read_sql_query(f"{query} ORDER BY {ORDER[table]}", self.conn, params=params)
+        by = ORDER[table] if self._version >= 5 else ORDER[table].replace(", protocol", "")  # older file
+        frame = pd.read_sql_query(f"{query} ORDER BY {by}", self.conn, params=params)
         if table == "runs" and self._version < 2:  # a read-only reader of an older file: fill, don't migrate
             fields = [variant_of(r) for r in frame.to_dict("records")]
             for k in VARIANT_FIELDS:
                 frame[k] = pd.Series([f[k] for f in fields], index=frame.index, dtype=object)
-        if table == "train_log":
-            for k in TRAIN_COLUMNS:
-                if k not in frame.columns:
-                    frame[k] = pd.Series(None, index=frame.index, dtype=float)
+        for k in {"train_log": TRAIN_COLUMNS, "downstream": SCORE_COLUMNS}.get(table, ()):  # an older file's
+            if k not in frame.columns:
+                frame[k] = pd.Series("" if k == "protocol" else None, index=frame.index, dtype=object)
         return frame

@@ -34,7 +34,7 @@ from pathlib import Path
 from cartlab.results.db import TABLES, ResultsDB, disk_full, side_files, write_failed
 
 KEYS = {"runs": ("run_id",), "train_log": ("run_id", "step"), "eval_log": ("run_id", "step", "split"),
-        "downstream": ("run_id", "task", "metric", "num_fewshot", "n_loops"), "artifacts": ("run_id", "kind", "path"),
+        "downstream": ("run_id", "task", "metric", "num_fewshot", "n_loops", "protocol"), "artifacts": ("run_id", "kind", "path"),
         "probes": ("run_id", "probe", "step", "split", "x", "metric")}
 """Each table's primary key (the schema's)."""
 
@@ -138,7 +138,8 @@ def _rows(conn, table: str, where: str, params: tuple) -> list[dict]:
 
 
 def _key(table: str, row: dict) -> tuple:
-    return tuple(row[k] for k in KEYS[table])
+    return tuple(row.get(k, "") if k == "protocol" else row[k] for k in KEYS[table])  # a shard before schema 5: ''
+
 
 
 def _differing(a: dict, b: dict, columns) -> str | None:

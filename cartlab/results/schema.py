@@ -8,7 +8,7 @@ nothing from cartlab, so any layer may read it.
 from __future__ import annotations
 
 STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "published")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each migration takes the schema from version i-1 to i; never edit a released one, append.
 MIGRATIONS: dict[int, str] = {
@@ -70,6 +70,22 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (study, analysis, claim, a, b, split, metric)
     );
     """,
+    # the protocol that produced each downstream score (cartlab.eval.protocol): part of its key, so one
+    # checkpoint's scores under two protocols are two rows; rows from before carry protocol ''
+    5: """
+    CREATE TABLE downstream_v5 (
+        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, task TEXT NOT NULL,
+        metric TEXT NOT NULL, value REAL, stderr REAL, num_fewshot INTEGER NOT NULL DEFAULT 0,
+        n_loops INTEGER NOT NULL DEFAULT 0, created_at TEXT, protocol TEXT NOT NULL DEFAULT '',
+        task_version TEXT, task_hash TEXT, lm_eval_version TEXT, fewshot_seed INTEGER, chat_template TEXT,
+        system_prompt TEXT, batch_size INTEGER, limit_docs REAL, dtype TEXT, exit_rule TEXT, step INTEGER,
+        PRIMARY KEY (run_id, task, metric, num_fewshot, n_loops, protocol)
+    );
+    INSERT INTO downstream_v5 (run_id, task, metric, value, stderr, num_fewshot, n_loops, created_at)
+        SELECT run_id, task, metric, value, stderr, num_fewshot, n_loops, created_at FROM downstream;
+    DROP TABLE downstream;
+    ALTER TABLE downstream_v5 RENAME TO downstream;
+    """,
 }
 VARIANT_FIELDS = ("variant", "overrides", "variant_label")
 
@@ -82,10 +98,16 @@ TRAIN_COLUMNS = ("step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "hype
 PROBE_COLUMNS = ("probe", "step", "split", "x", "metric", "value")
 FINDING_COLUMNS = ("analysis", "claim", "a", "b", "split", "metric", "effect", "low", "high", "n_a", "n_b", "verdict",
                    "note")
+PROTOCOL_COLUMNS = ("protocol", "task_version", "task_hash", "lm_eval_version", "fewshot_seed", "chat_template",
+                    "system_prompt", "batch_size", "limit_docs", "dtype", "exit_rule", "step")
+"""What a downstream score was produced under (`cartlab.eval.protocol.Protocol`); `protocol` is the
+key of the rest (few-shot count and loop count included), '' for a score stored before schema 5."""
+SCORE_COLUMNS = ("task", "metric", "value", "stderr", "num_fewshot", "n_loops", *PROTOCOL_COLUMNS)
+"""A downstream row's columns besides run_id and created_at."""
 TABLES = ("runs", "train_log", "eval_log", "downstream", "artifacts", "probes")
 
 ORDER = {"runs": "created_at, run_id", "train_log": "run_id, step", "eval_log": "run_id, step, split",
-         "downstream": "run_id, task, metric, num_fewshot, n_loops", "artifacts": "run_id, kind, path",
+         "downstream": "run_id, task, metric, num_fewshot, n_loops, protocol", "artifacts": "run_id, kind, path",
          "probes": "run_id, probe, step, split, x, metric"}
 """How `ResultsDB.frame` orders each table's rows."""
 
@@ -95,7 +117,7 @@ RUNS_COLUMNS = ("run_id", "name", "source", "model", "d_model", "prelude_layers"
                 *VARIANT_FIELDS)
 TRAIN_LOG_COLUMNS = ("run_id", "step", "loss", "grad_norm", "lr", "rho_max", "rho_mean", "tokens_per_s", "mfu")
 EVAL_LOG_COLUMNS = ("run_id", "step", "split", "loss", "ppl")
-DOWNSTREAM_COLUMNS = ("run_id", "task", "metric", "value", "stderr", "num_fewshot", "n_loops")
+DOWNSTREAM_COLUMNS = ("run_id", "task", "metric", "value", "stderr", "num_fewshot", "n_loops", "protocol")
 PROBES_COLUMNS = ("run_id", *PROBE_COLUMNS)
 FRAMES = {
     "runs": RUNS_COLUMNS,
@@ -116,7 +138,7 @@ CONFIG_COLUMNS = ("source", "model", "d_model", "prelude_layers", "n_loops", "n_
 def _check_frames() -> None:
     """Every analysed column is a column of its table (the frames are views of the database)."""
     stored = {"runs": RUN_COLUMNS, "train_log": ("run_id", *TRAIN_COLUMNS), "probes": ("run_id", *PROBE_COLUMNS),
-              "eval_log": EVAL_LOG_COLUMNS, "downstream": DOWNSTREAM_COLUMNS}
+              "eval_log": EVAL_LOG_COLUMNS, "downstream": ("run_id", *SCORE_COLUMNS)}
     for frame, columns in FRAMES.items():
         extra = [c for c in columns if c not in stored[frame]]
         assert not extra, f"frame {frame}: columns {extra} are not in its table"
