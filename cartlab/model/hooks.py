@@ -221,6 +221,13 @@ def truncated_bptt(cfg):
     return {"bptt_loops": cfg.bptt_loops or max(1, math.ceil(cfg.n_loops / 2))}
 
 
+# -- the loop as a solver (issue 27; `cartlab.model.solvers`) ---------------------------------------
+@register_hook("fixed_point", section="Deep Equilibrium Models (Bai et al. 2019) / Attractor models", group="solver")
+def fixed_point(cfg):
+    """Solve h* = f(h*) for the loop map (solver=anderson unless iteration) instead of running R loops."""
+    return {"solver": cfg.solver if cfg.solver != "none" else "anderson"}
+
+
 def __getattr__(name: str):
     # LRT's hooks are registered by `cartlab.model.lrt`, which imports this module
     if name == "LRT_HOOKS":
