@@ -12,6 +12,8 @@ import torch
 from cartlab.model import PAPER_ABLATIONS, CARTConfig, ConfigError, KVCache, build_model
 from cartlab.model.exits import EXITS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
+
 THRESHOLDS = {  # candidates, tried in order until loop counts differ between tokens
     "kl": (1e-2, 3e-3, 3e-2), "entropy": (3.8, 3.7, 3.9, 3.5), "latent": (0.2, 0.3, 0.4, 0.15),
     "argmax": (3, 2, 4), "learned": (0.5, 0.45, 0.55, 0.4, 0.6),

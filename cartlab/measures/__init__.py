@@ -2,7 +2,7 @@
 
 The measures themselves live in this package's modules (`MODULES`): `depth` (the test-time
 depth profile), `lrt` (LRT's interleaved-vs-exact gap), `loops` (per-loop logit lens, the loop
-map's contraction).
+map's contraction), `solver` (the fixed-point solve's residual, iterations, converged share).
 
 A measure is a function `ctx -> rows` registered for the models it applies to:
 
@@ -66,7 +66,7 @@ def register_measure(name: str, *, applies: Callable[["LMConfig"], bool], when: 
     return wrap
 
 
-MODULES = ("depth", "lrt", "loops")
+MODULES = ("depth", "lrt", "loops", "solver")
 """The modules of this package that register measures, imported on first use."""
 
 

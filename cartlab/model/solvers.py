@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MEMORY = 5  # Anderson: iterates mixed
 RIDGE = 1e-4  # Anderson: Tikhonov term of the least-squares problem (relative to its scale)
@@ -193,7 +194,7 @@ def attach_implicit_gradient(f: Map, z: torch.Tensor, out: torch.Tensor, solver:
 def jacobian_estimate(f: Map, z: torch.Tensor) -> torch.Tensor:
     """|J|_F^2 / d at z (N, d), mean over rows, from one Hutchinson probe: E|eps^T J|^2 = |J|_F^2."""
     z = z.detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
         fz = f(z)
         eps = torch.randn_like(z)
         vjp = torch.autograd.grad(fz, z, eps, create_graph=True)[0]  # (N, d)
