@@ -121,3 +121,63 @@ def test_bad_exit_rules_are_refused():
     solver = build_model(CARTConfig.tiny(hooks=("fixed_point",)))
     with pytest.raises(ValueError, match=r"exit='kl' is not allowed in fixed-point mode"):
         solver(idx, exit="kl")
+
+
+def test_learned_exit_cached_equals_uncached_on_random_hooks():
+    for hooks in combos(3, seed=2):
+        model = make(hooks + ("exit_head",))
+        idx = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+        t = varied_threshold(model, idx, "learned")
+        with torch.no_grad():
+            full, _ = model(idx, exit="learned", exit_threshold=t)
+        loops = model.loops_per_token
+        step, step_loops = cached(model, idx, exit="learned", exit_threshold=t)
+        assert (step - full).abs().max().item() <= 1e-5 and torch.equal(step_loops, loops), hooks
+
+
+def test_settled_target_is_top1_unchanged_at_every_later_loop():
+    from cartlab.model.exits import settled
+
+    class Lens(torch.nn.Module):  # the head reads the state's first 3 channels as logits
+        norm = torch.nn.Identity()
+
+        def lm_head(self, h):
+            return h[..., :3]
+
+    tops = [[0, 1, 2, 0], [1, 1, 2, 2], [2, 1, 2, 2]]  # (R=3, T=4): top-1 of each loop, per token
+    states = [torch.nn.functional.one_hot(torch.tensor([row]), 3).float() for row in tops]  # (1, T, 3) each
+    assert settled(Lens(), states)[:, 0].tolist() == [[0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_exit_head_trains_the_head_only_and_learns_its_target():
+    model = make(("exit_head",)).train()
+    plain = make(()).train()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("exit_head.")})
+    idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    _, with_head = model(idx, idx)
+    _, without = plain(idx, idx)
+    assert with_head > without and model.aux_loss is not None
+    with_head.backward()
+    without.backward()
+    lm = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if not name.startswith("exit_head."):
+            assert torch.equal(p.grad, lm[name].grad), name
+    opt = torch.optim.Adam(model.exit_head.parameters(), lr=3e-2)
+    first = model.aux_loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        model(idx, idx)
+        model.aux_loss.backward()
+        opt.step()
+    assert model.aux_loss.item() < 0.7 * first
+
+
+def test_bad_exit_head_settings_are_refused():
+    with pytest.raises(ConfigError, match=r"exit_head=true .*the hook exit_head: add it"):
+        CARTConfig.tiny(exit_head=True)
+    with pytest.raises(ConfigError, match=r"exit_loss_weight=0.5 .*add the hook exit_head"):
+        CARTConfig.tiny(exit_loss_weight=0.5)
+    with pytest.raises(ConfigError, match=r"exit_head=true .*use one of exit_head and fixed_point"):
+        CARTConfig.tiny(hooks=("fixed_point", "exit_head"))
+    assert "exit_head" not in CARTConfig.tiny().to_dict()

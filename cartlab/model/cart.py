@@ -29,7 +29,7 @@ import torch.nn as nn
 from cartlab.model.base import CausalLM
 from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS, CoreBlock, LoopContext
 from cartlab.model.config import CARTConfig
-from cartlab.model.exits import ExitRule, Halting, exit_rule
+from cartlab.model.exits import ExitHead, ExitRule, Halting, exit_rule
 from cartlab.model.family import ModelSpec, register_family
 from cartlab.model.layers import MLAKV, Block, KVCache, cache_site
 from cartlab.model.solvers import fixed_point
@@ -49,17 +49,19 @@ class CART(CausalLM):
         self.loop_embedding = LOOP_EMBEDDINGS[cfg.loop_embedding](cfg)
         self.gate = GATES[cfg.state_gate](cfg)
         self.coda = Block(cfg, MLAKV(cfg, cfg.kv_latent_dim))
+        self.exit_head = ExitHead(cfg) if cfg.exit_head else None  # hook exit_head: read by exit='learned'
         self.init_weights()
         self.loops_per_token: torch.Tensor | None = None  # (B, T) after a forward: loops each token ran
         self.solver_stats = None  # `solvers.Stats` of the last fixed-point forward
-        self.aux_loss: torch.Tensor | None = None  # the last forward's Jacobian penalty, weighted
+        self.aux_loss: torch.Tensor | None = None  # the last training forward's Jacobian penalty or exit-head loss
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None,
                 cache: KVCache | None = None, exit: str | None = None, exit_threshold: float | None = None):
         """idx (B, T) -> logits (B, T, V), loss. `n_loops` overrides R for this call (variable-R
         inference; with an exit rule, the most loops a token runs); `cache` makes this call
         continue a sequence (KV-cached generation); `exit`, `exit_threshold` pick a per-token
-        exit rule (`cartlab.model.exits`). The loss includes the fixed-point Jacobian penalty."""
+        exit rule (`cartlab.model.exits`). In training the loss includes `aux_loss` (the
+        fixed-point Jacobian penalty, or the exit head's loss), both weighted."""
         e, rope = self.encode(idx, cache)  # (B, T, d)
         h = self.recur(e, rope, n_loops, cache, halt=exit_rule(exit, exit_threshold))  # (B, T, d)
         h = self.coda(h, rope, cache_site(cache, "coda"))
@@ -100,11 +102,14 @@ class CART(CausalLM):
         history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
         frozen = self.frozen_loops(n_loops)
         halting = None if halt is None else Halting(halt, self, e)
+        states = [] if self.exit_head is not None and self.training and torch.is_grad_enabled() else None
         for r in range(n_loops):
             with torch.no_grad() if r < frozen else contextlib.nullcontext():
                 h = self.step(history, LoopContext(r, rope, cache, anchor))
             if observe is not None:
                 observe(r, h, history[0])
+            if states is not None:
+                states.append(h)  # the exit head learns from every loop's state
             if halting is None:
                 history = [h] + history[:-1]
                 continue
@@ -113,6 +118,8 @@ class CART(CausalLM):
                 break
         self.count_loops(e.new_full(e.shape[:-1], n_loops, dtype=torch.long) if halting is None else halting.loops,
                          cache)
+        if states:
+            self.aux_loss = self.config.exit_loss_weight * self.exit_head.loss(self, states)
         return history[0]
 
     def solve(self, e: torch.Tensor, rope, cache: KVCache | None, halt: ExitRule | None) -> torch.Tensor:

@@ -182,6 +182,13 @@ class CARTConfig(LMConfig):
     jacobian_penalty: float = field(0.0, ge=0, elide_default=True)
     """Weight of the Jacobian penalty |J|_F^2 / d at h* (one Hutchinson probe) in the training loss."""
 
+    # -- the learned exit head (hook exit_head, issue 27; `cartlab.model.exits.ExitHead`) ---------------
+    exit_head: bool = field(False, elide_default=True)
+    """A head on the loop state that learns when further loops stop changing the prediction
+    (set it through the hook `exit_head`); read at inference by exit='learned'."""
+    exit_loss_weight: float = field(0.01, gt=0, elide_default=True)
+    """Weight of the exit head's binary cross-entropy in the training loss."""
+
     kind: ClassVar[str] = "cart"
     family: ClassVar[str] = "cart"
 
@@ -199,6 +206,20 @@ class CARTConfig(LMConfig):
                 f"core_attention={self.core_attention!r}: there is no cross-attention to un-mask"))
         self._check_training_depth()
         self._check_fixed_point()
+        self._check_exit_head()
+
+    def _check_exit_head(self) -> None:
+        if self.exit_head and "exit_head" not in self.hooks:
+            raise self.reject("exit_head", "a learned exit head is the hook exit_head: add it to hooks, or leave "
+                                           "exit_head false")
+        if not self.exit_head and self.exit_loss_weight != 0.01:
+            raise self.reject("exit_loss_weight", "exit_loss_weight weighs the exit head's loss: add the hook "
+                                                  "exit_head or leave it at 0.01")
+        if self.exit_head and self.solver != "none":
+            applied_by_hooks = "fixed_point" in self.hooks
+            raise self.reject("exit_head", (
+                f"the exit head learns when the loop may stop, and the fixed-point mode{' (hook fixed_point)' * applied_by_hooks} "
+                f"stops by its solver; use one of exit_head and fixed_point"))
 
     def _check_fixed_point(self) -> None:
         """The solver fields belong to the hook fixed_point, which needs a loop map of h alone

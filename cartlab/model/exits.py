@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cartlab.model.layers import RMSNorm
+
 EXITS: dict[str, type["ExitRule"]] = {}
 
 
@@ -161,6 +163,40 @@ class LearnedExit(ExitRule):
 
     def done(self, cur, prev):
         return cur > self.threshold
+
+
+class ExitHead(nn.Module):
+    """The learned exit head (hook `exit_head`; LoopUS's Q-head, Ouro's exit gate): RMSNorm and a
+    linear map of a loop state h_r (B, T, d) to the logit (B, T) of "the prediction has settled".
+
+    Target: the logit-lens top-1 at loop r equals the top-1 at every later loop of the training
+    step (the `settled` of `cartlab.model.probes.logit_lens`, read through the head alone as the
+    rules read it). The head reads detached states, so its binary cross-entropy, added to the
+    training loss with weight `exit_loss_weight`, trains the head only: the language model's
+    gradients are the same with and without it (before a global gradient-norm clip, which the
+    head's gradient joins)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = nn.Linear(cfg.d_model, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(h)).squeeze(-1)  # (B, T)
+
+    def loss(self, model: nn.Module, states: list[torch.Tensor]) -> torch.Tensor:
+        """Binary cross-entropy of the head on the R loop states (B, T, d) of one forward."""
+        target = settled(model, states)  # (R, B, T)
+        logits = torch.stack([self(h.detach()) for h in states])  # (R, B, T)
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+@torch.no_grad()
+def settled(model: nn.Module, states: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 where the top-1 of the head read off state r equals the top-1 at every later state, (R, B, T)."""
+    tops = torch.stack([model.lm_head(model.norm(h)).argmax(-1) for h in states])  # (R, B, T)
+    same = (tops == tops[-1]).float()
+    return same.flip(0).cumprod(0).flip(0)
 
 
 def exit_rule(exit: str | None, threshold: float | None = None) -> ExitRule | None:

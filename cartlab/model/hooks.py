@@ -228,6 +228,12 @@ def fixed_point(cfg):
     return {"solver": cfg.solver if cfg.solver != "none" else "anderson"}
 
 
+@register_hook("exit_head", section="LoopUS (Q-head) / Ouro (exit gate); issue 27", group="solver")
+def exit_head(cfg):
+    """Train a small head on the loop state to predict when further loops stop changing the prediction (exit='learned')."""
+    return {"exit_head": True}
+
+
 def __getattr__(name: str):
     # LRT's hooks are registered by `cartlab.model.lrt`, which imports this module
     if name == "LRT_HOOKS":
