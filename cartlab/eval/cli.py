@@ -32,6 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--n-loops", default=None,
                    help="comma-separated inference loop counts for CART, or 'profile' for the depth-profile "
                         "grid 1..2R, 2.5R, 3R, 4R (default: the trained R)")
+    p.add_argument("--exit", default=None,
+                   help="per-token exit rule for CART (kl, entropy, latent, argmax, learned; cartlab.model.exits): "
+                        "each token stops by it after at most R loops; the mean loops per token is stored with the "
+                        "scores (metric loops_per_token)")
+    p.add_argument("--exit-threshold", "--exit_threshold", default=None, help="the exit rule's threshold")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
     p.add_argument("--limit", help="evaluate only the first N documents of each task (printed, not stored)")
     p.add_argument("--batch-size", "--batch_size", default=8)
@@ -53,13 +58,15 @@ def run(args: argparse.Namespace) -> int:
     args.checkpoint = checkpoint_arg(args.checkpoint)
     given = {"checkpoint": args.checkpoint, "tasks": args.tasks, "num_fewshot": args.num_fewshot,
              "n_loops": expand_loops(args.n_loops, args.checkpoint), "db": args.db, "limit": args.limit,
+             "exit": args.exit, "exit_threshold": args.exit_threshold,
              "batch_size": args.batch_size, "device": args.device}
     cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": []},
                                [f"{k}={v}" for k, v in given.items() if v is not None])
     with trusting(args.trust_checkpoint):
         rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
                         db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
-                        output_path=args.output_path, log_samples=args.log_samples)
+                        output_path=args.output_path, log_samples=args.log_samples, exit=cfg.exit,
+                        exit_threshold=cfg.exit_threshold)
     print(format_table(rows))
     if rows.attrs["stored"]:
         print(f"cartlab: {len(rows)} metric rows -> {args.db}")

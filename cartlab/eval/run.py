@@ -149,9 +149,10 @@ def hub_unreachable() -> str | None:
     return f"the hub's host {host} cannot be resolved (no network?)"
 
 
-def metric_rows(results: dict, num_fewshot: int, n_loops: int) -> list[dict]:
+def metric_rows(results: dict, num_fewshot: int, n_loops: int, tag: str = "") -> list[dict]:
     """simple_evaluate's results -> downstream rows (task, metric, value, stderr): metric names
-    without lm-eval's filter suffix (",none"); stderr None where lm-eval reports "N/A"."""
+    without lm-eval's filter suffix (",none"), followed by `tag` (the exit rule, `exit_tag`);
+    stderr None where lm-eval reports "N/A"."""
     rows = []
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
@@ -160,15 +161,26 @@ def metric_rows(results: dict, num_fewshot: int, n_loops: int) -> list[dict]:
                 continue
             stderr = metrics.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
             stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
-            rows.append({"task": task, "metric": name, "value": float(value), "stderr": stderr,
+            rows.append({"task": task, "metric": name + tag, "value": float(value), "stderr": stderr,
                          "num_fewshot": num_fewshot, "n_loops": n_loops})
     return rows
+
+
+def exit_tag(exit: str | None, exit_threshold: float | None) -> str:
+    """What a metric name carries when scored with a per-token exit rule: "@exit=kl:0.001" (the
+    threshold as used: the rule's default when none is given); "" without a rule."""
+    from cartlab.model.exits import EXITS, exit_rule
+
+    if exit is None:
+        return ""
+    exit_rule(exit, exit_threshold)  # one-line refusal of a bad rule or threshold
+    return f"@exit={exit}:{EXITS[exit](exit_threshold).threshold:g}"
 
 
 def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,), n_loops=(None,),
              db: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 1,
              device: str = "auto", output_path: str | os.PathLike | None = None, log_samples: bool = False,
-             log=print) -> pd.DataFrame:
+             exit: str | None = None, exit_threshold: float | None = None, log=print) -> pd.DataFrame:
     """Run lm_eval.simple_evaluate for every (num_fewshot, n_loops) and store the metrics as
     downstream rows of the checkpoint's run in `db`. n_loops None means the trained R (stored as
     the trained value; 0 for Dense). Returns the rows as a DataFrame.
@@ -182,7 +194,13 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
 
     The downstream table holds one value per (run, task, metric, shots, R): the run's final
     weights on whole tasks. So `limit` (a quick look at the first documents) and a checkpoint
-    that is not the run's newest are evaluated and returned but never stored (said in `log`)."""
+    that is not the run's newest are evaluated and returned but never stored (said in `log`).
+
+    With `exit` (a rule of `cartlab.model.exits`, and `exit_threshold`) each token of a CART
+    model stops by that rule after at most R loops; every task is then evaluated on its own and
+    gets one more row, metric "loops_per_token", the mean loops per scored token, and every metric
+    name carries the rule (`exit_tag`: "acc@exit=kl:0.001"), so the scores sit beside the fixed-R
+    scores of the same R without replacing them."""
     import lm_eval
 
     from cartlab.checkpoint import latest
@@ -202,6 +220,9 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
         raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
     device = resolve_device(device)
     lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device)
+    tag = exit_tag(exit, exit_threshold)
+    if exit is not None and not lm.loops:
+        raise ValueError(f"--exit: only looping checkpoints stop per token; this one is {lm.model.config.kind}")
     preflight(lm, task_list, n_loops=n_loops, num_fewshot=num_fewshot)
     trained_r = getattr(lm.model.config, "n_loops", 0)
     store = None
@@ -217,22 +238,25 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
                 raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
                                  f"give the database it was trained into")
     rows = []
+    groups = [[t] for t in task_list] if tag else [task_list]  # with an exit rule: each task's own loop count
+    settings = [(r, int(k), group) for r in n_loops for k in num_fewshot for group in groups]
     try:
-        for r in n_loops:
-            lm.set_loops(r)
-            for k in num_fewshot:
-                log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)} ({device})")
-                tracker = tracker_for(output_path)
-                res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=task_list,
-                                              num_fewshot=int(k), limit=limit, batch_size=batch_size, device=device,
-                                              log_samples=log_samples, evaluation_tracker=tracker,
-                                              bootstrap_iters=1000)
-                if tracker is not None:
-                    write_outputs(tracker, res, log_samples)
-                new = metric_rows(res, int(k), int(r or trained_r))
-                if store is not None:
-                    store.log_downstream(lm.run_id, new)
-                rows += new
+        for r, k, group in settings:
+            lm.set_loops(r, exit, exit_threshold)
+            log(f"cartlab eval: {lm.run_id} R={r or trained_r}{tag} {k}-shot on {', '.join(tasks)} ({device})")
+            tracker = tracker_for(output_path)
+            res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=group,
+                                          num_fewshot=k, limit=limit, batch_size=batch_size, device=device,
+                                          log_samples=log_samples, evaluation_tracker=tracker, bootstrap_iters=1000)
+            if tracker is not None:
+                write_outputs(tracker, res, log_samples)
+            new = metric_rows(res, k, int(r or trained_r), tag)
+            if tag:
+                new += [{"task": task, "metric": "loops_per_token" + tag, "value": lm.mean_loops(), "stderr": None,
+                         "num_fewshot": k, "n_loops": int(r or trained_r)} for task in res["results"]]
+            if store is not None:
+                store.log_downstream(lm.run_id, new)
+            rows += new
     finally:
         if store is not None:
             store.close()

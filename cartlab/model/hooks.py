@@ -223,13 +223,13 @@ def truncated_bptt(cfg):
 
 # -- the loop as a solver (issue 27; `cartlab.model.solvers`) ---------------------------------------
 @register_hook("fixed_point", section="Deep Equilibrium Models (Bai et al. 2019) / Attractor models", group="solver")
-def fixed_point(cfg):
+def solve_fixed_point(cfg):
     """Solve h* = f(h*) for the loop map (solver=anderson unless iteration) instead of running R loops."""
     return {"solver": cfg.solver if cfg.solver != "none" else "anderson"}
 
 
 @register_hook("exit_head", section="LoopUS (Q-head) / Ouro (exit gate); issue 27", group="solver")
-def exit_head(cfg):
+def learn_exit_head(cfg):
     """Train a small head on the loop state to predict when further loops stop changing the prediction (exit='learned')."""
     return {"exit_head": True}
 
