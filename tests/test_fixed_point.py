@@ -132,8 +132,11 @@ def test_a_fixed_point_run_trains_and_stores_the_solve_at_every_eval(tiny_data, 
 
     assert known()["solver"].applies(CARTConfig.tiny(hooks=("fixed_point",)))
     assert not known()["solver"].applies(CARTConfig.tiny())
+    for per_loop in ("depth_profile", "logit_lens", "loop_contraction"):  # no R loops to look inside
+        assert not known()[per_loop].applies(CARTConfig.tiny(hooks=("fixed_point",))), per_loop
+        assert known()[per_loop].applies(CARTConfig.tiny()), per_loop
     model = {**TINY_MODEL, "hooks": ["fixed_point"], "solver_max_iter": 12, "jacobian_penalty": 0.1}
-    cfg = tiny_config(tiny_data, tmp_path, model=model, steps=4, eval_every=4, measures=["solver"])
+    cfg = tiny_config(tiny_data, tmp_path, model=model, steps=4, eval_every=4, measures=None)  # what applies
     train(cfg)
     probes = results.probes(tmp_path / "results.db")
     summary = probes[(probes.probe == "solver") & (probes.x == 0)]

@@ -66,6 +66,14 @@ def register_measure(name: str, *, applies: Callable[["LMConfig"], bool], when: 
     return wrap
 
 
+def loops_r_times(model_cfg: "LMConfig") -> bool:
+    """A looping model that runs R loops: the per-loop measures apply. Not the fixed-point mode
+    (hook fixed_point), whose depth is the solver's (measure `solver`)."""
+    from cartlab.model.family import family_of
+
+    return family_of(model_cfg).loops and getattr(model_cfg, "solver", "none") == "none"
+
+
 MODULES = ("depth", "lrt", "loops", "solver")
 """The modules of this package that register measures, imported on first use."""
 
