@@ -1,7 +1,8 @@
 """The compute-quality frontier (`cartlab.measures.adaptive`, issue 27): every point is the loss
 and mean loops per token of the model's own forward (fixed R, each exit rule at each threshold,
 the fixed-point mode at each iteration cap), stopping earlier as a threshold loosens; the measure
-runs only when named and stores one loss and one loops row per point and domain.
+runs only when named and stores one loss and one loops row per point and domain; the opt-in
+loop_residual stores each loop's relative state change when the loop runs on to 4R.
 Run: pytest tests/test_adaptive_depth.py
 """
 from __future__ import annotations
@@ -69,3 +70,28 @@ def test_the_frontier_runs_only_when_named(tiny_data, tmp_path):
     assert all(len(r) == 2 * n_points for r in per_split.values())
     fixed = {r["x"]: r["value"] for r in rows if r["metric"] == "fixed_loops"}
     assert fixed == {float(r): float(r) for r in range(1, 7)}
+
+
+def test_loop_residual_is_the_relative_state_change_of_each_loop(tiny_data, tmp_path):
+    from cartlab.data import load_meta, open_bin
+    from cartlab.measures import MeasureContext, run_measures
+    from cartlab.train.loop import _val_bins
+    from train_helpers import tiny_config
+
+    cfg = tiny_config(tiny_data, tmp_path, measures=["loop_residual"])
+    assert "loop_residual" not in [m.name for m in measures_for(cfg.model_config())]
+    assert not known()["loop_residual"].applies(CARTConfig.tiny(hooks=("fixed_point",)))
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config()).eval()
+    bins = {s: open_bin(p) for s, p in _val_bins(load_meta(tiny_data)).items()}
+    ctx = MeasureContext(model, cfg.model_config(), cfg, bins, 12, torch.device("cpu"))
+    rows = run_measures(measures_for(cfg.model_config(), ["loop_residual"]), ctx)
+    split = next(iter(bins))
+    x, _ = ctx.batches(split, 1)[0]
+    curve = {r["x"]: r["value"] for r in rows if r["split"] == split and r["metric"] == "residual_curve"}
+    assert sorted(curve) == list(range(1, 13))  # R = 3, run on to 4R
+    states = []
+    with torch.no_grad():
+        e, rope = model.encode(x)
+        model.recur(e, rope, 12, observe=lambda r, h, prev: states.append((h - prev).norm(dim=-1) / h.norm(dim=-1)))
+    assert [curve[r] for r in range(1, 13)] == pytest.approx([s.mean().item() for s in states], rel=1e-6)
