@@ -178,6 +178,7 @@ def test_bad_exit_head_settings_are_refused():
         CARTConfig.tiny(exit_head=True)
     with pytest.raises(ConfigError, match=r"exit_loss_weight=0.5 .*add the hook exit_head"):
         CARTConfig.tiny(exit_loss_weight=0.5)
-    with pytest.raises(ConfigError, match=r"exit_head=true .*use one of exit_head and fixed_point"):
+    with pytest.raises(ConfigError, match=r"'fixed_point' and 'exit_head' cannot be combined: fixed_point sets "
+                                          r"solver='anderson' and exit_head sets exit_head=true: the exit head learns"):
         CARTConfig.tiny(hooks=("fixed_point", "exit_head"))
     assert "exit_head" not in CARTConfig.tiny().to_dict()

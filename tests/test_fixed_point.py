@@ -107,9 +107,13 @@ def test_cached_decoding_equals_uncached_forward():
 @pytest.mark.parametrize("kw, match", [
     (dict(solver_tol=1e-4), r"solver_tol=0.0001 .*add the hook fixed_point"),
     (dict(solver="anderson"), r"solver='anderson' .*the hook fixed_point: add it"),
-    (dict(hooks=("fixed_point", "unfreeze_kv")), r"core_attention='recomputed' .*needs core_attention='anchor'"),
-    (dict(hooks=("fixed_point", "unshare_core")), r"share_core=false .*needs share_core=true"),
-    (dict(hooks=("fixed_point", "random_loops")), r"train_loops='poisson_lognormal' .*fixed_point needs"),
+    (dict(hooks=("fixed_point", "unfreeze_kv")), r"'fixed_point' and 'unfreeze_kv' cannot be combined: .*unfreeze_kv "
+                                                 r"sets core_attention='recomputed': the fixed-point mode needs "
+                                                 r"core_attention='anchor'"),
+    (dict(hooks=("fixed_point", "unshare_core")), r"'fixed_point' and 'unshare_core' cannot .*needs share_core=true"),
+    (dict(hooks=("fixed_point", "random_loops")), r"'fixed_point' and 'random_loops' cannot .*train_loops='fixed'"),
+    (dict(hooks=("fixed_point",), core_attention="self"), r"core_attention='self' .*the hook fixed_point needs "
+                                                         r"core_attention='anchor'"),
     (dict(hooks=("fixed_point",), phantom_steps=4), r"phantom_steps=4 .*backward='phantom' only"),
     (dict(hooks=("fixed_point",), backward="adjoint"), r"backward='adjoint'"),
     (dict(hooks=("fixed_point",), solver_max_iter=0), r"solver_max_iter=0"),

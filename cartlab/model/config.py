@@ -205,10 +205,10 @@ class CARTConfig(LMConfig):
                 f"an unmasked cross-attention needs a cross-attention core (core_attention in {crosses}), got "
                 f"core_attention={self.core_attention!r}: there is no cross-attention to un-mask"))
         self._check_training_depth()
-        self._check_fixed_point()
-        self._check_exit_head()
+        self._check_fixed_point(applied)
+        self._check_exit_head(applied)
 
-    def _check_exit_head(self) -> None:
+    def _check_exit_head(self, applied) -> None:
         if self.exit_head and "exit_head" not in self.hooks:
             raise self.reject("exit_head", "a learned exit head is the hook exit_head: add it to hooks, or leave "
                                            "exit_head false")
@@ -216,12 +216,11 @@ class CARTConfig(LMConfig):
             raise self.reject("exit_loss_weight", "exit_loss_weight weighs the exit head's loss: add the hook "
                                                   "exit_head or leave it at 0.01")
         if self.exit_head and self.solver != "none":
-            applied_by_hooks = "fixed_point" in self.hooks
-            raise self.reject("exit_head", (
-                f"the exit head learns when the loop may stop, and the fixed-point mode{' (hook fixed_point)' * applied_by_hooks} "
-                f"stops by its solver; use one of exit_head and fixed_point"))
+            why = "the exit head learns when a loop may stop, the fixed-point mode stops by its solver"
+            applied.refuse_together(("solver", "exit_head"), why)
+            raise self.reject("exit_head", f"{why}; use one of exit_head and fixed_point")
 
-    def _check_fixed_point(self) -> None:
+    def _check_fixed_point(self, applied) -> None:
         """The solver fields belong to the hook fixed_point, which needs a loop map of h alone
         whose only input is the frozen anchor: a shared core, no random R, no truncation."""
         if self.solver == "none":
@@ -240,6 +239,7 @@ class CARTConfig(LMConfig):
                  "bptt_loops": (None, "the backward mode sets the gradient (backward=ift|phantom|unrolled)")}
         for name, (value, why) in needs.items():
             if getattr(self, name) != value:
+                applied.refuse_together(("solver", name), f"the fixed-point mode needs {name}={show(value)}: {why}")
                 raise self.reject(name, f"the hook fixed_point needs {name}={show(value)}: {why}")
         if self.backward != "phantom" and self.phantom_steps != 2:
             raise self.reject("phantom_steps", "phantom_steps is k of backward='phantom' only; leave it at 2")
