@@ -150,3 +150,15 @@ def test_a_fixed_point_run_trains_and_stores_the_solve_at_every_eval(tiny_data, 
     assert ((iters >= 1) & (iters <= 12)).all()
     curve = probes[(probes.probe == "solver") & (probes.metric == "residual_curve")]
     assert 1 <= curve.x.max() <= 12
+
+
+@pytest.mark.parametrize("backward", ["ift", "phantom"])
+def test_training_under_bf16_autocast(backward):
+    """The Anderson step's small solve runs in fp32 (linalg has no bf16 solve) under autocast."""
+    torch.manual_seed(0)
+    model = build_model(CARTConfig.tiny(hooks=("fixed_point",), solver_max_iter=20, backward=backward)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(IDX, IDX)
+    loss.backward()
+    assert torch.isfinite(loss) and model.solver_stats.converged.float().mean() > 0.5
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

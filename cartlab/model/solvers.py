@@ -119,10 +119,17 @@ def anderson(f: Map, x0: torch.Tensor, tol: float, max_iter: int) -> tuple[torch
 
 
 def mix(X: torch.Tensor, FX: torch.Tensor) -> torch.Tensor:
-    """Anderson's next iterate from iterates X and images FX (N, m, d): sum_i alpha_i FX_i with
+    """Anderson's next iterate (N, d) from iterates X and their images FX (N, m, d), outside autocast."""
+    with torch.autocast(X.device.type, enabled=False):  # autocast would run the small solve in bf16
+        return _mix(X, FX)
+
+
+def _mix(X: torch.Tensor, FX: torch.Tensor) -> torch.Tensor:
+    """sum_i alpha_i FX_i with
     alpha = argmin |alpha G|, sum alpha = 1, G = FX - X (solved in closed form through the
     m x m Gram matrix with a ridge term)."""
-    G = FX - X  # (N, m, d)
+    dtype = torch.promote_types(FX.dtype, torch.float32)  # fp32 at least: linalg has no bf16 solve
+    G = (FX - X).to(dtype)  # (N, m, d)
     gram = G @ G.transpose(1, 2)  # (N, m, m)
     m = gram.size(-1)
     scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(EPS)[:, None, None]  # (N, 1, 1)
@@ -130,7 +137,7 @@ def mix(X: torch.Tensor, FX: torch.Tensor) -> torch.Tensor:
     ones = torch.ones(gram.shape[:-1] + (1,), dtype=gram.dtype, device=gram.device)
     w = torch.linalg.solve_ex(gram + RIDGE * scale * eye, ones)[0]  # (N, m, 1); _ex: no error check, no host sync
     alpha = w / w.sum(1, keepdim=True)
-    return (alpha.transpose(1, 2) @ FX)[:, 0]  # (N, d)
+    return (alpha.transpose(1, 2) @ FX.to(dtype))[:, 0].to(FX.dtype)  # (N, d)
 
 
 SOLVERS = {"iteration": iterate, "anderson": anderson}
