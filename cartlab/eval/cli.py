@@ -44,6 +44,11 @@ def register(subparsers) -> None:
                    help="lm-eval's fewshot_random_seed (default 1234)")
     p.add_argument("--system-prompt", "--system_instruction", default=None,
                    help="lm-eval's system_instruction, prepended to every prompt (default: none)")
+    p.add_argument("--exit", default=None,
+                   help="per-token exit rule for CART (kl, entropy, latent, argmax, learned; cartlab.model.exits): "
+                        "each token stops by it after at most R loops; part of the stored protocol, with the mean "
+                        "loops per token stored beside the scores (metric loops_per_token)")
+    p.add_argument("--exit-threshold", "--exit_threshold", default=None, help="the exit rule's threshold")
     p.add_argument("--db", default="runs/results.db", help="results database of the run (default runs/results.db)")
     p.add_argument("--limit", help="evaluate only the first N documents of each task (stored under a protocol "
                                    "that says so)")
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     given = {"checkpoint": args.checkpoint, "tasks": tasks, "num_fewshot": args.num_fewshot or joined("num_fewshot"),
              "n_loops": expand_loops(args.n_loops or joined("n_loops"), args.checkpoint), "db": args.db,
              "limit": args.limit, "batch_size": args.batch_size or preset.get("batch_size"), "device": args.device,
-             "fewshot_seed": args.fewshot_seed or preset.get("fewshot_seed")}
+             "fewshot_seed": args.fewshot_seed or preset.get("fewshot_seed"), "exit": args.exit,
+             "exit_threshold": args.exit_threshold}
     cfg = EvalConfig.from_dict({"checkpoint": args.checkpoint, "tasks": [],
                                 "system_prompt": args.system_prompt or preset.get("system_prompt")},
                                [f"{k}={v}" for k, v in given.items() if v is not None])
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(cfg.checkpoint, cfg.tasks, num_fewshot=cfg.num_fewshot, n_loops=cfg.n_loops or [None],
                         db=cfg.db, limit=cfg.limit, batch_size=cfg.batch_size, device=cfg.device,
                         output_path=args.output_path, log_samples=args.log_samples, fewshot_seed=cfg.fewshot_seed,
-                        system_prompt=cfg.system_prompt, quiet=args.quiet,
+                        system_prompt=cfg.system_prompt, quiet=args.quiet, exit=cfg.exit,
+                        exit_threshold=cfg.exit_threshold,
                         log=(lambda s: None) if args.quiet else print)
     print(format_table(rows))
     if rows.attrs["stored"]:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cartlab.config import Config, ConfigError, field
+from cartlab.model.exits import EXITS
 from cartlab.train.device import DEVICES
 
 
@@ -18,6 +19,10 @@ class EvalConfig(Config):
     """Few-shot counts, each >= 0."""
     n_loops: list[int] | None = field(None, none="null for the trained R")
     """Inference loop counts for CART, each >= 1."""
+    exit: str | None = field(None, choices=lambda: EXITS, none="null for every token running n_loops")
+    """A per-token exit rule for CART (`cartlab.model.exits`): kl, entropy, latent, argmax, learned."""
+    exit_threshold: float | None = field(None, ge=0, none="null for the rule's default")
+    """The exit rule's threshold."""
     db: str = "runs/results.db"
     """Results database of the run."""
     limit: int | None = field(None, ge=1, none="null for whole tasks")
@@ -39,5 +44,7 @@ class EvalConfig(Config):
         for i, r in enumerate(self.n_loops or []):
             if r < 1:
                 raise ConfigError.value(f"n_loops[{i}]", r, "must be >= 1")
+        if self.exit_threshold is not None and self.exit is None:
+            raise self.reject("exit_threshold", "a threshold needs an exit rule: give --exit too")
         if not Path(self.checkpoint).exists():
             raise self.reject("checkpoint", "no such checkpoint or run folder")

@@ -11,6 +11,12 @@ is causal), loglikelihood_rolling uses the harness's own rolling windows
 (`get_rolling_token_windows` + `make_disjoint_window`) of the trained context length, and
 generate_until decodes greedily with the KV cache, stopping at the first `until` string. Each
 kind of request shows a progress bar, as lm-eval's hf model does.
+
+A CART model can score with a per-token exit rule (`cartlab.model.exits`; issue 27):
+`--model_args checkpoint=...,n_loops=12,exit=kl,exit_threshold=0.001`; `n_loops` is then the most
+loops a token runs, and `mean_loops()` is the mean loops per scored token since the last
+`set_loops` (loglikelihood: the positions a request scores, padding not counted; generation:
+every position decoded, the prompt included).
 """
 from __future__ import annotations
 
@@ -74,10 +80,12 @@ class CartlabLM(TemplateLM):
     `max_batch_size` is accepted and unused: batches are exactly `batch_size`). Any other
     argument is an error."""
 
-    MODEL_ARGS = ("checkpoint", "n_loops", "batch_size", "device", "max_length", "max_gen_toks", "pretrained")
+    MODEL_ARGS = ("checkpoint", "n_loops", "exit", "exit_threshold", "batch_size", "device", "max_length",
+                  "max_gen_toks", "pretrained")
 
     def __init__(self, checkpoint: str | None = None, n_loops: int | None = None, batch_size: int | str = 1,
                  device: str | None = "auto", max_length: int | None = None, max_gen_toks: int = 128, *,
+                 exit: str | None = None, exit_threshold: float | str | None = None,
                  pretrained: str | None = None, model=None, tokenizer=None, max_batch_size: int | None = None,
                  quiet: bool = False, **unknown):
         super().__init__()
@@ -103,16 +111,20 @@ class CartlabLM(TemplateLM):
         self.model, self.tokenizer_ = model.to(self._device).eval(), tokenizer
         self.max_length = int(max_length or seq_len or 1024)
         self.max_gen_toks = int(max_gen_toks)
-        self.set_loops(n_loops)
+        self.set_loops(n_loops, exit, exit_threshold)
 
     @property
     def loops(self) -> bool:
         """Whether the model has a loop count to vary (CART)."""
         return family_of(self.model.config).loops
 
-    def set_loops(self, n_loops: int | str | None) -> None:
-        """Score with `n_loops` iterations of the core (section 7.4); None or "" means the trained R."""
+    def set_loops(self, n_loops: int | str | None, exit: str | None = None,
+                  exit_threshold: float | str | None = None) -> None:
+        """Score with `n_loops` iterations of the core (section 7.4); None or "" means the trained R.
+        With `exit` (and `exit_threshold`), each token stops by that rule, after at most n_loops."""
         self.forward_kw = {}
+        self.loop_total, self.loop_tokens = 0, 0
+        self.set_exit(exit, exit_threshold)
         if n_loops in (None, ""):
             return
         if not self.loops:
@@ -124,6 +136,33 @@ class CartlabLM(TemplateLM):
         if r < 1:
             raise ValueError(f"n_loops: must be an integer >= 1, got {n_loops!r}")
         self.forward_kw["n_loops"] = r
+
+    def set_exit(self, exit: str | None, exit_threshold: float | str | None) -> None:
+        from cartlab.model.exits import exit_rule
+
+        if exit in (None, "") and exit_threshold in (None, ""):
+            return
+        if not self.loops:
+            raise ValueError(f"exit: only {looping()} models loop; this checkpoint is {self.model.config.kind}")
+        try:
+            threshold = None if exit_threshold in (None, "") else float(exit_threshold)
+        except ValueError:
+            raise ValueError(f"exit_threshold: must be a number, got {exit_threshold!r}") from None
+        exit = exit or None
+        exit_rule(exit, threshold)  # refuses an unknown rule or a bad threshold now, in one line
+        if exit == "learned" and getattr(self.model, "exit_head", None) is None:
+            raise ValueError("exit: 'learned' needs a checkpoint trained with the hook exit_head; this one has none")
+        self.forward_kw.update(exit=exit, exit_threshold=threshold)
+
+    def count_loops(self, loops: torch.Tensor | None) -> None:
+        """Add the loop counts of scored positions (any shape) to the running mean."""
+        if loops is not None:
+            self.loop_total += int(loops.sum())
+            self.loop_tokens += loops.numel()
+
+    def mean_loops(self) -> float | None:
+        """Mean loops per scored token since `set_loops` (None for a model without loops, or before scoring)."""
+        return self.loop_total / self.loop_tokens if self.loops and self.loop_tokens else None
 
     # -- tokenizer ------------------------------------------------------------------------------
     @property
@@ -169,9 +208,11 @@ class CartlabLM(TemplateLM):
             batch = order[start: start + self.batch_size]
             seqs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
             logits = self._logits(seqs)
+            loops = getattr(self.model, "loops_per_token", None)
             for row, (i, seq) in enumerate(zip(batch, seqs)):
                 cont = requests[i][2]
                 n = len(cont)
+                self.count_loops(None if loops is None else loops[row, len(seq) - n: len(seq)])
                 # only the continuation's predictions go through log_softmax and to the CPU: (n, V)
                 lp = F.log_softmax(logits[row, len(seq) - n: len(seq)].float(), dim=-1).cpu()
                 target = torch.tensor(cont)
@@ -222,6 +263,7 @@ class CartlabLM(TemplateLM):
                 if any(stop in text for stop in until):
                     break
                 logits, _ = self.model(torch.tensor([[nxt]], device=self._device), cache=cache, **self.forward_kw)
+            self.count_loops(cache.states.get("loops"))
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

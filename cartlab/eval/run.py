@@ -179,11 +179,22 @@ def metric_rows(results: dict, num_fewshot: int, n_loops: int, protocol: dict | 
     return rows
 
 
+def exit_name(exit: str | None, exit_threshold: float | None) -> str:
+    """How a protocol names the loop's end: "fixed" (every token runs R loops), or the per-token
+    exit rule with the threshold as used ("kl:0.001": the rule's default when none is given)."""
+    from cartlab.model.exits import EXITS, exit_rule
+
+    if exit is None:
+        return "fixed"
+    exit_rule(exit, exit_threshold)  # one-line refusal of a bad rule or threshold
+    return f"{exit}:{EXITS[exit](exit_threshold).threshold:g}"
+
+
 def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,), n_loops=(None,),
              db: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 1,
              device: str = "auto", output_path: str | os.PathLike | None = None, log_samples: bool = False,
              fewshot_seed: int = 1234, system_prompt: str | None = None, quiet: bool = False,
-             log=print) -> pd.DataFrame:
+             exit: str | None = None, exit_threshold: float | None = None, log=print) -> pd.DataFrame:
     """Run lm_eval.simple_evaluate for every (num_fewshot, n_loops) and store the metrics as
     downstream rows of the checkpoint's run in `db`, each with the protocol that produced it
     (`cartlab.eval.protocol.Protocol`: few-shot count and seed, system prompt, batch size, limit,
@@ -201,7 +212,12 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
 
     A quick look (`limit`) or an earlier checkpoint is stored too, under its own protocol (the
     limit and the step are part of it), so it never stands in for the final weights on whole
-    tasks: a score table gives each protocol its own column (`protocol.score_table`)."""
+    tasks: a score table gives each protocol its own column (`protocol.score_table`).
+
+    With `exit` (a rule of `cartlab.model.exits`, and `exit_threshold`) each token of a CART
+    model stops by that rule after at most R loops; the rule is part of the protocol, every task is
+    evaluated on its own and gets one more row, metric "loops_per_token": the mean loops per scored
+    token."""
     import lm_eval
 
     from cartlab.checkpoint import PREFIX, latest
@@ -222,6 +238,9 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
         raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
     device = resolve_device(device)
     lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device, quiet=quiet)
+    ending = exit_name(exit, exit_threshold)
+    if exit is not None and not lm.loops:
+        raise ValueError(f"--exit: only looping checkpoints stop per token; this one is {lm.model.config.kind}")
     preflight(lm, task_list, n_loops=n_loops, num_fewshot=num_fewshot)
     trained_r = getattr(lm.model.config, "n_loops", 0)
     step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else -1
@@ -238,29 +257,33 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
                              f"give the database it was trained into")
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     rows = []
+    groups = [[t] for t in task_list] if exit else [task_list]  # with an exit rule: each task's own loop count
+    settings = [(r, int(k), group) for r in n_loops for k in num_fewshot for group in groups]
     try:
-        for r in n_loops:
-            lm.set_loops(r)
-            for k in num_fewshot:
-                protocol = Protocol(lm_eval_version=lm_eval.__version__, num_fewshot=int(k),
-                                    fewshot_seed=int(fewshot_seed), chat_template=NONE,
-                                    system_prompt=system_prompt or NONE, batch_size=int(batch_size),
-                                    limit_docs=None if limit is None else float(limit), dtype=dtype,
-                                    n_loops=int(r or trained_r), exit_rule="fixed", step=step)
-                log(f"cartlab eval: {lm.run_id} R={r or trained_r} {k}-shot on {', '.join(tasks)} ({device})")
-                tracker = tracker_for(output_path)
-                with silenced(quiet):
-                    res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=task_list,
-                                                  num_fewshot=int(k), limit=limit, batch_size=batch_size,
-                                                  device=device, log_samples=log_samples, evaluation_tracker=tracker,
-                                                  bootstrap_iters=1000, fewshot_random_seed=int(fewshot_seed),
-                                                  system_instruction=system_prompt)
-                if tracker is not None:
-                    write_outputs(tracker, res, log_samples)
-                new = metric_rows(res, int(k), int(r or trained_r), protocol.row())
-                if store is not None:
-                    store.log_downstream(lm.run_id, new)
-                rows += new
+        for r, k, group in settings:
+            lm.set_loops(r, exit, exit_threshold)
+            protocol = Protocol(lm_eval_version=lm_eval.__version__, num_fewshot=k, fewshot_seed=int(fewshot_seed),
+                                chat_template=NONE, system_prompt=system_prompt or NONE, batch_size=int(batch_size),
+                                limit_docs=None if limit is None else float(limit), dtype=dtype,
+                                n_loops=int(r or trained_r), exit_rule=ending, step=step)
+            log(f"cartlab eval: {lm.run_id} R={r or trained_r} exit {ending} {k}-shot on {', '.join(tasks)} "
+                f"({device})")
+            tracker = tracker_for(output_path)
+            with silenced(quiet):
+                res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=group,
+                                              num_fewshot=k, limit=limit, batch_size=batch_size, device=device,
+                                              log_samples=log_samples, evaluation_tracker=tracker,
+                                              bootstrap_iters=1000, fewshot_random_seed=int(fewshot_seed),
+                                              system_instruction=system_prompt)
+            if tracker is not None:
+                write_outputs(tracker, res, log_samples)
+            new = metric_rows(res, k, int(r or trained_r), protocol.row())
+            if exit:
+                new += [{**protocol.row(), "task": task, "metric": "loops_per_token", "value": lm.mean_loops(),
+                         "stderr": None, "num_fewshot": k, "n_loops": int(r or trained_r)} for task in res["results"]]
+            if store is not None:
+                store.log_downstream(lm.run_id, new)
+            rows += new
     finally:
         if store is not None:
             store.close()

@@ -14,12 +14,18 @@ class CartlabConfig(PretrainedConfig):
     (`LMConfig.to_dict()`: kind, shape and hooks) the model is rebuilt from. `n_loops` is the loop
     count R a CART model runs when a call does not give one: the trained R as exported; set it at
     load time for variable-R inference (`from_pretrained(DIR, n_loops=8)`, or lm-eval's
-    `--model_args pretrained=DIR,n_loops=8`). None for Dense, which does not loop."""
+    `--model_args pretrained=DIR,n_loops=8`). None for Dense, which does not loop. `exit` and
+    `exit_threshold` (CART only) name a per-token exit rule that calls use unless they give one
+    (`cartlab.model.exits`; `from_pretrained(DIR, exit="kl", exit_threshold=1e-3)`, or in lm-eval's
+    model args); None: every token runs n_loops."""
 
     model_type = "cartlab"
 
-    def __init__(self, cartlab: dict | None = None, n_loops: int | None = None, **kwargs):
+    def __init__(self, cartlab: dict | None = None, n_loops: int | None = None, exit: str | None = None,
+                 exit_threshold: float | None = None, **kwargs):
         self.cartlab = dict(cartlab or {})
         self.n_loops = n_loops
+        self.exit = exit
+        self.exit_threshold = None if exit_threshold is None else float(exit_threshold)
         kwargs.setdefault("tie_word_embeddings", True)  # cartlab ties the LM head to the embedding
         super().__init__(**kwargs)

@@ -4,6 +4,8 @@
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # n_loops=8 for R=8
     model(ids).logits                                                            # cartlab's logits
     model.generate(ids, max_new_tokens=64, do_sample=False, n_loops=8)
+    model.generate(ids, max_new_tokens=64, do_sample=False, exit="kl", exit_threshold=1e-3)  # per-token exits
+    model.mean_loops_per_token()                                                 # since load / reset_loops()
 
 `CartlabForCausalLM.model` is the cartlab model itself (CART or Dense, LRT included), rebuilt from
 the cartlab config that config.json stores under `cartlab`, so its logits are cartlab's by
@@ -79,6 +81,7 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         cfg = LMConfig.from_dict(config.cartlab)
         self.model = family_of(cfg).build(cfg)
         self.post_init()
+        self.reset_loops()
 
     def _init_weights(self, module) -> None:
         """Nothing: the cartlab model initialises itself when built, and the weights are then loaded."""
@@ -96,20 +99,32 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.lm_head
 
-    def loop_kw(self, n_loops: int | None) -> dict:
-        """The cartlab forward's loop argument: this call's R, else the config's (CART only)."""
-        n = self.config.n_loops if n_loops is None else n_loops
-        if n is None:
-            return {}
-        if not family_of(self.model.config).loops:
-            raise ValueError(f"n_loops={n!r} is not allowed: only {looping()} models loop; this model is "
+    def loop_kw(self, n_loops: int | None, exit: str | None = None, exit_threshold: float | None = None) -> dict:
+        """The cartlab forward's loop arguments: this call's R and exit rule, else the config's (CART only)."""
+        kw = {"n_loops": self.config.n_loops if n_loops is None else n_loops}
+        if exit is not None or self.config.exit is not None:
+            kw.update(exit=exit if exit is not None else self.config.exit,
+                      exit_threshold=exit_threshold if exit is not None else self.config.exit_threshold)
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if kw and not family_of(self.model.config).loops:
+            name, value = next(iter(kw.items()))
+            raise ValueError(f"{name}={value!r} is not allowed: only {looping()} models loop; this model is "
                              f"{self.model.config.kind}")
-        return {"n_loops": n}
+        return kw
+
+    def reset_loops(self) -> None:
+        """Restart the count behind `mean_loops_per_token`."""
+        self.loop_total, self.loop_tokens = 0, 0
+
+    def mean_loops_per_token(self) -> float | None:
+        """Mean loops per position over every forward since load or `reset_loops` (None for Dense)."""
+        return self.loop_total / self.loop_tokens if self.loop_tokens else None
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None, n_loops: int | None = None,
                 return_dict: bool | None = None, cache: CartlabCache | None = None,
-                past_key_values: CartlabCache | None = None, **kwargs):
+                past_key_values: CartlabCache | None = None, exit: str | None = None,
+                exit_threshold: float | None = None, **kwargs):
         """input_ids (B, T) -> logits (B, T, V), and with `labels` (B, T) the mean next-token loss
         (transformers' convention: labels are the inputs, shifted here; -100 is ignored). With a
         cache (given, or made when `use_cache`) the call continues the cache's sequence."""
@@ -122,7 +137,12 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = CartlabCache()
-        logits, _ = self.model(input_ids, cache=None if cache is None else cache.kv, **self.loop_kw(n_loops))
+        logits, _ = self.model(input_ids, cache=None if cache is None else cache.kv,
+                               **self.loop_kw(n_loops, exit, exit_threshold))
+        loops = getattr(self.model, "loops_per_token", None)
+        if loops is not None:  # the positions of this call (a cache's count holds the whole sequence)
+            self.loop_total += int(loops[:, -input_ids.size(1):].sum())
+            self.loop_tokens += input_ids.numel()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -131,7 +151,8 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                                      use_cache: bool | None = None, n_loops: int | None = None, **kwargs) -> dict:
+                                      use_cache: bool | None = None, n_loops: int | None = None,
+                                      exit: str | None = None, exit_threshold: float | None = None, **kwargs) -> dict:
         """The next forward's inputs: the positions the cache has not seen yet (all without a cache)."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported by cartlab models; pass input_ids")
@@ -139,4 +160,4 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
-                "n_loops": n_loops, CACHE_ARG: cache}
+                "n_loops": n_loops, "exit": exit, "exit_threshold": exit_threshold, CACHE_ARG: cache}

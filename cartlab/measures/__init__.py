@@ -2,7 +2,8 @@
 
 The measures themselves live in this package's modules (`MODULES`): `depth` (the test-time
 depth profile), `lrt` (LRT's interleaved-vs-exact gap), `loops` (per-loop logit lens, the loop
-map's contraction).
+map's contraction), `solver` (the fixed-point solve's residual, iterations, converged share), `adaptive` (the
+compute-quality frontier of adaptive depth: loss against mean loops per token; opt-in).
 
 A measure is a function `ctx -> rows` registered for the models it applies to:
 
@@ -13,7 +14,8 @@ A measure is a function `ctx -> rows` registered for the models it applies to:
         return [{"split": "prose", "x": 3, "metric": "loss", "value": 2.1}, ...]
 
 `when` is "eval" (at every evaluation, e.g. the per-loop logit lens) or "final" (once, after the
-last step's evaluation: the expensive ones). The loop fills `probe` (the measure's name) and
+last step's evaluation: the expensive ones). A measure registered with `default=False` runs only
+when a run names it. The loop fills `probe` (the measure's name) and
 `step`. A row's `x` is the measure's axis (inference R, the LRT subset count S, the loop index)
 and `split` the validation domain ('' when not per domain). `TrainConfig.measures` picks which
 run (null: every measure that applies to the model; [] none).
@@ -41,6 +43,8 @@ class Measure:
     fn: Callable[["MeasureContext"], list[dict]]
     applies: Callable[["LMConfig"], bool]
     when: str
+    default: bool = True
+    """Run when `TrainConfig.measures` is null; False: only when named (an expensive, opt-in measure)."""
 
     @property
     def summary(self) -> str:
@@ -50,8 +54,10 @@ class Measure:
 MEASURES: dict[str, Measure] = {}
 
 
-def register_measure(name: str, *, applies: Callable[["LMConfig"], bool], when: str = "final"):
-    """Register `fn(ctx) -> rows` as the measure `name`, run on models where `applies(config)`."""
+def register_measure(name: str, *, applies: Callable[["LMConfig"], bool], when: str = "final",
+                     default: bool = True):
+    """Register `fn(ctx) -> rows` as the measure `name`, run on models where `applies(config)`
+    (with `default=False` only when a run names it in `measures`)."""
     if when not in WHEN:
         raise ValueError(f"measure {name!r}: when={when!r} is not allowed; choose one of {WHEN}")
 
@@ -60,13 +66,21 @@ def register_measure(name: str, *, applies: Callable[["LMConfig"], bool], when: 
             raise ValueError(f"measure {name!r} is already registered")
         if not fn.__doc__:
             raise ValueError(f"measure {name!r} needs a docstring saying what it measures")
-        MEASURES[name] = Measure(name, fn, applies, when)
+        MEASURES[name] = Measure(name, fn, applies, when, default)
         return fn
 
     return wrap
 
 
-MODULES = ("depth", "lrt", "loops")
+def loops_r_times(model_cfg: "LMConfig") -> bool:
+    """A looping model that runs R loops: the per-loop measures apply. Not the fixed-point mode
+    (hook fixed_point), whose depth is the solver's (measure `solver`)."""
+    from cartlab.model.family import family_of
+
+    return family_of(model_cfg).loops and getattr(model_cfg, "solver", "none") == "none"
+
+
+MODULES = ("depth", "lrt", "loops", "solver", "adaptive")
 """The modules of this package that register measures, imported on first use."""
 
 
@@ -81,7 +95,7 @@ def measures_for(model_cfg: "LMConfig", names: list[str] | None = None) -> list[
     """The measures to run on `model_cfg`: `names` (checked by TrainConfig) or every one that applies."""
     _load()
     if names is None:
-        return [m for m in MEASURES.values() if m.applies(model_cfg)]
+        return [m for m in MEASURES.values() if m.default and m.applies(model_cfg)]
     return [MEASURES[n] for n in names]
 
 

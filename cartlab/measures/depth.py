@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from cartlab.measures import MeasureContext, register_measure
+from cartlab.measures import MeasureContext, loops_r_times, register_measure
 from cartlab.model.family import family_of, looping
 
 
@@ -73,7 +73,7 @@ def losses_by_depth(model, x: torch.Tensor, y: torch.Tensor, grid: list[int]) ->
     return {r: model.head(model.coda(states[r], rope, None), y)[1].item() for r in grid}
 
 
-@register_measure("depth_profile", when="final", applies=lambda m: family_of(m).loops)
+@register_measure("depth_profile", when="final", applies=loops_r_times)
 def depth_profile(ctx: MeasureContext) -> list[dict]:
     """Validation loss and perplexity per domain at inference R = 1 .. 4x the trained R (`depth_grid`)."""
     grid = profile_grid(ctx.model_cfg)

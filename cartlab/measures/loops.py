@@ -57,8 +57,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cartlab.measures import MeasureContext, register_measure
-from cartlab.model.family import family_of
+from cartlab.measures import MeasureContext, loops_r_times, register_measure
 from cartlab.model.probes import logit_lens as lens_rows, loop_contraction as contraction_rows, mean_settle_loop
 
 LENS_METRICS = ("loss", "kl_to_final", "top1_agree", "settled")
@@ -78,8 +77,8 @@ SEED = 0
 
 
 def loops_to_look_inside(model_cfg) -> bool:
-    """A looping model with R > 1: a loop whose states can be compared with the final one."""
-    return family_of(model_cfg).loops and model_cfg.n_loops > 1
+    """A model looping R > 1 times (not in fixed-point mode): a loop whose states can be compared with the final one."""
+    return loops_r_times(model_cfg) and model_cfg.n_loops > 1
 
 
 @register_measure("logit_lens", applies=loops_to_look_inside, when="eval")

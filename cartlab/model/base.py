@@ -80,7 +80,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Sample `max_new_tokens` after `idx` (B, T). temperature=0 is greedy. With `use_cache`
         each new token costs one position of compute; without, the whole sequence is re-run.
-        Extra keyword arguments go to `forward` (e.g. `n_loops` for CART)."""
+        Extra keyword arguments go to `forward` (e.g. `n_loops`, or `exit` and `exit_threshold` for
+        CART, whose `loops_per_token` then holds the loop count of every position run)."""
         cache = KVCache() if use_cache else None
         logits, _ = self(idx, cache=cache, **forward_kw)
         for step in range(max_new_tokens):

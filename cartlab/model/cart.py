@@ -10,7 +10,10 @@
     coda (1 MLA layer) -> norm -> tied LM head                               # section 3.3
 
 Which parts fill those slots is read from the config in one place (`__init__`); the ablation
-hooks of section 8 only change the config (see `cartlab.model.hooks`). Two hooks change training
+hooks of section 8 only change the config (see `cartlab.model.hooks`). Two ways out of the fixed
+R loop (issue 27): a per-token exit rule at inference (`forward(..., exit="kl")`,
+`cartlab.model.exits`), and the hook `fixed_point`, which solves h* = f(h*) instead of looping
+(`cartlab.model.solvers`). Either way `loops_per_token` (B, T) holds the loops each token ran. Two hooks change training
 only: `random_loops` (the training loop passes each step's R as `n_loops`) and `truncated_bptt`
 (`recur` runs the first R - k loops without gradient). The parts of a loop step are in
 `cartlab.model.components`, in the same order.
@@ -26,8 +29,10 @@ import torch.nn as nn
 from cartlab.model.base import CausalLM
 from cartlab.model.components import CORE_ATTENTION, GATES, LOOP_EMBEDDINGS, MIXERS, CoreBlock, LoopContext
 from cartlab.model.config import CARTConfig
+from cartlab.model.exits import ExitHead, ExitRule, Halting, exit_rule
 from cartlab.model.family import ModelSpec, register_family
 from cartlab.model.layers import MLAKV, Block, KVCache, cache_site
+from cartlab.model.solvers import fixed_point
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -44,18 +49,28 @@ class CART(CausalLM):
         self.loop_embedding = LOOP_EMBEDDINGS[cfg.loop_embedding](cfg)
         self.gate = GATES[cfg.state_gate](cfg)
         self.coda = Block(cfg, MLAKV(cfg, cfg.kv_latent_dim))
+        self.exit_head = ExitHead(cfg) if cfg.exit_head else None  # hook exit_head: read by exit='learned'
         self.init_weights()
+        self.loops_per_token: torch.Tensor | None = None  # (B, T) after a forward: loops each token ran
+        self.solver_stats = None  # `solvers.Stats` of the last fixed-point forward
+        self.aux_loss: torch.Tensor | None = None  # the last training forward's Jacobian penalty or exit-head loss
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, exit: str | None = None, exit_threshold: float | None = None):
         """idx (B, T) -> logits (B, T, V), loss. `n_loops` overrides R for this call (variable-R
-        inference); `cache` makes this call continue a sequence (KV-cached generation)."""
+        inference; with an exit rule, the most loops a token runs); `cache` makes this call
+        continue a sequence (KV-cached generation); `exit`, `exit_threshold` pick a per-token
+        exit rule (`cartlab.model.exits`). In training the loss includes `aux_loss` (the
+        fixed-point Jacobian penalty, or the exit head's loss), both weighted."""
         e, rope = self.encode(idx, cache)  # (B, T, d)
-        h = self.recur(e, rope, n_loops, cache)  # (B, T, d)
+        h = self.recur(e, rope, n_loops, cache, halt=exit_rule(exit, exit_threshold))  # (B, T, d)
         h = self.coda(h, rope, cache_site(cache, "coda"))
         if cache is not None:
             cache.pos += idx.size(1)
-        return self.head(h, targets, cache)
+        logits, loss = self.head(h, targets, cache)
+        if loss is not None and self.aux_loss is not None:
+            loss = loss + self.aux_loss
+        return logits, loss
 
     def encode(self, idx: torch.Tensor, cache: KVCache | None = None):
         """Embedding and prelude: the anchor's source e (B, T, d) and the rotary angles."""
@@ -67,7 +82,7 @@ class CART(CausalLM):
         return x, rope
 
     def recur(self, e: torch.Tensor, rope, n_loops: int | None = None, cache: KVCache | None = None,
-              observe: Observer | None = None) -> torch.Tensor:
+              observe: Observer | None = None, halt: ExitRule | None = None) -> torch.Tensor:
         """The recurrent core: R loop steps from h_0 = e; returns h_R (B, T, d).
 
         Truncated BPTT (`bptt_loops` = k, in training with autograd on): the first R - k loops run
@@ -75,18 +90,68 @@ class CART(CausalLM):
         constants. The loop's weights (core block, mixer, loop embedding, gate) then get gradient
         from the last k loops only; the prelude and the anchor still get it through the anchor's
         K, V (read by every graded loop) and through h_0 = e while e is still in the mixer's
-        history. The forward's values do not change."""
+        history. The forward's values do not change.
+
+        An exit rule `halt` freezes each token's history once it stops (`exits.Halting`); the
+        loop ends early when every token has stopped, unless a per-loop cache still needs rows."""
+        self.aux_loss = None
+        if self.config.solver != "none":
+            return self.solve(e, rope, cache, halt)
         n_loops = self.check_loops(n_loops)
         anchor = self.anchor.begin(e, cache)  # K, V computed once (None when every loop projects its own)
         history = [e] * self.mixer.depth  # ring buffer h_r, h_{r-1}, ...
         frozen = self.frozen_loops(n_loops)
+        halting = None if halt is None else Halting(halt, self, e)
+        states = [] if self.exit_head is not None and self.training and torch.is_grad_enabled() else None
         for r in range(n_loops):
             with torch.no_grad() if r < frozen else contextlib.nullcontext():
                 h = self.step(history, LoopContext(r, rope, cache, anchor))
             if observe is not None:
                 observe(r, h, history[0])
-            history = [h] + history[:-1]
+            if states is not None:
+                states.append(h)  # the exit head learns from every loop's state
+            if halting is None:
+                history = [h] + history[:-1]
+                continue
+            history = halting.advance(history, [h] + history[:-1])
+            if (cache is None or self.anchor.loop_invariant) and halting.finished():
+                break
+        self.count_loops(e.new_full(e.shape[:-1], n_loops, dtype=torch.long) if halting is None else halting.loops,
+                         cache)
+        if states:
+            self.aux_loss = self.config.exit_loss_weight * self.exit_head.loss(self, states)
         return history[0]
+
+    def solve(self, e: torch.Tensor, rope, cache: KVCache | None, halt: ExitRule | None) -> torch.Tensor:
+        """Fixed-point mode (hook `fixed_point`, `cartlab.model.solvers`): h* = f(h*) for the loop
+        map f(h) = step([h, h, h], r = 0), solved per token from h_0 = e; returns f(h*) (B, T, d)."""
+        if halt is not None:
+            raise ValueError(f"exit={halt.name!r} is not allowed in fixed-point mode (hook fixed_point): the "
+                             f"solver decides each token's iterations (solver_tol)")
+        cfg = self.config
+        anchor = self.anchor.begin(e, cache)
+        loop = LoopContext(0, rope, cache, anchor)
+
+        def f(x: torch.Tensor) -> torch.Tensor:  # (B * T, d) -> (B * T, d)
+            h = x.view(e.shape)
+            return self.step([h] * self.mixer.depth, loop).reshape(x.shape)
+
+        penalise = cfg.jacobian_penalty > 0 and self.training
+        res = fixed_point(f, e.reshape(-1, e.size(-1)), cfg.solver, cfg.solver_tol, cfg.solver_max_iter,
+                          cfg.backward, cfg.phantom_steps, penalise)
+        self.solver_stats = res.stats
+        if res.penalty is not None:
+            self.aux_loss = cfg.jacobian_penalty * res.penalty
+        self.count_loops(res.stats.iterations.view(e.shape[:-1]), cache)
+        return res.out.view(e.shape)
+
+    def count_loops(self, loops: torch.Tensor, cache: KVCache | None) -> None:
+        """Keep each token's loop count (B, T); a cache collects them over the whole sequence."""
+        if cache is not None:
+            old = cache.states.get("loops")
+            loops = loops if old is None else torch.cat([old, loops], dim=1)
+            cache.states["loops"] = loops
+        self.loops_per_token = loops
 
     def step(self, history: list[torch.Tensor], loop: LoopContext) -> torch.Tensor:
         """One loop step (section 3.2): h_{r+1} (B, T, d) from the history [h_r, h_{r-1}, ...]

@@ -164,6 +164,8 @@ class FrozenAnchor(AnchorKV):
     """CART's anchor: K, V computed once from the prelude output and reused by every loop. In
     generation the anchor cache grows by the new positions only."""
 
+    loop_invariant = True  # no loop writes a cache row: a token may stop looping without leaving a gap
+
     def applications(self, n_loops: int) -> int:
         return 1
 
@@ -183,6 +185,8 @@ class RecomputedAnchor(AnchorKV):
     """Ablation X (section 8.1): the same KV projection re-applied to the core's input state at
     every loop, so K, V evolve with the state. Generation keeps one cache per loop."""
 
+    loop_invariant = False  # every loop writes its own cache rows
+
     def applications(self, n_loops: int) -> int:
         return n_loops
 
@@ -200,6 +204,8 @@ class RecomputedAnchor(AnchorKV):
 
 class NoAnchor(nn.Module):
     """No anchor (self-attention core): nothing is computed from the prelude output."""
+
+    loop_invariant = False  # the self-attention core writes a cache per loop
 
     def __init__(self, cfg):
         super().__init__()

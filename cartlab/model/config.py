@@ -28,6 +28,8 @@ TRAIN_LOOPS = ("fixed", "uniform", "poisson_lognormal")
 """How a CART training step chooses its loop count R (`CARTConfig.train_loops`; drawn by
 `cartlab.model.loops.LoopSampler`)."""
 RANGE_FIELDS = ("loops_min", "loops_max", "loops_sigma")  # shape a random R; refused without one
+SOLVER_FIELDS = ("solver_tol", "solver_max_iter", "backward", "phantom_steps", "jacobian_penalty")
+"""Shape the fixed-point mode (hook `fixed_point`); refused without it."""
 
 
 @dataclass
@@ -163,6 +165,30 @@ class CARTConfig(LMConfig):
     `truncated_bptt`): in training, the first R - k loops run without gradient and only the last
     k loops (all R when R <= k) are backpropagated through."""
 
+    # -- fixed-point mode (hook fixed_point, issue 27; `cartlab.model.solvers`) ---------------------------
+    # Left out of `to_dict` at their defaults, like the fields above.
+    solver: str = field("none", choices=("none", "iteration", "anderson"), elide_default=True)
+    """'none' loops R times; set through the hook `fixed_point`: 'iteration' (plain fixed-point
+    iteration) or 'anderson' (Anderson acceleration) solves h* = f(h*) for the loop map instead."""
+    solver_tol: float = field(1e-3, gt=0, elide_default=True)
+    """A token's solve stops when |f(h) - h| / |f(h)| < solver_tol."""
+    solver_max_iter: int = field(30, ge=1, elide_default=True)
+    """Most solver iterations (forward, and the implicit backward's own solve)."""
+    backward: str = field("ift", choices=("ift", "phantom", "unrolled"), elide_default=True)
+    """Gradient of the fixed point: 'ift' (implicit differentiation, memory constant in the
+    iterations), 'phantom' (phantom_steps unrolled steps from h*), 'unrolled' (through every iteration)."""
+    phantom_steps: int = field(2, ge=1, elide_default=True)
+    """k of backward='phantom'."""
+    jacobian_penalty: float = field(0.0, ge=0, elide_default=True)
+    """Weight of the Jacobian penalty |J|_F^2 / d at h* (one Hutchinson probe) in the training loss."""
+
+    # -- the learned exit head (hook exit_head, issue 27; `cartlab.model.exits.ExitHead`) ---------------
+    exit_head: bool = field(False, elide_default=True)
+    """A head on the loop state that learns when further loops stop changing the prediction
+    (set it through the hook `exit_head`); read at inference by exit='learned'."""
+    exit_loss_weight: float = field(0.01, gt=0, elide_default=True)
+    """Weight of the exit head's binary cross-entropy in the training loss."""
+
     kind: ClassVar[str] = "cart"
     family: ClassVar[str] = "cart"
 
@@ -179,6 +205,44 @@ class CARTConfig(LMConfig):
                 f"an unmasked cross-attention needs a cross-attention core (core_attention in {crosses}), got "
                 f"core_attention={self.core_attention!r}: there is no cross-attention to un-mask"))
         self._check_training_depth()
+        self._check_fixed_point(applied)
+        self._check_exit_head(applied)
+
+    def _check_exit_head(self, applied) -> None:
+        if self.exit_head and "exit_head" not in self.hooks:
+            raise self.reject("exit_head", "a learned exit head is the hook exit_head: add it to hooks, or leave "
+                                           "exit_head false")
+        if not self.exit_head and self.exit_loss_weight != 0.01:
+            raise self.reject("exit_loss_weight", "exit_loss_weight weighs the exit head's loss: add the hook "
+                                                  "exit_head or leave it at 0.01")
+        if self.exit_head and self.solver != "none":
+            why = "the exit head learns when a loop may stop, the fixed-point mode stops by its solver"
+            applied.refuse_together(("solver", "exit_head"), why)
+            raise self.reject("exit_head", f"{why}; use one of exit_head and fixed_point")
+
+    def _check_fixed_point(self, applied) -> None:
+        """The solver fields belong to the hook fixed_point, which needs a loop map of h alone
+        whose only input is the frozen anchor: a shared core, no random R, no truncation."""
+        if self.solver == "none":
+            for f in dataclasses.fields(self):
+                if f.name in SOLVER_FIELDS and getattr(self, f.name) != f.default:
+                    raise self.reject(f.name, (
+                        f"{f.name} shapes the fixed-point mode: add the hook fixed_point or leave {f.name} at its "
+                        f"default ({show(f.default)})"))
+            return
+        if "fixed_point" not in self.hooks:
+            raise self.reject("solver", "a fixed-point solve is the hook fixed_point: add it to hooks, or leave "
+                                        "solver='none'")
+        needs = {"core_attention": ("anchor", "the fixed point must depend on the input through the frozen anchor"),
+                 "share_core": (True, "the loop map must be the same at every iteration"),
+                 "train_loops": ("fixed", "the solver, not a drawn R, sets the depth"),
+                 "bptt_loops": (None, "the backward mode sets the gradient (backward=ift|phantom|unrolled)")}
+        for name, (value, why) in needs.items():
+            if getattr(self, name) != value:
+                applied.refuse_together(("solver", name), f"the fixed-point mode needs {name}={show(value)}: {why}")
+                raise self.reject(name, f"the hook fixed_point needs {name}={show(value)}: {why}")
+        if self.backward != "phantom" and self.phantom_steps != 2:
+            raise self.reject("phantom_steps", "phantom_steps is k of backward='phantom' only; leave it at 2")
 
     def _check_training_depth(self) -> None:
         """The variable-depth fields: each belongs to its hook, and the loop range must make sense."""

@@ -27,6 +27,11 @@ the mean R) and `truncated_bptt` backpropagates through the last k loops only. B
 every other hook; `model.train_loops`, `model.loops_*` and `model.bptt_loops` tune them and are
 refused without their hook.
 
+Two more CART hooks treat the loop as a solver (issue 27): `fixed_point` solves h* = f(h*) for
+the loop map instead of looping R times (`cartlab.model.solvers`; `model.solver*`, `backward`,
+`phantom_steps` and `jacobian_penalty` tune it), and `exit_head` trains a head that tells when a
+token may stop looping (exit='learned' of `cartlab.model.exits`, `model.exit_loss_weight`).
+
 Refused combinations are kept minimal and follow from two rules, not from a hand-kept list:
 1. two hooks that set the same field to different values are refused (e.g. `unfreeze_kv` and
    `self_attn_core` both decide where the core's K, V come from);
@@ -57,7 +62,8 @@ class Hook:
     """The model family whose configs this hook rewrites (`cartlab.model.family`)."""
     group: str = ""
     """What kind of variant it makes: 'ablation' (the paper's section-8 ablations,
-    `PAPER_ABLATIONS`), 'control', 'training', 'memory' (LRT's injection paths, `LRT_HOOKS`)."""
+    `PAPER_ABLATIONS`), 'control', 'training', 'memory' (LRT's injection paths, `LRT_HOOKS`),
+    'solver' (the loop as a solver: `fixed_point`, `exit_head`)."""
 
     @property
     def summary(self) -> str:
@@ -219,6 +225,19 @@ def random_loops(cfg):
 def truncated_bptt(cfg):
     """Backpropagate through the last k = bptt_loops loops only (default ceil(n_loops / 2))."""
     return {"bptt_loops": cfg.bptt_loops or max(1, math.ceil(cfg.n_loops / 2))}
+
+
+# -- the loop as a solver (issue 27; `cartlab.model.solvers`) ---------------------------------------
+@register_hook("fixed_point", section="Deep Equilibrium Models (Bai et al. 2019) / Attractor models", group="solver")
+def solve_fixed_point(cfg):
+    """Solve h* = f(h*) for the loop map (solver=anderson unless iteration) instead of running R loops."""
+    return {"solver": cfg.solver if cfg.solver != "none" else "anderson"}
+
+
+@register_hook("exit_head", section="LoopUS (Q-head) / Ouro (exit gate); issue 27", group="solver")
+def learn_exit_head(cfg):
+    """Train a small head on the loop state to predict when further loops stop changing the prediction (exit='learned')."""
+    return {"exit_head": True}
 
 
 def __getattr__(name: str):
