@@ -181,3 +181,37 @@ def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | o
             os.environ["MPLBACKEND"] = env_backend
     os.replace(partial, output)
     return output
+
+
+def execute_many(jobs: list[dict], workers: int = 1, then=None):
+    """Execute several notebooks, `workers` at a time (each job: `execute`'s arguments as a
+    dict), yielding (name, path of the executed copy, seconds) as each finishes. `then(path)`
+    runs in the same process right after a notebook executes (e.g. its HTML rendering). With
+    workers > 1 the notebooks run in spawned processes, each kernel given an equal share of the
+    CPU threads; the first failure is raised once the notebooks already started have finished."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _execute_timed(job, then)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=_share_threads, initargs=(threads,)) as pool:
+        for done in as_completed([pool.submit(_execute_timed, job, then) for job in jobs]):
+            yield done.result()
+
+
+def _share_threads(threads: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = threads  # the kernels this worker starts inherit it
+
+
+def _execute_timed(job: dict, then=None) -> tuple[str, Path, float]:
+    import time
+
+    t0 = time.time()
+    path = execute(**job)
+    if then is not None:
+        then(path)
+    return job["name"], path, time.time() - t0

@@ -4,6 +4,7 @@
     cartlab report paper-diagnostics --db lab.db
     cartlab report paper                    # the paper's published numbers alone (data/paper/)
     cartlab report variable_depth --partial # render a study whose runs are not all trained yet
+    cartlab report cpu-demo --workers 1     # one analysis notebook at a time (default: up to 4)
 
 A study's report opens with "k of n runs trained" and "What this study shows": each comparison
 (CART vs Dense, each ablation, matched compute, loops past the trained R) on every validation
@@ -26,6 +27,7 @@ it in `report_dir/sections/<notebook>.json`. The `report` notebook assembles tho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -315,6 +317,11 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 """
 
 
+def html_beside(executed: Path, banner: str = "") -> Path:
+    """An executed notebook's HTML page beside it (`to_html`)."""
+    return to_html(executed, executed.with_suffix(".html"), banner)
+
+
 def to_html(notebook: Path, output: Path, banner: str = "") -> Path:
     """Render an executed notebook to standalone HTML with the code cells hidden: images inline,
     nothing fetched from the network (OFFLINE_TEMPLATE); `banner` (a partial report's) opens the
@@ -340,9 +347,10 @@ def to_html(notebook: Path, output: Path, banner: str = "") -> Path:
 
 
 def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: str | os.PathLike = "reports",
-           log=print, *, partial: bool = False) -> Path:
+           log=print, *, partial: bool = False, workers: int | None = None) -> Path:
     """Execute every analysis notebook and the report notebook for `study` (or "paper") into
-    reports/<study>/ and render index.html and summary.md; returns the index path.
+    reports/<study>/ and render index.html and summary.md; returns the index path. The analysis
+    notebooks run `workers` at a time (default: up to 4, one per CPU core; `execute_many`).
 
     A study with runs missing is refused (`IncompleteStudy`, naming them) unless `partial`: then
     every page opens with a banner saying which runs are missing. The findings of the study
@@ -350,7 +358,11 @@ def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: s
     are stored in the database's `findings` table."""
     from cartlab.analysis.findings import shows_markdown
     from cartlab.analysis.study import study_findings
-    from cartlab.notebooks import execute
+    from cartlab.notebooks import execute, execute_many
+
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {workers}")
 
     check_study_name(study)
     state = None if study == PAPER else completeness(study, db)
@@ -379,11 +391,10 @@ def render(study: str, db: str | os.PathLike = "runs/results.db", reports_dir: s
         store_findings(name, db, found, log)
     params = {"study": study, "db": str(db), "report_dir": str(out)}
     static = {"spectral_radius": {"interactive": False}}  # no widgets in a rendered page
-    for nb in ANALYSES:
-        t0 = time.time()
-        executed = execute(nb, out / "notebooks" / f"{nb}.ipynb", {**params, **static.get(nb, {})})
-        to_html(executed, executed.with_suffix(".html"), banner)
-        log(f"  {nb}: {time.time() - t0:.0f} s")
+    jobs = [{"name": nb, "output": out / "notebooks" / f"{nb}.ipynb", "parameters": {**params, **static.get(nb, {})}}
+            for nb in ANALYSES]
+    for nb, _, seconds in execute_many(jobs, workers, then=functools.partial(html_beside, banner=banner)):
+        log(f"  {nb}: {seconds:.0f} s")
     report_nb = execute("report", out / "notebooks" / "report.ipynb", params)
     index = to_html(report_nb, out / "index.html", banner)
     (out / "summary.md").write_text(summary_markdown(name, out, res.runs), encoding="utf-8")
@@ -399,11 +410,13 @@ def register(subparsers) -> None:
     p.add_argument("--partial", action="store_true",
                    help="render a study whose runs are not all trained (every page says which are missing); "
                         "without it such a study is refused")
+    p.add_argument("--workers", type=int, default=None,
+                   help="analysis notebooks executed at a time (default: up to 4, one per CPU core)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
-    index = render(args.study, args.db, args.reports_dir, partial=args.partial)
+    index = render(args.study, args.db, args.reports_dir, partial=args.partial, workers=args.workers)
     print(f"cartlab: report in {index} ({time.time() - t0:.0f} s); summary in {index.with_name('summary.md')}")
     return 0

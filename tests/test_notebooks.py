@@ -270,6 +270,13 @@ def test_variable_depth_without_its_runs_exits_non_zero_naming_them(tmp_path, ca
     assert "0 of 6 runs trained; missing: fixed-R seed 1 (not started)" in capsys.readouterr().err
 
 
+def test_report_workers_below_one_are_refused_before_anything_runs(tmp_path, capsys):
+    from cartlab.cli import main
+
+    assert main(["report", "paper", "--workers", "0", "--reports-dir", str(tmp_path / "r")]) == 2
+    assert "--workers: must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_an_unknown_study_offers_the_closest_name_and_paper(capsys):
     from cartlab.cli import main
 
