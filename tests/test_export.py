@@ -358,3 +358,31 @@ def test_export_refusals_are_one_line(exported, tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(folder), "--force"]) == 0
     assert not (folder / "stale.txt").exists() and (folder / MODELING).is_file()
     assert not list(tmp_path.glob(".again.partial-*"))
+
+
+def test_the_model_card_states_architecture_training_and_each_score_with_its_protocol(tiny_run, tmp_path):
+    """README.md: family, hooks, parameters, tokens seen, and the run's downstream scores in one
+    column per protocol with each protocol written out; without scores it says how to get them."""
+    from conftest import copy_db
+
+    from cartlab.eval.protocol import Protocol
+    from cartlab.results.db import ResultsDB
+
+    db = tmp_path / "results.db"
+    copy_db(tiny_run.db, db)
+    store = ResultsDB(db)
+    for limit, value in ((None, 0.5), (3.0, 0.25)):
+        protocol = Protocol("0.4.13", 0, 1234, "none", "none", 8, limit, "float32", 3, "fixed", 12).row()
+        store.log_downstream(tiny_run.run_id, [{**protocol, "task": "cartlab_mc", "metric": "acc", "value": value,
+                                                "stderr": 0.1, "num_fewshot": 0, "n_loops": 3}])
+    store.close()
+    card = (export(tiny_run.run_dir, tmp_path / "hf", db=db, log=lambda s: None) / "README.md").read_text()
+    cfg = tiny_run.config.model_config()
+    assert card.startswith("---\nlibrary_name: transformers\n") and f"family: `{cfg.kind}`" in card
+    steps = int(tiny_run.checkpoint.name[5:])
+    assert f"tokens seen: {steps * tiny_run.config.tokens_per_step:,} ({steps} steps" in card
+    header = next(line for line in card.splitlines() if line.startswith("| task"))
+    assert "0-shot R=3 (whole tasks)" in header and "0-shot R=3 (limit 3)" in header, header
+    assert "- **0-shot R=3 (limit 3)**: 0-shot, R=3, exit fixed, fewshot seed 1234" in card
+    bare = (export(tiny_run.run_dir, tmp_path / "bare", log=lambda s: None) / "README.md").read_text()
+    assert "No downstream scores were stored for this run" in bare

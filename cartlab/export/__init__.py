@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds files")
+    p.add_argument("--db", default="runs/results.db",
+                   help="results database whose downstream scores of the run (with their protocols) the model card "
+                        "lists (default runs/results.db; none listed when it does not exist)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a checkpoint's state.pt / dcp/.metadata with plain pickle if the safe reader refuses it (a checkpoint written before cartlab stored them pickle-free): this runs any code the files carry, so give it only for checkpoints you trust")
     p.set_defaults(func=run)
@@ -30,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
     from cartlab.export.write import export
 
     with trusting(args.trust_checkpoint):
-        export(args.checkpoint, args.out, force=args.force)
+        export(args.checkpoint, args.out, force=args.force, db=args.db)
     return 0

@@ -6,7 +6,9 @@
     DIR/model.safetensors      the weights (tied embedding stored once)
     DIR/tokenizer.json, tokenizer_config.json   the checkpoint's tokenizer (PreTrainedTokenizerFast;
                                end-of-text is also bos and pad, as for GPT-2)
-    DIR/generation_config.json, README.md
+    DIR/generation_config.json
+    DIR/README.md              the model card (`cartlab.export.card`): architecture, training, scores with
+                               their protocols
 
 The folder is written next to DIR under a temporary name and checked before it takes DIR's place:
 the generated file is imported on its own (not cartlab's modules), the folder is loaded with it,
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cartlab.export.bundle import bundle
+from cartlab.export.card import model_card
 
 MODELING = "modeling_cartlab.py"
 ROOTS = ["cartlab.export.hf"]
@@ -95,9 +98,11 @@ def remove_stale_staging(out: Path) -> list[Path]:
     return removed
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, log=print) -> Path:
+def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+           db: str | os.PathLike | None = None, log=print) -> Path:
     """Write the checkpoint `source` (a checkpoint folder, or a run folder: its newest checkpoint)
-    as a transformers folder at `out` (module docstring). Returns `out`."""
+    as a transformers folder at `out` (module docstring). Returns `out`. The model card lists the
+    run's downstream scores in results database `db` with their protocols, when it has any."""
     from cartlab import checkpoint
     from cartlab.eval.lm import resolve_checkpoint
     from cartlab.train.checkpoint import replacing_dir
@@ -108,13 +113,23 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     model, config = checkpoint.build(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
     remove_stale_staging(out)
+    scores = run_scores(db, config.get("run_id"))
     with replacing_dir(out, out.with_name(f".{out.name}.partial-{os.getpid()}")) as tmp, quiet_transformers():
-        diff = write_folder(tmp, model.eval(), tok, config, ckpt)
+        diff = write_folder(tmp, model.eval(), tok, config, ckpt, scores)
     log(f"cartlab export: {ckpt} -> {out} ({model.config.kind}, max |logit diff| {diff:.1e})")
     return out
 
 
-def write_folder(folder: Path, model, tok, config: dict, ckpt: Path) -> float:
+def run_scores(db: str | os.PathLike | None, run_id: str | None):
+    """The downstream rows of `run_id` in results database `db` (None without a db or a run)."""
+    if db is None or run_id is None or not Path(db).is_file():
+        return None
+    from cartlab import results
+
+    return results.downstream(db, [run_id])
+
+
+def write_folder(folder: Path, model, tok, config: dict, ckpt: Path, scores=None) -> float:
     """Write every file of the export into `folder` and check it (`verify`); returns the largest
     |logit difference| from `model`."""
     from cartlab import __version__
@@ -124,7 +139,7 @@ def write_folder(folder: Path, model, tok, config: dict, ckpt: Path) -> float:
         bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
         cartlab_source={"run_id": config.get("run_id"), "checkpoint": ckpt.name, "cartlab_version": __version__})
     write_tokenizer(tok, folder)
-    (folder / "README.md").write_text(model_card(hf_config, ckpt), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(hf_config, ckpt, config, scores), encoding="utf-8")
     return verify(folder, hf, model, tok)
 
 
@@ -194,26 +209,3 @@ def verify(folder: Path, hf, model, tok) -> float:
         raise ValueError(f"export check: the exported model's logits differ from the checkpoint's by {diff:.3g} "
                          f"(allowed {TOLERANCE:g})")
     return diff
-
-
-def model_card(cfg, ckpt: Path) -> str:
-    kind = cfg.cartlab.get("kind")
-    hooks = ", ".join(cfg.cartlab.get("hooks") or []) or "none"
-    loops = (f" Pass `n_loops=R` to `from_pretrained`, a forward or `generate` to run R loops (trained: "
-             f"{cfg.n_loops}).") if cfg.n_loops is not None else ""
-    return f"""# cartlab {kind} model
-
-Exported by `cartlab export` from `{ckpt}` (hooks: {hooks}). The modeling code is
-`modeling_cartlab.py`, generated from cartlab's model modules; it needs torch and transformers >= 5,
-not cartlab.{loops}
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("DIR")
-```
-
-```
-lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks TASKS
-```
-"""
