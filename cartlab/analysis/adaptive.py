@@ -45,7 +45,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from cartlab.analysis.figures import domain_panels, variant_colors
+from cartlab.analysis.figures import domain_panels
 from cartlab.analysis.schema import display_labels, validate, with_variants
 
 PROBE = "adaptive_depth"
@@ -324,8 +324,9 @@ CURVE_STYLE = {"fixed": ("-", "o"), "kl": ("--", "v"), "entropy": ("--", "^"), "
 def plot_frontier(points: pd.DataFrame, *, splits=None) -> Figure:
     """Validation loss against mean loops per token (the compute-quality frontier): one row per
     variant, one panel per domain, one line per curve (fixed R and each exit rule over its
-    thresholds, or the fixed-point mode over iteration caps), seed means with 1-sd bars on the loss;
-    dotted: the reference loss (the trained depth), shaded: REL_TOL above it (the equal-loss band
+    thresholds, or the fixed-point mode over iteration caps), seed means (no seed bars: the seeds'
+    spread of the absolute loss, in `frontier_means`, is far wider than the within-model differences
+    the equal-loss test pairs); dotted: the reference loss (the trained depth), shaded: REL_TOL above it (the equal-loss band
     where the seeds agree; `equal_loss` widens it by their disagreement)."""
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -334,30 +335,29 @@ def plot_frontier(points: pd.DataFrame, *, splits=None) -> Figure:
         raise ValueError("points: no frontier to plot (train with measures [..., adaptive_depth])")
     means = frontier_means(points)
     panels = domain_panels(means, splits, "the frontier")
-    labels = variant_colors(means)
+    labels = means.drop_duplicates("variant").set_index("variant")["config"].sort_values()
     curves = [c for c in CURVE_STYLE if c in set(means["curve"])]
     colors = dict(zip(curves, sns.color_palette(n_colors=len(curves))))
     sav = savings(points).drop_duplicates(["variant", "split"]).set_index(["variant", "split"])
     fig = Figure(figsize=(4.0 * len(panels), 3.2 * len(labels)))
     axes = fig.subplots(len(labels), len(panels), squeeze=False)
-    for i, variant in enumerate(labels):
+    for i, variant in enumerate(labels.index):
         for j, split in enumerate(panels):
             ax = axes[i, j]
             for curve, g in means[(means["variant"] == variant) & (means["split"] == split)].groupby("curve"):
                 g = g.sort_values("loops")
                 ls, marker = CURVE_STYLE.get(curve, ("-", "."))
-                ax.errorbar(g["loops"], g["loss"], yerr=g["loss_sd"].fillna(0), ls=ls, marker=marker, ms=4,
-                            capsize=2, color=colors.get(curve), label=curve)
+                ax.plot(g["loops"], g["loss"], ls=ls, marker=marker, ms=4, color=colors.get(curve), label=curve)
             if (variant, split) in sav.index:
                 s = sav.loc[(variant, split)]
                 ax.axhline(s["ref_loss"], ls=":", color="grey")
                 ax.axhspan(s["ref_loss"], (1 + REL_TOL) * s["ref_loss"], color="grey", alpha=0.15)
-            ax.set(title=f"{labels[variant][1]}\n{split}", xlabel="mean loops per token",
+            ax.set(title=f"{labels[variant]}\n{split}", xlabel="mean loops per token",
                    ylabel="validation loss (nats/token)")
             ax.title.set_fontsize(8)
             ax.legend(fontsize=6)
-    fig.suptitle(f"Compute-quality frontier: loss against mean loops per token (grey: the trained depth's "
-                 f"loss and {100 * REL_TOL:g}% above it)")
+    fig.suptitle(f"Compute-quality frontier: loss against mean loops per token, seed means (grey: the trained "
+                 f"depth's loss and {100 * REL_TOL:g}% above it)")
     fig.tight_layout()
     return fig
 
