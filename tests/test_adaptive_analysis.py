@@ -92,6 +92,8 @@ def test_the_cheapest_point_at_equal_loss_per_rule():
     assert latent["excess"] == pytest.approx(0.03) and latent["tol"] == pytest.approx(2 * 0.03) and latent["saves"]
     strict = adaptive.savings(adaptive.frontier_points(probes, runs), k=0).set_index(["config", "split", "curve"])
     assert math.isnan(strict.loc[("cart R=4", "prose", "latent"), "loops"])
+    capped = adaptive.equal_loss(adaptive.frontier_points(probes, runs), k=100)  # 2% of the loss at most
+    assert capped["tol"].max() == pytest.approx(0.02 * 4.3)
     text = adaptive.describe_savings(sav.reset_index())
     assert "kl: saves, 3.00 loops at +0.010 nats" in text and "entropy: never at equal loss" in text and "argmax: no saving" in text
 

@@ -21,10 +21,11 @@ batches, so they are compared within each seed: with d_s the point's loss minus 
 seed s, excess = mean_s d_s, se its standard error over the seeds (0 for one seed) and L_ref the
 seed-mean reference loss,
 
-    tol = max(rel_tol x L_ref, k x se)              (0.5% and 2 standard errors by default)
+    tol = min(max(rel_tol x L_ref, k x se), MAX_TOL x L_ref)   (0.5%, 2 standard errors, at most 2%)
 
-a point is at equal loss when excess <= tol (a point better than the reference always is), and a
-curve saves loops when its cheapest point at equal loss runs at most (1 - MIN_SAVING) x the
+(seeds that disagree widen the margin, up to 2% of the loss and never more: the standard error
+of two seeds can be as large as the effect). A point is at equal loss when excess <= tol (a point
+better than the reference always is), and a curve saves loops when its cheapest point at equal loss runs at most (1 - MIN_SAVING) x the
 reference's mean loops per token. The seed-to-seed spread of the loss itself is not the noise
 here: after a short training it is far larger than any difference within one model (0.05-0.13
 nats against 0.01-0.02 in the adaptive-depth study), and would call R=1 equal to R=4.
@@ -52,6 +53,8 @@ PROBE = "adaptive_depth"
 REL_TOL = 0.005
 """Equal loss: within 0.5% of the reference loss, or k seed sd of it, whichever is larger."""
 K = 2.0
+MAX_TOL = 0.02
+"""The margin never exceeds 2% of the reference loss, however much the seeds disagree."""
 MIN_SAVING = 0.05
 """A curve saves loops when its cheapest equal-loss point needs at most 95% of the reference's loops."""
 GEOMETRIC = 0.95
@@ -143,7 +146,7 @@ def equal_loss(points: pd.DataFrame, *, rel_tol: float = REL_TOL, k: float = K) 
         for (curve, x), c in v.groupby(["curve", "x"], sort=True):
             d = (c.set_index("run_id")["loss"] - ref_loss).dropna()  # per seed: this point minus the reference
             se = float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-            tol = max(rel_tol * float(ref_loss.mean()), k * se)
+            tol = min(max(rel_tol * float(ref_loss.mean()), k * se), MAX_TOL * float(ref_loss.mean()))
             rows.append({"variant": variant, "config": v["config"].iloc[0], "split": split, "curve": curve, "x": x,
                          "loss": float(c["loss"].mean()), "loops": float(c["loops"].mean()), "reference": name,
                          "ref_loss": float(ref_loss.mean()), "ref_loops": ref_loops, "excess": float(d.mean()),
