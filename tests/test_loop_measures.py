@@ -340,7 +340,7 @@ def test_the_spectral_radius_notebook_shows_the_loop_views_and_offers_every_meas
                   {"study": str(study["path"]), "db": str(study["db"]), "report_dir": str(report), "interactive": True},
                   timeout=600)  # per cell: a hung kernel fails the test instead of stalling the suite
     section = json.loads((report / "sections" / "spectral_radius.json").read_text())
-    saved = {item["path"].split("/")[-1] for item in section["items"] if item["kind"] != "note"}
+    saved = {item["path"].split("/")[-1] for item in section["items"] if "path" in item}
     assert {"spectral_radius-logit-lens.png", "spectral_radius-contraction.png", "spectral_radius-settle-loop.png",
             "spectral_radius-contraction-trajectories.png", "spectral_radius-loop-summary.csv"} <= saved
     summary = pd.read_csv(report / "tables" / "spectral_radius-loop-summary.csv")

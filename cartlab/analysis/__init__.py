@@ -11,6 +11,7 @@ long-form frames of `schema`:
     spectral        the LTI gate's spectral radius (section 6)
     loops           inside the loop: logit lens and contraction (issue 15)
     depth           the test-time depth profile (section 7.4)
+    adaptive        exit rules and fixed points: the compute-quality frontier, loop convergence (issue 27)
     compute         loss against training FLOPs, LRT's probe
     plots           every figure function under one name (re-exported from the modules above)
 
@@ -24,7 +25,7 @@ import importlib
 
 _SUBMODULES = (
     "schema", "published", "runs", "scaling", "joint_law", "scaling_study", "laws", "stats", "screen", "decompose",
-    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "compute", "findings",
+    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "adaptive", "compute", "findings",
 )
 __all__ = list(_SUBMODULES)
 

@@ -12,6 +12,7 @@ Where each lives:
     cartlab.analysis.spectral       plot_radius_trajectories (the LTI gate's radius, section 6)
     cartlab.analysis.loops          plot_loop_profiles, plot_loop_contraction, plot_loop_trajectories
     cartlab.analysis.depth          plot_depth_profiles, plot_variable_r_profile (test-time depth)
+    cartlab.analysis.adaptive       plot_frontier, plot_convergence (exit rules, fixed points: issue 27)
     cartlab.analysis.stats          plot_train_loss (smoothed), plot_loss_curves, plot_validation_curves,
                                     plot_train_dynamics (seed mean +/- 1 sd over training)
     cartlab.analysis.screen         plot_r_reversal (screen vs full training)
@@ -23,6 +24,7 @@ Where each lives:
 """
 from __future__ import annotations
 
+from cartlab.analysis.adaptive import plot_convergence, plot_frontier
 from cartlab.analysis.compute import plot_loss_vs_flops, plot_lrt_gap
 from cartlab.analysis.decompose import plot_gap_waterfall
 from cartlab.analysis.depth import plot_depth_profiles, plot_variable_r_profile
@@ -38,7 +40,7 @@ from cartlab.analysis.stats import (
 )
 
 __all__ = [
-    "config_label", "figure_png", "plot_compute_frontier", "plot_depth_profiles", "plot_gap_waterfall",
+    "config_label", "figure_png", "plot_compute_frontier", "plot_convergence", "plot_depth_profiles", "plot_frontier", "plot_gap_waterfall",
     "plot_iso_loss", "plot_law_residuals", "plot_loop_contraction", "plot_loop_profiles", "plot_loop_trajectories",
     "plot_loss_curves", "plot_loss_vs_flops", "plot_lrt_gap", "plot_r_reversal", "plot_radius_trajectories",
     "plot_scaling_fit", "plot_scaling_groups", "plot_train_dynamics", "plot_train_loss", "plot_validation_curves",

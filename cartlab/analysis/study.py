@@ -1,6 +1,6 @@
 """What a study shows: every analysis's findings for its results, collected in one list.
 
-Each analysis module (compute, decompose, depth) makes its own `Finding`s with
+Each analysis module (compute, decompose, depth, adaptive) makes its own `Finding`s with
 `cartlab.analysis.findings`; this module sits above them and gathers them for the report's
 "What this study shows" block (`findings.shows_markdown`).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from cartlab.analysis import compute, decompose, depth
+from cartlab.analysis import adaptive, compute, decompose, depth
 from cartlab.analysis.findings import Finding
 
 
@@ -16,7 +16,7 @@ def study_findings(res, *, splits=None) -> list[Finding]:
     """Every analysis's findings for the results `res` (a `schema.Results`), per domain."""
     found: list[Finding] = []
     seen = set()
-    for make in (compute.findings, decompose.findings, depth.findings):
+    for make in (compute.findings, decompose.findings, depth.findings, adaptive.findings):
         for f in make(res):  # a study trained to one budget makes its CART-Dense gap a matched-compute one: once
             key = (f.a, f.b, f.split, f.metric, None if math.isnan(f.effect) else round(f.effect, 12))
             if key not in seen:
