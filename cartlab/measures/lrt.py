@@ -26,6 +26,10 @@ domain, 3 domains, one thread on a loaded 2-core machine): probe 95 s, one evalu
 200 training steps 320 s; on idle cores all three shrink alike (an evaluation is ~3 s). It runs
 once per run, so by default it reads all the evaluation batches (`batches=None`), and its exact
 loss is then the run's final validation loss; `batches=4` halves it.
+
+Sweeps (`memory_sweeps`): the same rows for 2 sweeps and for the trained number of sweeps, at
+every S below T, under the metric names with a suffix (`loss_gap_sweeps2`, ...); each extra
+sweep costs about one more plain forward per S.
 """
 from __future__ import annotations
 
@@ -59,10 +63,17 @@ def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-30)).sqrt().item()
 
 
+def sweep_grid(trained: int) -> list[int]:
+    """The sweep counts beyond one that the probe measures: 2 and the trained `memory_sweeps`."""
+    return sorted({2, trained} - {1})
+
+
 @register_measure("lrt_gap", when="final", applies=has_memory)
 def lrt_gap(ctx: MeasureContext, batches: int | None = None) -> list[dict]:
-    """LRT's interleaved-vs-exact gap: loss and source-state distance against the subset count S."""
+    """LRT's interleaved-vs-exact gap: loss and source-state distance against the subset count S and sweeps."""
     model, grid = ctx.model, subset_grid(ctx.cfg.seq_len, ctx.model_cfg.memory_subsets)
+    runs = [(S, 1) for S in grid] + [(S, n) for n in sweep_grid(ctx.model_cfg.memory_sweeps)
+                                     for S in grid if S < ctx.cfg.seq_len]
     rows = []
     for split in ctx.val_bins:
         total, n = defaultdict(float), 0
@@ -70,15 +81,21 @@ def lrt_gap(ctx: MeasureContext, batches: int | None = None) -> list[dict]:
             with ctx.autocast():
                 _, exact_loss, exact = trace(model, x, y)  # exact recurrence: (B, T, d) source states
                 total["loss_exact"] += exact_loss.item()
-                for S in grid:
-                    _, loss, source = trace(model, x, y, S)
-                    total["loss", S] += loss.item()
-                    total["source_dist", S] += relative_rms(source, exact)
+                for S, sweeps in runs:
+                    _, loss, source = trace(model, x, y, S, sweeps)
+                    total["loss", S, sweeps] += loss.item()
+                    total["source_dist", S, sweeps] += relative_rms(source, exact)
             n += 1
         exact_loss = total["loss_exact"] / n
-        for S in grid:
-            loss = total["loss", S] / n
+        for S, sweeps in runs:
+            loss = total["loss", S, sweeps] / n
             values = {"loss": loss, "loss_exact": exact_loss, "loss_gap": loss - exact_loss,
-                      "source_dist": total["source_dist", S] / n}
-            rows += [{"split": split, "x": S, "metric": m, "value": values[m]} for m in METRICS]
+                      "source_dist": total["source_dist", S, sweeps] / n}
+            rows += [{"split": split, "x": S, "metric": metric_name(m, sweeps), "value": values[m]} for m in METRICS
+                     if sweeps == 1 or m != "loss_exact"]
     return rows
+
+
+def metric_name(metric: str, sweeps: int) -> str:
+    """'loss_gap' for one sweep, 'loss_gap_sweeps2' for two."""
+    return metric if sweeps == 1 else f"{metric}_sweeps{sweeps}"
