@@ -68,9 +68,16 @@ def test_the_probe_is_exact_at_S_equal_T_and_the_gap_shrinks_with_S(hooks):
     with torch.no_grad():
         rows = lrt_gap(ctx)
     frame = pd.DataFrame(rows)
-    assert len(frame) == 2 * 5 * 4  # splits x S in (1, 2, 4, 8, 16) x metrics
+    # splits x (S in (1, 2, 4, 8, 16) x 5 metrics + S in (1, 2, 4, 8) at 2 sweeps x 4 metrics)
+    assert len(frame) == 2 * (5 * 5 + 4 * 4)
     for split, g in frame.groupby("split"):
         m = g.pivot(index="x", columns="metric", values="value")
+        assert list(m["loss_abs_gap_sweeps2"].dropna().index) == [1, 2, 4, 8]
+        # on this untrained, scaled-up model a second sweep helps from S = 2 on (not at S = 1,
+        # a Jacobi step on every position at once; the trained case: tests/test_lrt_paper.py)
+        for metric in ("loss_abs_gap", "source_dist"):
+            assert (m[f"{metric}_sweeps2"][[2, 4, 8]] < m[metric][[2, 4, 8]]).all(), m
+        assert m.loc[T, "loss_abs_gap"] < 1e-5 and m.loc[8, "loss_abs_gap"] > 1e-4
         assert list(m.index) == [1, 2, 4, 8, 16]
         assert abs(m.loc[T, "loss_gap"]) < 1e-5 and m.loc[T, "source_dist"] < 1e-5, (split, m.loc[T])
         assert (m["loss"] - m["loss_exact"] - m["loss_gap"]).abs().max() < 1e-12

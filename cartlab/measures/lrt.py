@@ -14,6 +14,9 @@ Rows (split = the domain, x = S):
                  the evaluation batches it is the run's final validation loss)
     loss_gap     loss - loss_exact: > 0 when the interleaved forward predicts worse than the
                  recurrence the model is used with; 0 up to float error at S = T
+    loss_abs_gap the mean over tokens of |per-token loss - exact per-token loss|: how far the two
+                 forwards' predictions are apart, whichever way (the signed gap averages errors of
+                 both signs and on a small model sits within noise of 0 at every S)
     source_dist  how far the memory itself is off: the relative RMS distance of the source
                  layer's states, sqrt(mean (m^S - m)^2) / sqrt(mean m^2) over batch, positions and
                  width (m^S the interleaved states, m the exact ones), averaged over batches; 0 at
@@ -36,12 +39,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from cartlab.measures import MeasureContext, register_measure
 from cartlab.model.family import family_of
 from cartlab.model.memory import trace
 
-METRICS = ("loss", "loss_exact", "loss_gap", "source_dist")
+METRICS = ("loss", "loss_exact", "loss_gap", "loss_abs_gap", "source_dist")
 
 
 def has_memory(model_cfg) -> bool:
@@ -63,6 +67,15 @@ def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-30)).sqrt().item()
 
 
+def abs_gap(logits: torch.Tensor, exact_logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over the scored tokens (target != -1) of |per-token loss - exact per-token loss|."""
+    def token_loss(z):
+        return F.cross_entropy(z.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+
+    keep = targets.flatten() != -1
+    return (token_loss(logits) - token_loss(exact_logits))[keep].abs().mean().item()
+
+
 def sweep_grid(trained: int) -> list[int]:
     """The sweep counts beyond one that the probe measures: 2 and the trained `memory_sweeps`."""
     return sorted({2, trained} - {1})
@@ -79,17 +92,19 @@ def lrt_gap(ctx: MeasureContext, batches: int | None = None) -> list[dict]:
         total, n = defaultdict(float), 0
         for x, y in ctx.batches(split, batches):
             with ctx.autocast():
-                _, exact_loss, exact = trace(model, x, y)  # exact recurrence: (B, T, d) source states
+                exact_logits, exact_loss, exact = trace(model, x, y)  # exact recurrence: (B, T, d) source states
                 total["loss_exact"] += exact_loss.item()
                 for S, sweeps in runs:
-                    _, loss, source = trace(model, x, y, S, sweeps)
+                    logits, loss, source = trace(model, x, y, S, sweeps)
                     total["loss", S, sweeps] += loss.item()
+                    total["loss_abs_gap", S, sweeps] += abs_gap(logits, exact_logits, y)
                     total["source_dist", S, sweeps] += relative_rms(source, exact)
             n += 1
         exact_loss = total["loss_exact"] / n
         for S, sweeps in runs:
             loss = total["loss", S, sweeps] / n
             values = {"loss": loss, "loss_exact": exact_loss, "loss_gap": loss - exact_loss,
+                      "loss_abs_gap": total["loss_abs_gap", S, sweeps] / n,
                       "source_dist": total["source_dist", S, sweeps] / n}
             rows += [{"split": split, "x": S, "metric": metric_name(m, sweeps), "value": values[m]} for m in METRICS
                      if sweeps == 1 or m != "loss_exact"]
