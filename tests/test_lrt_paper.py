@@ -199,3 +199,26 @@ def test_the_gap_shrinks_with_S_and_with_sweeps_on_a_trained_model(hooks):
     assert all(a > b for a, b in zip(ones, ones[1:])), ones
     assert all(gap[S, 2] < gap[S, 1] for S in (1, 2, 4, 8, 16)), gap
     assert gap[16, 1] > 1e-4 and gap[16, 2] < 1e-6, gap
+
+
+def test_model_info_prints_every_lrt_variants_overhead(capsys):
+    """`cartlab model info dense ... --lrt-variants`: one row per variant, with the parameter
+    overhead the README quotes for our default (0.55% at d=768, 12 layers)."""
+    import re
+
+    from cartlab.cli import main
+    from cartlab.model.lrt import LRT_VARIANTS
+
+    assert main(["model", "info", "dense", "d_model=768", "n_layers=12", "--lrt-variants"]) == 0
+    out = capsys.readouterr().out
+    rows = {name: re.search(re.escape(name) + r"\s+\+([0-9.]+)%\s+\+([0-9.]+)%\s+x([0-9.]+)", out) for name in LRT_VARIANTS}
+    assert all(rows.values()), out
+    pct = {name: float(m.group(1)) for name, m in rows.items()}
+    assert pct["ours: lrt_kv+lrt_residual, shared projection"] == 0.55
+    assert pct["lrt_paper"] > 10 * pct["ours: lrt_kv+lrt_residual, shared projection"]  # 2 d^2 per layer
+    train = {name: float(m.group(3)) for name, m in rows.items()}
+    assert train["ours, 2 sweeps"] > train["ours: lrt_kv+lrt_residual, shared projection"] + 0.8
+    assert main(["model", "info", "dense", "d_model=768", "n_layers=12", "--hooks", "lrt_paper"]) == 0
+    assert "final norm, residual+gated K/V feedback, source layer 11" in capsys.readouterr().out
+    assert main(["model", "info", "cart", "--lrt-variants"]) != 0
+    assert "--lrt-variants is not allowed with kind 'cart'" in capsys.readouterr().err

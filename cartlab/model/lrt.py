@@ -66,6 +66,19 @@ ablation towards ours (`memory_read: projection`, `memory_source`, `memory_layer
 `memory_loss: refined`), and `lrt_kv` adds our private slot to it."""
 
 
+LRT_VARIANTS = {
+    "ours: lrt_kv+lrt_residual, shared projection": {"hooks": ["lrt_kv", "lrt_residual"]},
+    "ours, unshared projections": {"hooks": ["lrt_kv", "lrt_residual"], "memory_shared": False},
+    "ours, lrt_kv only": {"hooks": ["lrt_kv"]},
+    "ours, lrt_residual only": {"hooks": ["lrt_residual"]},
+    "ours, 2 sweeps": {"hooks": ["lrt_kv", "lrt_residual"], "memory_sweeps": 2},
+    "lrt_paper": {"hooks": ["lrt_paper"]},
+    "lrt_paper, K/V refresh": {"hooks": ["lrt_paper"], "memory_kv_refresh": True},
+    "lrt_paper, 2 sweeps": {"hooks": ["lrt_paper"], "memory_sweeps": 2},
+}
+"""The LRT variants `cartlab model info --lrt-variants` compares on one Dense backbone: the
+config fields each sets on top of the backbone's."""
+
 READS = ("projection", "norm")
 LOSSES = ("refined", "all_passes")
 
