@@ -207,7 +207,7 @@ class LatentMemory(nn.Module):
             rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
             present = rows > 0
             m = source[:, (rows - 1).clamp(min=0)] * present[:, None].to(source.dtype)  # m_{t-1}: (B, n, d)
-            buffer.rows = rows
+            buffer.refine(rows, T)
             out_k, source_k = model.stack(x[:, rows], (rope[0][rows], rope[1][rows]), buffer,
                                           self.recall(model, m, present))
             out = out.index_copy(1, rows, out_k)
@@ -221,7 +221,7 @@ class LatentMemory(nn.Module):
                        rope) -> None:
         """Re-mix the buffer's keys and values at the `stale` positions (T,) bool with the gated
         feedback of the latest memory m_{t-1} = source[t-1] (`BufferKV.refresh`)."""
-        buffer.rows = None
+        buffer.refine(None, source.size(1))
         m = torch.cat([torch.zeros_like(source[:, :1]), source[:, :-1]], dim=1)  # m_{t-1}: (B, T, d)
         recall = self.recall(model, m, torch.arange(m.size(1), device=m.device) > 0)
         for i, j in self.index.items():

@@ -175,10 +175,7 @@ class BufferKV(LayerKV):
     def visible(self, T: int, S: int) -> torch.Tensor | None:
         """Which of the S keys each of the T new queries sees, (T, S) bool: None (the causal rule
         of `attend`) while a pass writes every position, else the keys at or before each query."""
-        rows = self.owner.rows
-        if rows is None:
-            return None
-        return rows[:, None] >= torch.arange(S, device=rows.device)[None, :]  # (T, S)
+        return self.owner.visible
 
     def keep(self, k: torch.Tensor, v: torch.Tensor, g_fb: torch.Tensor) -> None:
         """Keep the full pass's gated local keys and values g_local k, g_local v and the feedback
@@ -205,7 +202,13 @@ class Buffer(KVCache):
         super().__init__()
         self.sites = _Sites(self)
         self.rows: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None  # (n, T) bool: the keys each refined position sees
         self.refreshing = refreshing
+
+    def refine(self, rows: torch.Tensor | None, T: int) -> None:
+        """The next pass computes the positions `rows` (n,) of T (None: all of them, causally)."""
+        self.rows = rows
+        self.visible = None if rows is None else rows[:, None] >= torch.arange(T, device=rows.device)[None, :]
 
 
 class _Sites(dict):
