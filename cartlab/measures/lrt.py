@@ -33,9 +33,19 @@ loss is then the run's final validation loss; `batches=4` halves it.
 Sweeps (`memory_sweeps`): the same rows for 2 sweeps and for the trained number of sweeps, at
 every S below T, under the metric names with a suffix (`loss_gap_sweeps2`, ...); each extra
 sweep costs about one more plain forward per S.
+
+`lrt_bpb` (at every evaluation) reports what the LRT authors report, in bits per byte (the nats of
+the scored tokens / ln 2 / their UTF-8 bytes, from the build's tokenizer): for the trained S and
+sweeps, each pass of the interleaved forward on its own positions (x = pass index, 0 the
+memory-free full pass: `bpb_pass`), the merged refined outputs (`bpb_merged`), the exact
+recurrence (`bpb_sequential`, the validation loss's forward), their gap, and the sequential BPB by
+position bucket [0, 1), [1, 2), [2, 4), ... (x = first position: `bpb_sequential_bucket`). It
+reads 2 evaluation batches per domain by default (`batches`): the sequential forward costs about
+one evaluation of those batches.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -43,6 +53,7 @@ import torch.nn.functional as F
 
 from cartlab.measures import MeasureContext, register_measure
 from cartlab.model.family import family_of
+from cartlab.model.layers import KVCache
 from cartlab.model.memory import trace
 
 METRICS = ("loss", "loss_exact", "loss_gap", "loss_abs_gap", "source_dist")
@@ -114,3 +125,58 @@ def lrt_gap(ctx: MeasureContext, batches: int | None = None) -> list[dict]:
 def metric_name(metric: str, sweeps: int) -> str:
     """'loss_gap' for one sweep, 'loss_gap_sweeps2' for two."""
     return metric if sweeps == 1 else f"{metric}_sweeps{sweeps}"
+
+
+# -- bits per byte, the authors' way (LRT code: nanochat/loss_eval.py evaluate_bpb_sequential) ----------------------
+BPB_METRICS = ("bpb_pass", "bpb_merged", "bpb_sequential", "bpb_gap", "bpb_sequential_bucket", "bytes_per_token")
+
+
+def position_buckets(T: int) -> list[tuple[int, int]]:
+    """[0, 1), [1, 2), [2, 4), [4, 8), ... up to T: the positions whose sequential loss is pooled."""
+    edges = [0] + [2 ** k for k in range(T.bit_length()) if 2 ** k < T] + [T]
+    return list(zip(edges, edges[1:]))
+
+
+@register_measure("lrt_bpb", when="eval", applies=has_memory)
+def lrt_bpb(ctx: MeasureContext, batches: int | None = 2) -> list[dict]:
+    """LRT's bits per byte at each evaluation: per pass, merged (parallel) and sequential, by position bucket."""
+    if ctx.token_bytes is None:  # no tokenizer, no bytes
+        return []
+    model, cfg = ctx.model, ctx.model_cfg
+    S, sweeps = cfg.memory_subsets, cfg.memory_sweeps
+    table = ctx.token_bytes.to(ctx.device)
+    buckets = position_buckets(ctx.cfg.seq_len)
+    rows = []
+    for split in ctx.val_bins:
+        nats, nbytes, ntokens = defaultdict(float), defaultdict(float), defaultdict(int)
+
+        def add(key, losses: torch.Tensor, targets: torch.Tensor) -> None:
+            keep = targets != -1
+            nats[key] += losses[keep].double().sum().item()
+            nbytes[key] += table[targets[keep]].sum().item()
+            ntokens[key] += int(keep.sum())
+
+        for x, y in ctx.batches(split, batches):
+            with ctx.autocast():
+                emb = model.wte(x)
+                run = model.memory.interleaved(model, emb, S, sweeps)
+                for p, (pos, out) in enumerate(run.passes):
+                    target = y if pos is None else y[:, pos]
+                    add(("bpb_pass", p), token_losses(model.head(out, None)[0], target), target)
+                add(("bpb_merged", S), token_losses(model.head(run.out, None)[0], y), y)
+                exact = token_losses(model.head(model.memory.sequential(model, emb, KVCache())[0], None)[0], y)
+                add(("bpb_sequential", S), exact, y)
+                for lo, hi in buckets:
+                    add(("bpb_sequential_bucket", lo), exact[:, lo:hi], y[:, lo:hi])
+        bpb = {key: nats[key] / math.log(2) / max(nbytes[key], 1.0) for key in nats}
+        bpb["bpb_gap", S] = bpb["bpb_merged", S] - bpb["bpb_sequential", S]
+        rows += [{"split": split, "x": x, "metric": metric, "value": value} for (metric, x), value in bpb.items()]
+        rows.append({"split": split, "x": 0, "metric": "bytes_per_token",
+                     "value": nbytes["bpb_merged", S] / max(ntokens["bpb_merged", S], 1)})
+    return rows
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (B, T) in nats; 0 where the target is -1."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                           reduction="none").view(targets.shape)
