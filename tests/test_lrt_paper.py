@@ -222,3 +222,40 @@ def test_model_info_prints_every_lrt_variants_overhead(capsys):
     assert "final norm, residual+gated K/V feedback, source layer 11" in capsys.readouterr().out
     assert main(["model", "info", "cart", "--lrt-variants"]) != 0
     assert "--lrt-variants is not allowed with kind 'cart'" in capsys.readouterr().err
+
+
+# -- the report's tables and figure (cartlab.analysis.lrt_eval) ----------------------------------------------------
+def test_the_report_reads_bpb_per_pass_and_the_gap_over_sweeps():
+    import pandas as pd
+
+    from cartlab.analysis import lrt_eval
+    from test_analysis_compute import lrt_store
+
+    runs, probes = lrt_store()
+    rows = []
+    for rid, shift in (("lrt-s1", 0.0), ("lrt-s2", 0.2)):
+        for split in ("prose", "stories"):
+            values = [("bpb_pass", 0, 2.0 + shift), ("bpb_pass", 1, 1.5), ("bpb_pass", 2, 1.7), ("bpb_merged", 2, 1.6),
+                      ("bpb_sequential", 2, 1.5), ("bpb_gap", 2, 0.1), ("bytes_per_token", 0, 4.0),
+                      ("bpb_sequential_bucket", 0, 3.0), ("bpb_sequential_bucket", 1, 2.0)]
+            rows += [{"run_id": rid, "probe": "lrt_bpb", "step": 100, "split": split, "x": x, "metric": m, "value": v}
+                     for m, x, v in values]
+            rows.append({"run_id": rid, "probe": "lrt_bpb", "step": 50, "split": split, "x": 2, "metric": "bpb_merged",
+                         "value": 99.0})  # an older evaluation: ignored
+            for S in (1, 2, 4):
+                rows += [{"run_id": rid, "probe": "lrt_gap", "step": 100, "split": split, "x": S, "metric": m, "value": v}
+                         for m, v in (("loss_abs_gap", 1.0 / S), ("loss_abs_gap_sweeps2", 0.5 / S))]
+    probes = pd.concat([probes, pd.DataFrame(rows)], ignore_index=True)
+    table = lrt_eval.bpb_table(runs, probes).set_index("split")
+    assert table.loc["prose", "full pass"] == pytest.approx(2.1)  # seeds averaged
+    assert table.loc["prose", "refinement passes (mean)"] == pytest.approx(1.6)
+    assert table.loc["prose", "merged"] == pytest.approx(1.6) and table.loc["prose", "sequential"] == 1.5
+    buckets = lrt_eval.bpb_buckets(runs, probes)
+    assert list(buckets.columns) == ["config", "split", "from 0", "from 1"]
+    gap = lrt_eval.sweep_gap(runs, probes)
+    two = gap[(gap.split == "prose") & (gap.sweeps == 2)].set_index("S")["loss_abs_gap"]
+    assert list(two.index) == [1, 2, 4] and two[2] == pytest.approx(0.25)
+    assert set(gap.sweeps) == {1, 2} and len(gap[gap.sweeps == 1].dropna(subset=["loss_abs_gap"])) == 6
+    fig = lrt_eval.plot_sweep_gap(runs, probes)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and fig.axes[0].get_xscale() == "log"
+    assert lrt_eval.bpb_table(runs, None).empty and lrt_eval.sweep_gap(runs, probes[probes.probe != "lrt_gap"]).empty

@@ -132,6 +132,13 @@ def test_a_training_run_stores_the_probe_and_the_measured_cost(tiny_data, tmp_pa
         loss = evals[(evals.step == step) & (evals.split == split)].loss.item()  # the eval's 2 batches, in nats
         assert m["bpb_sequential"][2] * math.log(2) * m["bytes_per_token"][0] == pytest.approx(loss, rel=1e-5)
         assert 1.0 < m["bytes_per_token"][0] < 8.0
+    from cartlab.analysis import lrt_eval  # the report's tables read the stored rows
+
+    every = results.probes(db, [run_id])
+    table = lrt_eval.bpb_table(results.runs(db), every)
+    assert len(table) == 3 and table[["full pass", "merged", "sequential"]].notna().all().all(), table
+    gap = lrt_eval.sweep_gap(results.runs(db), every)
+    assert set(gap.sweeps) == {1, 2} and gap.loss_abs_gap.notna().all()
     log = results.train_log(db, [run_id])
     assert list(log.step) == [2, 4, 6] and (log.forward_cost > 1.0).all(), log.forward_cost
     # a database written before the loop logged FLOPs: the analyses account the same numbers

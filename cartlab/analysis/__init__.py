@@ -12,6 +12,7 @@ long-form frames of `schema`:
     loops           inside the loop: logit lens and contraction (issue 15)
     depth           the test-time depth profile (section 7.4)
     compute         loss against training FLOPs, LRT's probe
+    lrt_eval        LRT the authors' way: per-pass, merged and sequential BPB, the gap over S and sweeps
     plots           every figure function under one name (re-exported from the modules above)
 
     from cartlab.analysis import published, scaling
@@ -24,7 +25,8 @@ import importlib
 
 _SUBMODULES = (
     "schema", "published", "runs", "scaling", "joint_law", "scaling_study", "laws", "stats", "screen", "decompose",
-    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "compute", "findings",
+    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "compute", "lrt_eval",
+    "findings",
 )
 __all__ = list(_SUBMODULES)
 
