@@ -259,3 +259,20 @@ def test_the_report_reads_bpb_per_pass_and_the_gap_over_sweeps():
     fig = lrt_eval.plot_sweep_gap(runs, probes)
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and fig.axes[0].get_xscale() == "log"
     assert lrt_eval.bpb_table(runs, None).empty and lrt_eval.sweep_gap(runs, probes[probes.probe != "lrt_gap"]).empty
+
+
+def test_a_compute_budget_picks_the_number_of_sweeps():
+    """`memory_budget` in plain forwards: the memory-free pass is one, each sweep about one more."""
+    for budget, sweeps in ((2, 1), (3.5, 2), (4, 3)):
+        cfg = LRTConfig.tiny(hooks=("lrt_paper",), memory_budget=budget)
+        assert cfg.memory_sweep_count == sweeps and build_model(cfg).memory.sweeps == sweeps
+        assert LMConfig.from_dict(cfg.to_dict()) == cfg
+    by_hand, by_budget = (account(LRTConfig.tiny(memory_sweeps=3), 32), account(LRTConfig.tiny(memory_budget=4), 32))
+    assert by_hand.train_forward_flops == by_budget.train_forward_flops
+    from cartlab.model import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^memory_budget=3\.0 is not allowed: it picks the number of sweeps, and "
+                                          r"memory_sweeps=2 is set too; set one of them$"):
+        LRTConfig.tiny(memory_budget=3, memory_sweeps=2)
+    with pytest.raises(ConfigError, match=r"^memory_budget=1\.5 is not allowed: must be >= 2"):
+        LRTConfig.tiny(memory_budget=1.5)

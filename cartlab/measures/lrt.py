@@ -96,7 +96,7 @@ def sweep_grid(trained: int) -> list[int]:
 def lrt_gap(ctx: MeasureContext, batches: int | None = None) -> list[dict]:
     """LRT's interleaved-vs-exact gap: loss and source-state distance against the subset count S and sweeps."""
     model, grid = ctx.model, subset_grid(ctx.cfg.seq_len, ctx.model_cfg.memory_subsets)
-    runs = [(S, 1) for S in grid] + [(S, n) for n in sweep_grid(ctx.model_cfg.memory_sweeps)
+    runs = [(S, 1) for S in grid] + [(S, n) for n in sweep_grid(ctx.model_cfg.memory_sweep_count)
                                      for S in grid if S < ctx.cfg.seq_len]
     rows = []
     for split in ctx.val_bins:
@@ -143,7 +143,7 @@ def lrt_bpb(ctx: MeasureContext, batches: int | None = 2) -> list[dict]:
     if ctx.token_bytes is None:  # no tokenizer, no bytes
         return []
     model, cfg = ctx.model, ctx.model_cfg
-    S, sweeps = cfg.memory_subsets, cfg.memory_sweeps
+    S, sweeps = cfg.memory_subsets, cfg.memory_sweep_count
     table = ctx.token_bytes.to(ctx.device)
     buckets = position_buckets(ctx.cfg.seq_len)
     rows = []

@@ -85,7 +85,7 @@ def run_info(args: argparse.Namespace) -> int:
               f"backbone; {read}, {paths}, source layer {cfg.memory_source_layer}, injection layers "
               f"{list(cfg.memory_injection_layers)})")
         print(f"  LRT compute        inference FLOPs +{o['inference_flops_pct']:.1f}%, training FLOPs "
-              f"x{o['train_flops_ratio']:.2f} the backbone's (S={cfg.memory_subsets}); sweeps {cfg.memory_sweeps}, "
+              f"x{o['train_flops_ratio']:.2f} the backbone's (S={cfg.memory_subsets}); sweeps {cfg.memory_sweep_count}, "
               f"loss {cfg.memory_loss_rule}")
     if "lrt_variants" in report:
         print(f"  LRT variants on this backbone (seq {args.seq_len}):  params    inference FLOPs   training FLOPs")

@@ -144,6 +144,12 @@ class LRTConfig(DenseConfig):
     memories the last one wrote (the LRT summary's "repeating under a fixed budget"). Each sweep
     costs about one more plain forward; with S >= T one sweep is already exact."""
 
+    memory_budget: float | None = field(None, ge=2, elide_default=True,
+                                        none="null to run memory_sweeps sweeps")
+    """A compute budget for the training forward, in plain forwards (the memory-free pass counts
+    one, each sweep about one more): it picks the number of sweeps, the largest that fits,
+    floor(budget) - 1. Set it or `memory_sweeps`, not both."""
+
     family: ClassVar[str] = "lrt"
 
     def validate(self) -> None:
@@ -170,6 +176,9 @@ class LRTConfig(DenseConfig):
         if self.memory_kv_refresh and not self.memory_kv_feedback:
             raise self.reject("memory_kv_refresh", "it re-mixes the gated K/V feedback of lrt_paper "
                                                    "(memory_kv_feedback), which this config does not have")
+        if self.memory_budget is not None and self.memory_sweeps != 1:
+            raise self.reject("memory_budget", f"it picks the number of sweeps, and memory_sweeps={self.memory_sweeps} "
+                                               f"is set too; set one of them")
         if self.memory_gamma is not None and not self.memory_residual:
             raise self.reject("memory_gamma", "it scales the residual injection; add the hook lrt_residual or lrt_paper")
 
@@ -177,6 +186,11 @@ class LRTConfig(DenseConfig):
     def has_memory(self) -> bool:
         """True for LRT: at least one memory injection path is on."""
         return self.memory_kv or self.memory_residual or self.memory_kv_feedback
+
+    @property
+    def memory_sweep_count(self) -> int:
+        """The sweeps the training forward runs: `memory_sweeps`, or what `memory_budget` picks."""
+        return self.memory_sweeps if self.memory_budget is None else int(self.memory_budget) - 1
 
     @property
     def memory_read_rule(self) -> str:

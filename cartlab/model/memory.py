@@ -111,7 +111,7 @@ class LatentMemory(nn.Module):
         self.source = cfg.memory_source_layer
         self.layers = cfg.memory_injection_layers
         self.index = {layer: j for j, layer in enumerate(self.layers)}
-        self.subsets, self.sweeps = cfg.memory_subsets, cfg.memory_sweeps
+        self.subsets, self.sweeps = cfg.memory_subsets, cfg.memory_sweep_count
         self.kv, self.residual = cfg.memory_kv, cfg.memory_residual
         self.loss, self.refresh = cfg.memory_loss_rule, cfg.memory_kv_refresh
         self.d_model = cfg.d_model
