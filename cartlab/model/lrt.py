@@ -2,8 +2,11 @@
 model family on the Dense backbone.
 
 The previous token's state at the source layer, m_{t-1}, is read by the current token at the
-injection layers (the mechanics: `cartlab.model.memory`). Two hooks switch its injection paths
-on, `lrt_kv` and `lrt_residual`; both together is the paper's default.
+injection layers (the mechanics: `cartlab.model.memory`). Two hooks switch our injection paths
+on, `lrt_kv` and `lrt_residual` (both together: our default, built from the LRT summary); the
+hook `lrt_paper` sets the published recipe as the authors' code builds it (final normed state
+into every layer, gamma, gated K/V feedback, all-passes loss), and every difference between the
+two is one `memory_*` field.
 
 Stored exactly as before LRT was a family: an `LRTConfig` serializes to kind 'dense' with its LRT
 hooks and its `memory_*` fields (each left out while at its default), so run ids, variant keys

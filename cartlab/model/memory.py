@@ -12,8 +12,15 @@ The previous token's state at a high source layer s is fed back into the current
                      projection of c_t, key rotated to t's position, seen by t only (`PrivateKV`,
                      read by `SlotAttention`)
 
+The published recipe (`lrt_paper`, the authors' code) reads the memory differently at three
+points, each a field: c_t = the model's own final norm of m_{t-1} (`memory_read: norm`; with the
+last layer as source this is the h_final the LM head reads), every layer injects, the residual
+scale is one scalar per layer starting at 0.1 (`memory_gamma`), and instead of a slot each layer
+mixes per-layer K/V projections of c_t into its own keys and values through a learned per-head
+gate (`memory_kv_feedback`; `cartlab.model.memory_attention`).
+
 Position 0 has no m_{-1}: it gets no residual term and no slot, so it is computed exactly as in
-Dense. Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
+Dense (the feedback gate still scales its own keys and values). Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
 Dense backbone (same weights, same logits); an `lrt_kv` slot takes attention mass from the start.
 
 Parameters (d = d_model, n = injection layers): shared d^2 + d, unshared n (d^2 + d), plus n d
@@ -39,6 +46,13 @@ Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` p
                  Gradients flow through the buffer (nothing is detached): the source layers learn
                  what to store, and the backward pass costs 2x a plain backward, so a training
                  step costs about 2x Dense's (accounting: `LRT.train_applications`).
+                 `memory_sweeps` = n runs the sweep over the S subsets n times, each reading the
+                 memories the last wrote (n sweeps make the first n S positions exact; each costs
+                 about one more pass). `memory_loss: all_passes` (the published recipe) averages
+                 the losses of every pass, the memory-free one included, instead of supervising
+                 each token from its refined state; `memory_kv_refresh` re-mixes, before each
+                 pass, the buffered keys and values of positions no pass has written yet with the
+                 latest memory's gated feedback.
   exact_reference  a slow loop with no cache at all: for each t the whole prefix is recomputed,
                  each position reading the memory found for it so far. O(T^2) work; for tests.
 

@@ -80,6 +80,10 @@ def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: t
     `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
     sees key t of the slot when present[t] (all when present is None)."""
     T, S = q.size(-2), k.size(-2)
+    if T == 1 and visible is None and (slot is None or slot[2] is None):  # one decoding query sees every key
+        if slot is not None:  # and its own slot: no mask to build
+            k, v = torch.cat([k, slot[0]], dim=-2), torch.cat([v, slot[1]], dim=-2)
+        return attend(q, k, v, causal=False)
     if visible is None:
         visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     if slot is not None:
