@@ -210,9 +210,11 @@ class Buffer(KVCache):
         self.refreshing = refreshing
 
     def refine(self, rows: torch.Tensor | None, T: int) -> None:
-        """The next pass computes the positions `rows` (n,) of T (None: all of them, causally)."""
+        """The next pass computes the positions `rows` (n,) of T (None: all of them). A pass over
+        every position in order (S = 1) sees the keys causally: no mask, the fused causal path."""
         self.rows = rows
-        self.visible = None if rows is None else rows[:, None] >= torch.arange(T, device=rows.device)[None, :]
+        every = rows is None or (rows.numel() == T and bool((rows == torch.arange(T, device=rows.device)).all()))
+        self.visible = None if every else rows[:, None] >= torch.arange(T, device=rows.device)[None, :]
 
 
 class _Sites(dict):
