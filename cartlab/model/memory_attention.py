@@ -54,13 +54,18 @@ class KVFeedback(nn.Module):
         nn.init.zeros_(self.gate.weight)
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """g_local, g_fb (B, T, d) each: one value per head, spread over the head's channels."""
+        """g_local, g_fb (B, T, H, 1) each: one value per head."""
         g = 2 * torch.sigmoid(self.gate(x[..., : self.channels]))  # (B, T, 2H)
-        return g.repeat_interleave(x.size(-1) // self.n_heads, dim=-1).chunk(2, dim=-1)
+        return g.unsqueeze(-1).chunk(2, dim=-2)
 
     def feedback(self, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """k_fb, v_fb (B, T, d) each, or None for zero feedback."""
         return None if c is None else self.proj(c).chunk(2, dim=-1)
+
+
+def per_head(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t (B, T, d) with each head's channels scaled by its gate g (B, T, H, 1)."""
+    return (g * t.unflatten(-1, (g.size(-2), -1))).flatten(-2)
 
 
 class LayerRead(NamedTuple):
@@ -122,13 +127,13 @@ class SlotAttention(SelfAttention):
         """The gated feedback mix (module docstring), then rotary and the cache as usual. A buffer
         that refreshes keeps the mix's parts (`BufferKV.keep`)."""
         k, v = self.kv(x)  # (B, T, d) each
-        g_local, g_fb = feedback.gates(x)  # (B, T, d) each
-        k, v = g_local * k, g_local * v
+        g_local, g_fb = feedback.gates(x)  # (B, T, H, 1) each
+        k, v = per_head(g_local, k), per_head(g_local, v)
         if isinstance(cache, BufferKV):
             cache.keep(k, v, g_fb)
         fb = feedback.feedback(c)
         if fb is not None:
-            k, v = k + g_fb * fb[0], v + g_fb * fb[1]
+            k, v = k + per_head(g_fb, fb[0]), v + per_head(g_fb, fb[1])
         k = apply_rope(split_heads(k, self.n_heads), rope)
         v = split_heads(v, self.n_heads)
         if cache is not None:
@@ -182,8 +187,8 @@ class BufferKV(LayerKV):
         return self.owner.visible
 
     def keep(self, k: torch.Tensor, v: torch.Tensor, g_fb: torch.Tensor) -> None:
-        """Keep the full pass's gated local keys and values g_local k, g_local v and the feedback
-        gate g_fb, (B, T, d) each, when the buffer refreshes (`Buffer.refreshing`)."""
+        """Keep the full pass's gated local keys and values g_local k, g_local v (B, T, d) and the
+        feedback gate g_fb (B, T, H, 1), when the buffer refreshes (`Buffer.refreshing`)."""
         if self.owner.refreshing and self.owner.rows is None:
             self.parts = (k, v, g_fb)
 
@@ -192,8 +197,8 @@ class BufferKV(LayerKV):
         `stale` positions (T,) bool, which no pass has written since the full pass, with the
         feedback fb = (k_fb, v_fb) (B, T, d) of the latest memory."""
         k, v, g_fb = self.parts
-        k = apply_rope(split_heads(k + g_fb * fb[0], n_heads), rope)  # (B, H, T, hd)
-        v = split_heads(v + g_fb * fb[1], n_heads)
+        k = apply_rope(split_heads(k + per_head(g_fb, fb[0]), n_heads), rope)  # (B, H, T, hd)
+        v = split_heads(v + per_head(g_fb, fb[1]), n_heads)
         self.k = torch.where(stale[:, None], k, self.k)
         self.v = torch.where(stale[:, None], v, self.v)
 
