@@ -1,5 +1,6 @@
 """Model families of cartlab (`cartlab.model.family`): CART, its Dense baseline, and LRT (Dense
-with a recurrent memory, hooks lrt_kv, lrt_residual); the ablation hooks of section 8; their
+with a recurrent memory: our hooks lrt_kv, lrt_residual, or the published recipe lrt_paper); the
+ablation hooks of section 8; their
 accounting.
 
     from cartlab.model import CARTConfig, LRTConfig, build_model, account
