@@ -158,7 +158,7 @@ class _Run:
         self.loader = BatchLoader(open_bin(self.data_dir / "train.bin"), cfg.batch_size, cfg.seq_len, cfg.data.mode,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
-        self.token_bytes = token_byte_table(self.data_dir / meta["tokenizer"]["file"])
+        self.token_bytes = token_byte_table(self.data_dir / meta["tokenizer"].get("file", "tokenizer.json"))
 
     def build(self) -> None:
         o = self.cfg.optim
