@@ -140,6 +140,12 @@ def test_all_passes_loss_is_the_mean_over_the_passes():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the refined logits come from the passes' heads: at S = 3 with 2 sweeps as the merged outputs give them
+    model.memory.subsets, model.memory.sweeps = 3, 2
+    with torch.no_grad():
+        logits = model(idx, targets)[0]
+        merged = model.head(model.memory.interleaved(model, model.wte(idx), 3, 2).out, None)[0]
+    torch.testing.assert_close(logits, merged, atol=1e-12, rtol=0)
 
 
 # -- accounting -------------------------------------------------------------------------------------------------
@@ -156,7 +162,8 @@ def test_accounting_counts_feedback_sweeps_refresh_and_the_second_head():
         2 * T * fb - 2 * T * (d * d))  # feedback and gates instead of the shared projection
     assert acc.train_forward_flops - base.train_forward_flops == pytest.approx(2 * T * d * V)  # the second head
     two = account(paper.replace(memory_sweeps=2), T)
-    assert two.train_forward_flops - acc.train_forward_flops == pytest.approx(acc.forward_flops)  # one more sweep
+    assert two.train_forward_flops - acc.train_forward_flops == pytest.approx(
+        acc.forward_flops + 2 * T * d * V)  # one more sweep, and its passes' heads
     fresh = account(paper.replace(memory_kv_refresh=True), T)
     assert fresh.train_forward_flops - acc.train_forward_flops == pytest.approx(4 * 2 * T * L * 2 * d * d)  # S = 4
 

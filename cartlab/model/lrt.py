@@ -242,10 +242,9 @@ class LRT(Dense):
         refined tokens' or, with `memory_loss: all_passes`, the mean of the passes' losses."""
         x = self.wte(idx)  # (B, T, d)
         x, passes = self.memory.schedule(self, x, cache, subsets, sweeps)  # (B, T, d)
-        logits, loss = self.head(x, targets, cache)
         if targets is not None and passes is not None and self.memory.loss == "all_passes":
-            loss = self.memory.pass_loss(self, passes, targets)
-        return logits, loss
+            return self.memory.pass_outputs(self, passes, targets)
+        return self.head(x, targets, cache)
 
     def run(self, x: torch.Tensor, cache: KVCache | None = None, recall: Recall | None = None):
         """One pass of the layers over the new positions of x (B, T, d), continuing `cache`."""

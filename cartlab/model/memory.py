@@ -242,11 +242,22 @@ class LatentMemory(nn.Module):
             fb = self.feedback[j]
             buffer[f"layer.{i}"].refresh(fb.feedback(recall.c[j % len(recall.c)]), stale, rope, fb.n_heads)
 
-    def pass_loss(self, model: nn.Module, passes: list, targets: torch.Tensor) -> torch.Tensor:
+    def pass_outputs(self, model: nn.Module, passes: list, targets: torch.Tensor):
         """The published recipe's loss (`memory_loss: all_passes`): the plain mean of the passes'
-        losses, the full memory-free pass included, each averaged over its own positions."""
-        losses = [model.head(out, targets if rows is None else targets[:, rows])[1] for rows, out in passes]
-        return torch.stack(losses).mean()
+        losses, the full memory-free pass included, each averaged over its own positions; and the
+        refined logits (B, T, V), gathered from the last sweep's passes (the LM head runs once
+        per pass, not once more on the merged outputs)."""
+        logits, losses = [], []
+        for rows, out in passes:
+            logits_p, loss_p = model.head(out, targets if rows is None else targets[:, rows])
+            logits.append(logits_p)
+            losses.append(loss_p)
+        k, covered = len(passes), 0
+        while covered < targets.size(1):  # the last sweep's passes cover every position once
+            k -= 1
+            covered += passes[k][0].numel()
+        order = torch.cat([rows for rows, _ in passes[k:]]).argsort()
+        return torch.cat(logits[k:], dim=1)[:, order], torch.stack(losses).mean()
 
     # -- accounting ----------------------------------------------------------------------------------------------
     def applications(self, layers: nn.ModuleList) -> list:
@@ -261,7 +272,8 @@ class LatentMemory(nn.Module):
         """What the interleaved training forward runs besides one LRT forward: the memory-free
         initialisation pass of every layer (with the feedback gates), `memory_sweeps - 1` more
         sweeps, the K/V refreshes (one per pass of the first sweep, over every position), and for
-        the all-passes loss a second application of the LM head."""
+        the all-passes loss the LM head on every pass (the full pass's head, and one per extra
+        sweep, beyond the one head per token every model runs)."""
         parts = [("init_pass", model.layers, 1)]
         if self.feedback is not None:
             parts.append(("init_pass_gates", nn.ModuleList(f.gate for f in self.feedback), 1))
@@ -271,7 +283,7 @@ class LatentMemory(nn.Module):
         if self.refresh:
             parts.append(("refresh", nn.ModuleList(f.proj for f in self.feedback), self.subsets))
         if self.loss == "all_passes":
-            parts.append(("pass_heads", model.lm_head, 1))
+            parts.append(("pass_heads", model.lm_head, self.sweeps))  # the full pass's, and one per extra sweep
         return parts
 
     def extra_flops(self, T: int) -> float:
