@@ -15,7 +15,9 @@ shared projection; the published one: `lrt_paper`) at S = 2, 4, 8 interleaved su
    refinements cost one pass);
 3. cached decoding: seconds per generated token (greedy, 64 tokens after a 16-token prompt, batch
    1), relative to Dense (the authors report ~9% overhead).
-Steps of all models are interleaved over several rounds and each keeps its best time, so load
+Steps of all models are interleaved over several rounds and each keeps its best time (the
+ratios use best times; "round median" is the median over rounds of each round's time over that
+round's Dense time, the steadier figure when the load changes during the run), so load
 from other processes on a shared machine affects them alike.
 """
 from __future__ import annotations
@@ -69,10 +71,13 @@ def main() -> None:
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
         step_seconds(model, x, y, runs[name][1])  # warm-up
     best = {name: float("inf") for name in runs}
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
     costs: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, (model, opt) in runs.items():
-            best[name] = min(best[name], step_seconds(model, x, y, opt))
+            seconds = step_seconds(model, x, y, opt)
+            best[name] = min(best[name], seconds)
+            rounds[name].append(seconds)
             costs[name].append(model.diagnostics().get("lrt_forward_cost", 1.0))
     cost = {name: sorted(c)[len(c) // 2] for name, c in costs.items()}  # median
 
@@ -82,13 +87,15 @@ def main() -> None:
         acc = account(cfg, T)
         print(f"LRT memory ({recipe}): +{acc.stored_params - account(configs['dense'], T).stored_params:,} parameters; "
               f"source layer {cfg.memory_source_layer}, injection layers {list(cfg.memory_injection_layers)}")
-    print(f"\n{'model':12s} {'step (s)':>9s} {'measured vs Dense':>18s} {'FLOPs predict':>14s} "
+    print(f"\n{'model':12s} {'step (s)':>9s} {'measured vs Dense':>18s} {'round median':>13s} {'FLOPs predict':>14s} "
           f"{'measured/predicted':>19s} {'fwd / init pass':>16s}")
     for name in runs:
         ratio = best[name] / best["dense"]
+        steady = sorted(a / b for a, b in zip(rounds[name], rounds["dense"]))[len(rounds[name]) // 2]
         predicted = flops[name] / flops["dense"]
         fwd = f"{cost[name]:.2f}" if name != "dense" else "-"
-        print(f"{name:12s} {best[name]:9.3f} {ratio:17.2f}x {predicted:13.2f}x {ratio / predicted:18.2f}x {fwd:>16s}")
+        print(f"{name:12s} {best[name]:9.3f} {ratio:17.2f}x {steady:12.2f}x {predicted:13.2f}x "
+              f"{ratio / predicted:18.2f}x {fwd:>16s}")
     decode = {name: decode_seconds(runs[name][0], V, args.rounds)
               for name in ("dense", f"ours S={args.subsets[0]}", f"paper S={args.subsets[0]}")}
     print(f"\ncached decoding, 64 tokens after a 16-token prompt, batch 1 (best of {args.rounds}):")
