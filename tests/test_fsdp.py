@@ -209,6 +209,8 @@ VARIANTS = {
     "dense": {"kind": "dense", "n_layers": 3, "prelude_layers": None, "n_loops": None},
     "lrt": {"kind": "dense", "n_layers": 3, "hooks": ["lrt_kv", "lrt_residual"], "prelude_layers": None,
             "n_loops": None},
+    "lrt_paper with K/V refresh": {"kind": "dense", "n_layers": 3, "hooks": ["lrt_paper"], "memory_kv_refresh": True,
+                                   "prelude_layers": None, "n_loops": None},
     "cart all ablations": {"hooks": ["unfreeze_kv", "unshare_core", "no_hyper", "no_lti", "no_lie"]},
     "cart self-attention core": {"hooks": ["self_attn_core"]},
     "cart random R, truncated BPTT": {"hooks": ["unshare_core", "random_loops", "truncated_bptt"],

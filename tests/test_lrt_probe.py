@@ -11,6 +11,7 @@ Guards:
 Run: pytest tests/test_lrt_probe.py -q
 """
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -68,9 +69,16 @@ def test_the_probe_is_exact_at_S_equal_T_and_the_gap_shrinks_with_S(hooks):
     with torch.no_grad():
         rows = lrt_gap(ctx)
     frame = pd.DataFrame(rows)
-    assert len(frame) == 2 * 5 * 4  # splits x S in (1, 2, 4, 8, 16) x metrics
+    # splits x (S in (1, 2, 4, 8, 16) x 5 metrics + S in (1, 2, 4, 8) at 2 sweeps x 4 metrics)
+    assert len(frame) == 2 * (5 * 5 + 4 * 4)
     for split, g in frame.groupby("split"):
         m = g.pivot(index="x", columns="metric", values="value")
+        assert list(m["loss_abs_gap_sweeps2"].dropna().index) == [1, 2, 4, 8]
+        # on this untrained, scaled-up model a second sweep helps from S = 2 on (not at S = 1,
+        # a Jacobi step on every position at once; the trained case: tests/test_lrt_paper.py)
+        for metric in ("loss_abs_gap", "source_dist"):
+            assert (m[f"{metric}_sweeps2"][[2, 4, 8]] < m[metric][[2, 4, 8]]).all(), m
+        assert m.loc[T, "loss_abs_gap"] < 1e-5 and m.loc[8, "loss_abs_gap"] > 1e-4
         assert list(m.index) == [1, 2, 4, 8, 16]
         assert abs(m.loc[T, "loss_gap"]) < 1e-5 and m.loc[T, "source_dist"] < 1e-5, (split, m.loc[T])
         assert (m["loss"] - m["loss_exact"] - m["loss_gap"]).abs().max() < 1e-12
@@ -99,7 +107,7 @@ def test_a_training_run_stores_the_probe_and_the_measured_cost(tiny_data, tmp_pa
     model = {"kind": "dense", "vocab_size": 512, "d_model": 32, "n_heads": 4, "n_layers": 3, "ffn_multiple_of": 16,
              "hooks": list(HOOKS), "memory_subsets": 2}
     cfg = tiny_config(tiny_data, tmp_path, model=model, steps=6, eval_every=3, log_every=2, checkpoint_every=6,
-                      measures=["lrt_gap"])
+                      measures=["lrt_gap", "lrt_bpb"])
     run_id = train(cfg)
     db = cfg.results_db
     probes = results.probes(db, [run_id], probe="lrt_gap")
@@ -113,6 +121,24 @@ def test_a_training_run_stores_the_probe_and_the_measured_cost(tiny_data, tmp_pa
         assert m.loc[32, "loss_exact"] == pytest.approx(final[split], abs=1e-6)  # the eval's own batches and schedule
         assert abs(m.loc[32, "loss_gap"]) < 1e-4 and m.loc[32, "source_dist"] < 1e-4
         assert m.loc[1, "source_dist"] > 1e-3
+    # bits per byte, the authors' way, at every evaluation
+    bpb = results.probes(db, [run_id], probe="lrt_bpb")
+    assert set(bpb.step) == {3, 6} and set(bpb.split) == set(evals.split)
+    for (step, split), g in bpb.groupby(["step", "split"]):
+        m = g.groupby("metric").apply(lambda r: dict(zip(r.x, r.value)), include_groups=False)
+        assert sorted(m["bpb_pass"]) == [0, 1, 2]  # the full pass and S = 2 refinements
+        assert sorted(m["bpb_sequential_bucket"]) == [0, 1, 2, 4, 8, 16]
+        assert m["bpb_gap"][2] == pytest.approx(m["bpb_merged"][2] - m["bpb_sequential"][2])
+        loss = evals[(evals.step == step) & (evals.split == split)].loss.item()  # the eval's 2 batches, in nats
+        assert m["bpb_sequential"][2] * math.log(2) * m["bytes_per_token"][0] == pytest.approx(loss, rel=1e-5)
+        assert 1.0 < m["bytes_per_token"][0] < 8.0
+    from cartlab.analysis import lrt_eval  # the report's tables read the stored rows
+
+    every = results.probes(db, [run_id])
+    table = lrt_eval.bpb_table(results.runs(db), every)
+    assert len(table) == 3 and table[["full pass", "merged", "sequential"]].notna().all().all(), table
+    gap = lrt_eval.sweep_gap(results.runs(db), every)
+    assert set(gap.sweeps) == {1, 2} and gap.loss_abs_gap.notna().all()
     log = results.train_log(db, [run_id])
     assert list(log.step) == [2, 4, 6] and (log.forward_cost > 1.0).all(), log.forward_cost
     # a database written before the loop logged FLOPs: the analyses account the same numbers
@@ -120,7 +146,7 @@ def test_a_training_run_stores_the_probe_and_the_measured_cost(tiny_data, tmp_pa
     accounted = compute.with_flops(runs, log.assign(flops=None))
     assert (accounted.flops_source == "accounted").all()
     assert list(accounted.flops) == pytest.approx(list(log.flops), rel=1e-9)
-    assert json.loads(runs.config_json[0])["train"]["measures"] == ["lrt_gap"]
+    assert json.loads(runs.config_json[0])["train"]["measures"] == ["lrt_gap", "lrt_bpb"]
     # a plain Dense run may not ask for it
     from cartlab.config import ConfigError
 

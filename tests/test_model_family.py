@@ -123,7 +123,7 @@ def test_the_specs_of_cart_dense_and_lrt():
     assert specs["cart"].stem(cart) == "cart-d128-P2-R4" and specs["cart"].label(cart) == "cart d=128 P=2 R=4"
     assert specs["dense"].stem(dense) == "dense4L-d128" and specs["dense"].label(dense) == "dense d=128 L=4"
     assert specs["lrt"].stem(lrt) == "dense4L-d128" and specs["lrt"].label(lrt) == "dense d=128 L=4"
-    assert tuple(specs["cart"].hooks()[:7]) == PAPER_ABLATIONS and tuple(specs["lrt"].hooks()) == LRT_HOOKS
+    assert tuple(specs["cart"].hooks()[:7]) == PAPER_ABLATIONS and tuple(specs["lrt"].hooks()) == LRT_HOOKS + ("lrt_paper",)
     assert specs["dense"].hooks() == []
     assert PAPER_ABLATIONS == ("unfreeze_kv", "single_loop", "unshare_core", "self_attn_core", "no_hyper", "no_lti",
                                "no_lie")

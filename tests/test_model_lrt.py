@@ -91,10 +91,15 @@ def test_hooks_set_the_memory_fields_and_the_config_rebuilds_the_model():
     (dict(hooks=("lrt_kv",), memory_layers=[]), r"^memory_layers=\[\] is not allowed: name at least one injection layer"),
     (dict(hooks=("lrt_kv",), memory_subsets=0), r"^memory_subsets=0 is not allowed: must be >= 1$"),
     (dict(hooks=("lrt_kv",), memory_shared="yes"), r"^memory_shared='yes' is not allowed: must be true or false$"),
-    (dict(hooks=()), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv and/or lrt_residual; a Dense model without memory is a DenseConfig$"),
+    (dict(hooks=()), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv and/or lrt_residual, or lrt_paper; a Dense model without memory is a DenseConfig$"),
     (dict(hooks=("lrt_kv", "lrt_kv")), r"^hooks=\['lrt_kv', 'lrt_kv'\] is not allowed: names a hook twice"),
-    (dict(hooks=("no_lti",)), r"^hooks=\['no_lti'\] is not allowed: 'no_lti' is a hook of the cart family.*; lrt hooks: lrt_kv, lrt_residual$"),
-    (dict(hooks=("lrt",)), r"^hooks=\['lrt'\] is not allowed: unknown hook\(s\) \['lrt'\]; choose from lrt_kv, lrt_residual$"),
+    (dict(hooks=("no_lti",)), r"^hooks=\['no_lti'\] is not allowed: 'no_lti' is a hook of the cart family.*; lrt hooks: lrt_kv, lrt_residual, lrt_paper$"),
+    (dict(hooks=("lrt_kv",), memory_kv_refresh=True), r"^memory_kv_refresh=true is not allowed: it re-mixes the gated K/V feedback of lrt_paper"),
+    (dict(hooks=("lrt_kv",), memory_gamma=0.1), r"^memory_gamma=0\.1 is not allowed: it scales the residual injection; add the hook lrt_residual or lrt_paper$"),
+    (dict(hooks=("lrt_paper",), memory_loss="all"), r"^memory_loss='all' is not allowed: .*refined.*all_passes"),
+    (dict(hooks=("lrt_paper",), memory_read="final"), r"^memory_read='final' is not allowed: .*projection.*norm"),
+    (dict(hooks=("lrt_paper",), memory_sweeps=0), r"^memory_sweeps=0 is not allowed: must be >= 1$"),
+    (dict(hooks=("lrt",)), r"^hooks=\['lrt'\] is not allowed: unknown hook\(s\) \['lrt'\]; choose from lrt_kv, lrt_residual, lrt_paper$"),
 ])
 def test_bad_memory_config_is_one_line_naming_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:

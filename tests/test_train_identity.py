@@ -33,8 +33,12 @@ def test_preset_identity_is_unchanged(name):
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["studies"]))
 def test_study_run_identities_are_unchanged(name):
+    """Every recorded run of the study is still there, in order, unchanged; a study may grow new
+    runs (issue 26 added the published LRT recipe's variants to `lrt`)."""
     got = [{"label": r.label, "seed": r.seed, **entry(r.config)} for r in load_study(name).expand()]
-    assert got == GOLDEN["studies"][name]
+    recorded = GOLDEN["studies"][name]
+    keys = {(r["label"], r["seed"]) for r in recorded}
+    assert [g for g in got if (g["label"], g["seed"]) in keys] == recorded
 
 
 def test_every_shipped_study_is_covered():

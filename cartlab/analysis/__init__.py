@@ -13,6 +13,7 @@ long-form frames of `schema`:
     depth           the test-time depth profile (section 7.4)
     adaptive        exit rules and fixed points: the compute-quality frontier, loop convergence (issue 27)
     compute         loss against training FLOPs, LRT's probe
+    lrt_eval        LRT the authors' way: per-pass, merged and sequential BPB, the gap over S and sweeps
     plots           every figure function under one name (re-exported from the modules above)
 
     from cartlab.analysis import published, scaling
@@ -25,7 +26,8 @@ import importlib
 
 _SUBMODULES = (
     "schema", "published", "runs", "scaling", "joint_law", "scaling_study", "laws", "stats", "screen", "decompose",
-    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "adaptive", "compute", "findings",
+    "spectral", "loops", "accounting", "figures", "plots", "synthetic", "depth", "adaptive", "compute", "lrt_eval",
+    "findings",
 )
 __all__ = list(_SUBMODULES)
 

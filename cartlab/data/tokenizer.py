@@ -95,6 +95,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of the text each id stands for (0 for special tokens), for bits per byte."""
+        return token_bytes(self.backend)
+
     def save(self, path: str | Path) -> Path:
         """Write the pipeline as tokenizer.json (atomically)."""
         path = Path(path)
@@ -147,6 +151,40 @@ def embedded_cache_path(cfg: TokenizerConfig) -> Path:
                       "tokenizers": tokenizers.__version__}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return paths.cache_dir() / "tokenizers" / f"embedded-v{cfg.vocab_size}-{digest}.json"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-unicode map, inverted: the character a byte-level BPE writes for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def token_bytes(backend: "tokenizers.Tokenizer") -> list[int]:
+    """Bytes per id: a byte-level BPE token (`embedded`) is one byte per character of its
+    alphabet; a SentencePiece byte-fallback piece `<0x0A>` is one byte; any other piece (`llama2`)
+    is its text with '\u2581' read as a space; special tokens are 0."""
+    alphabet = _byte_level_alphabet()
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    out = []
+    for i in range(backend.get_vocab_size(with_added_tokens=True)):
+        piece = backend.id_to_token(i) or ""
+        if piece in special:
+            out.append(0)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(1)
+        elif all(c in alphabet for c in piece):
+            out.append(len(piece))
+        else:
+            out.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+    return out
 
 
 def read_tokenizer_file(path: Path, what: str) -> "tokenizers.Tokenizer":

@@ -1,9 +1,10 @@
 """Measurements of a model in training, stored in the results database's `probes` table.
 
 The measures themselves live in this package's modules (`MODULES`): `depth` (the test-time
-depth profile), `lrt` (LRT's interleaved-vs-exact gap), `loops` (per-loop logit lens, the loop
-map's contraction), `solver` (the fixed-point solve's residual, iterations, converged share), `adaptive` (the
-compute-quality frontier of adaptive depth: loss against mean loops per token; opt-in).
+depth profile), `lrt` (LRT's interleaved-vs-exact gap, and its bits per byte the authors'
+way), `loops` (per-loop logit lens, the loop map's contraction), `solver` (the fixed-point solve's
+residual, iterations, converged share), `adaptive` (the compute-quality frontier of adaptive
+depth: loss against mean loops per token; opt-in).
 
 A measure is a function `ctx -> rows` registered for the models it applies to:
 
@@ -116,6 +117,9 @@ class MeasureContext:
     step: int
     device: torch.device
     selection: Any = None
+    token_bytes: torch.Tensor | None = None
+    """(vocab,) UTF-8 bytes of each token id (the data build's tokenizer, `Tokenizer.token_bytes`),
+    for measures in bits per byte; None when the run has no tokenizer at hand."""
 
     def batches(self, split: str, n: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first `n` (default `eval_batches`) validation batches of `split`, on the device:

@@ -1,6 +1,6 @@
 """Model families of cartlab (`cartlab.model.family`): CART, its Dense baseline, and LRT (Dense
-with a recurrent memory, hooks lrt_kv, lrt_residual); the ablation hooks of section 8; their
-accounting.
+with a recurrent memory: our hooks lrt_kv, lrt_residual, or the published recipe lrt_paper); the
+ablation hooks of section 8; their accounting.
 
     from cartlab.model import CARTConfig, LRTConfig, build_model, account
     cfg = CARTConfig.paper(d_model=256, hooks=("no_lti", "unshare_core"))

@@ -178,6 +178,16 @@ def memory_overhead(cfg: DenseConfig, seq_len: int = 1024) -> dict:
     }
 
 
+def lrt_variants(cfg: DenseConfig, seq_len: int = 1024) -> list[dict]:
+    """`memory_overhead` of each LRT variant (`cartlab.model.lrt.LRT_VARIANTS`) built on cfg's
+    Dense backbone (cfg itself may be the backbone or any LRT on it), with the variant's name."""
+    from cartlab.model.lrt import LRT_VARIANTS
+
+    base = memory_backbone(cfg).to_dict()
+    return [{"variant": name, **memory_overhead(LMConfig.from_dict({**base, **fields}), seq_len)}
+            for name, fields in LRT_VARIANTS.items()]
+
+
 def dense_layer_flops(cfg: LMConfig, seq_len: int) -> float:
     """Forward FLOPs of one Dense (MHA + SwiGLU) layer of cfg's width, per sequence."""
     layer = build_meta(_dense_like(cfg, n_layers=1)).layers[0]

@@ -12,8 +12,15 @@ The previous token's state at a high source layer s is fed back into the current
                      projection of c_t, key rotated to t's position, seen by t only (`PrivateKV`,
                      read by `SlotAttention`)
 
+The published recipe (`lrt_paper`, the authors' code) reads the memory differently at three
+points, each a field: c_t = the model's own final norm of m_{t-1} (`memory_read: norm`; with the
+last layer as source this is the h_final the LM head reads), every layer injects, the residual
+scale is one scalar per layer starting at 0.1 (`memory_gamma`), and instead of a slot each layer
+mixes per-layer K/V projections of c_t into its own keys and values through a learned per-head
+gate (`memory_kv_feedback`; `cartlab.model.memory_attention`).
+
 Position 0 has no m_{-1}: it gets no residual term and no slot, so it is computed exactly as in
-Dense. Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
+Dense (the feedback gate still scales its own keys and values). Because the residual gain starts at zero, an untrained `lrt_residual` model equals its
 Dense backbone (same weights, same logits); an `lrt_kv` slot takes attention mass from the start.
 
 Parameters (d = d_model, n = injection layers): shared d^2 + d, unshared n (d^2 + d), plus n d
@@ -39,6 +46,13 @@ Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` p
                  Gradients flow through the buffer (nothing is detached): the source layers learn
                  what to store, and the backward pass costs 2x a plain backward, so a training
                  step costs about 2x Dense's (accounting: `LRT.train_applications`).
+                 `memory_sweeps` = n runs the sweep over the S subsets n times, each reading the
+                 memories the last wrote (n sweeps make the first n S positions exact; each costs
+                 about one more pass). `memory_loss: all_passes` (the published recipe) averages
+                 the losses of every pass, the memory-free one included, instead of supervising
+                 each token from its refined state; `memory_kv_refresh` re-mixes, before each
+                 pass, the buffered keys and values of positions no pass has written yet with the
+                 latest memory's gated feedback.
   exact_reference  a slow loop with no cache at all: for each t the whole prefix is recomputed,
                  each position reading the memory found for it so far. O(T^2) work; for tests.
 
@@ -54,11 +68,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from cartlab.model.layers import (Block, KVCache, LayerKV, RMSNorm, SelfAttention, apply_rope, attend, merge_heads,
-                                  split_heads)
+from cartlab.model.layers import KVCache, RMSNorm
+from cartlab.model.memory_attention import (Buffer, BufferKV, KVFeedback, LayerRead, PrivateKV, SlotAttention,
+                                            SlotBlock, attend_visible)
 
+__all__ = ["Recall", "MemoryProjection", "LatentMemory", "Interleaved", "exact_reference", "trace", "require_memory",
+           "Buffer", "BufferKV", "KVFeedback", "LayerRead", "PrivateKV", "SlotAttention", "SlotBlock", "attend_visible"]
 
 # Duck-typed on purpose: `cfg` is an `LRTConfig` and `model` an `LRT` (`run`, `stack`, `layers`,
 # `rope`, `memory`); this module imports neither, so the model's modules import it and not back.
@@ -89,122 +105,80 @@ class MemoryProjection(nn.Module):
         return self.proj(self.norm(m))  # (B, T, d)
 
 
-# -- the private slot in the layers ---------------------------------------------------------------------------
-class PrivateKV(NamedTuple):
-    """One extra key/value entry per query that only that query sees (the `lrt_kv` slot). The
-    attention layer projects `source` (B, T, d) with its own K/V projection and rotates the key to
-    the query's own position, so the slot's score does not depend on where the token sits.
-    `present` (T,) bool marks the queries that have a slot (position 0 has no previous token);
-    None means all of them."""
-
-    source: torch.Tensor
-    present: torch.Tensor | None = None
-
-
-def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
-                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
-    """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
-    (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
-    `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
-    sees key t of the slot when present[t] (all when present is None)."""
-    T, S = q.size(-2), k.size(-2)
-    if visible is None:
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if slot is not None:
-        k_slot, v_slot, present = slot
-        own = torch.eye(T, dtype=torch.bool, device=q.device)
-        if present is not None:
-            own = own & present[:, None]
-        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
-        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
-    if T == 1 and bool(visible.all()):
-        return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-
-
-class SlotAttention(SelfAttention):
-    """A Dense layer's causal self-attention that also reads LRT's private slot (`lrt_kv`) and,
-    during the interleaved schedule, the buffer's key mask (`BufferKV.visible`). Without either
-    it is the plain causal attention, the same call as `SelfAttention`."""
-
-    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
-                slot: PrivateKV | None = None) -> torch.Tensor:
-        q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
-        k, v = self.keys_values(x, rope, cache)  # (B, H, S, hd)
-        visible = cache.visible(q.size(-2), k.size(-2)) if isinstance(cache, BufferKV) else None
-        if slot is None and visible is None:
-            return self.proj(merge_heads(attend(q, k, v, causal=True)))
-        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(slot, rope))))
-
-    def private_kv(self, slot: PrivateKV | None, rope):
-        """The slot's keys and values (B, H, T, hd) from this layer's own K/V projection, keys
-        rotated to the query's position (relative offset 0), and its `present` mask."""
-        if slot is None:
-            return None
-        k, v = self.kv(slot.source)
-        return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads), slot.present
-
-
-class SlotBlock(Block):
-    """An LRT layer: the Dense pre-norm layer whose attention takes the private slot."""
-
-    attention = SlotAttention
-
-    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
-                slot: PrivateKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache, slot)
-        return x + self.ffn(self.ffn_norm(x))
-
-
 # -- the memory ------------------------------------------------------------------------------------------------
+class Interleaved(NamedTuple):
+    """What the interleaved schedule returns: the refined outputs and source states m_t (B, T, d)
+    each, and every pass as (positions it computed, (n,) or None for all; its outputs (B, n, d)),
+    the full pass first (for the all-passes loss)."""
+
+    out: torch.Tensor
+    source: torch.Tensor
+    passes: list[tuple[torch.Tensor | None, torch.Tensor]]
+
+
 class LatentMemory(nn.Module):
     """LRT's memory (see the module docstring): the projection(s), the per-layer residual gains,
-    the injection at the injection layers, and the three schedules."""
+    the gated K/V feedback, the injection at the injection layers, and the three schedules."""
 
     def __init__(self, cfg):
         super().__init__()
         self.source = cfg.memory_source_layer
         self.layers = cfg.memory_injection_layers
         self.index = {layer: j for j, layer in enumerate(self.layers)}
-        self.subsets = cfg.memory_subsets
+        self.subsets, self.sweeps = cfg.memory_subsets, cfg.memory_sweep_count
         self.kv, self.residual = cfg.memory_kv, cfg.memory_residual
+        self.loss, self.refresh = cfg.memory_loss_rule, cfg.memory_kv_refresh
         self.d_model = cfg.d_model
-        n_proj = 1 if cfg.memory_shared else len(self.layers)
+        n_proj = 0 if cfg.memory_read_rule == "norm" else 1 if cfg.memory_shared else len(self.layers)
         self.read = nn.ModuleList(MemoryProjection(cfg) for _ in range(n_proj))
-        self.gain = nn.Parameter(torch.zeros(len(self.layers), cfg.d_model)) if self.residual else None
+        gamma = cfg.memory_gamma
+        self.gain = nn.Parameter(torch.full((len(self.layers), cfg.d_model if gamma is None else 1),
+                                            0.0 if gamma is None else gamma)) if self.residual else None
+        self.feedback = (nn.ModuleList(KVFeedback(cfg) for _ in self.layers) if cfg.memory_kv_feedback else None)
         self.last_cost: float | None = None  # wall time of the last interleaved forward / its init pass
 
     # -- what one pass reads ------------------------------------------------------------------------------
-    def recall(self, m: torch.Tensor, present: torch.Tensor | None) -> Recall:
+    def recall(self, model: nn.Module, m: torch.Tensor, present: torch.Tensor | None) -> Recall:
         """m (B, T, d): m_{t-1} for each position of a pass (zeros where there is none, as marked
-        by `present`)."""
-        return Recall([read(m) for read in self.read], present)
+        by `present`). With `memory_read: norm` the memory is read through the model's final norm
+        (the published recipe's h_final when the source is the last layer)."""
+        return Recall([read(m) for read in self.read] if self.read else [model.norm(m)], present)
 
     def inject(self, i: int, x: torch.Tensor, recall: Recall | None):
-        """Layer i's input x (B, T, d) with the residual term added, and its private slot (or None)."""
+        """Layer i's input x (B, T, d) with the residual term added, and what its attention reads
+        (`LayerRead`, or None)."""
         j = self.index.get(i)
-        if recall is None or j is None:
+        if j is None:
             return x, None
+        feedback = None if self.feedback is None else self.feedback[j]
+        if recall is None:  # no memory: the feedback gate still mixes the layer's own keys and values
+            return x, (None if feedback is None else LayerRead(feedback=feedback))
         c = recall.c[j % len(recall.c)]  # (B, T, d)
         if self.residual:
             x = x + self.gain[j] * c
-        return x, (PrivateKV(c, recall.present) if self.kv else None)
+        if not self.kv and feedback is None:
+            return x, None
+        return x, LayerRead(PrivateKV(c, recall.present) if self.kv else None, feedback, c)
 
     # -- schedules ---------------------------------------------------------------------------------------------
-    def schedule(self, model: nn.Module, x: torch.Tensor, cache: KVCache | None, subsets: int | None) -> torch.Tensor:
-        """Outputs (B, T, d) of the embedded tokens x: sequential with a cache; interleaved in
-        training or when `subsets` is given; otherwise exact (sequential on a private cache, or
-        interleaved with S = T when gradients are wanted: the same values, differentiable)."""
+    def schedule(self, model: nn.Module, x: torch.Tensor, cache: KVCache | None, subsets: int | None,
+                 sweeps: int | None = None):
+        """Outputs (B, T, d) of the embedded tokens x and, for the training forward, its passes
+        (else None): sequential with a cache; interleaved in training or when `subsets` or
+        `sweeps` is given; otherwise exact (sequential on a private cache, or interleaved with
+        S = T when gradients are wanted: the same values, differentiable)."""
         if cache is not None:
-            if subsets is not None:
-                raise ValueError(f"subsets={subsets!r} is not allowed with a cache: cached calls run the exact "
-                                 f"recurrence one position at a time")
-            return self.sequential(model, x, cache)[0]
-        if subsets is not None or self.training:
-            return self.interleaved(model, x, self.subsets if subsets is None else subsets)[0]
+            if subsets is not None or sweeps is not None:
+                raise ValueError(f"subsets={subsets!r}, sweeps={sweeps!r} is not allowed with a cache: cached calls "
+                                 f"run the exact recurrence one position at a time")
+            return self.sequential(model, x, cache)[0], None
+        if subsets is not None or sweeps is not None or self.training:
+            run = self.interleaved(model, x, self.subsets if subsets is None else subsets,
+                                   self.sweeps if sweeps is None else sweeps)
+            return run.out, (run.passes if self.training else None)
         if torch.is_grad_enabled():
-            return self.interleaved(model, x, x.size(1))[0]
-        return self.sequential(model, x, KVCache())[0]
+            return self.interleaved(model, x, x.size(1), 1).out, None
+        return self.sequential(model, x, KVCache())[0], None
 
     # Both schedules return the outputs and the source layer's states m_t (B, T, d) each: the
     # model uses the outputs; the approximation probe (`trace`) compares the states.
@@ -215,7 +189,7 @@ class LatentMemory(nn.Module):
             if cache.pos == 0:
                 recall = None
             elif STATE in cache.states:
-                recall = self.recall(cache.states[STATE], None)
+                recall = self.recall(model, cache.states[STATE], None)
             else:
                 raise ValueError(f"this cache holds {cache.pos} positions but no LRT memory: it was filled by a "
                                  f"model without memory; start LRT decoding from a new KVCache()")
@@ -225,42 +199,92 @@ class LatentMemory(nn.Module):
             sources.append(source)
         return torch.cat(outs, dim=1), torch.cat(sources, dim=1)
 
-    def interleaved(self, model: nn.Module, x: torch.Tensor, subsets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def interleaved(self, model: nn.Module, x: torch.Tensor, subsets: int, sweeps: int = 1) -> Interleaved:
         """Interleaved parallel training (module docstring) with S = `subsets` (>= 1; S >= T is
-        exact). Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
-        if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
-            raise ValueError(f"subsets={subsets!r} is not allowed; it must be an integer >= 1")
+        exact), the sweep over the S subsets run `sweeps` times, each reading the memories the
+        last one wrote. Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
+        for name, value in (("subsets", subsets), ("sweeps", sweeps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
         T = x.size(1)
         rope = model.rope(0, T, x.device)
-        buffer = Buffer()
+        buffer = Buffer(refreshing=self.refresh)
         start = time.perf_counter()
         out, source = model.stack(x, rope, buffer)  # initialisation pass, no memory: (B, T, d) each
         init = time.perf_counter() - start
-        for k in range(min(subsets, T)):
+        passes = [(None, out)]
+        order = [k for _ in range(sweeps) for k in range(min(subsets, T))]
+        stale = torch.ones(T, dtype=torch.bool, device=x.device)  # positions no pass has written yet
+        for n, k in enumerate(order):
+            if self.refresh and bool(stale.any()):  # the published recipe's K/V refresh, before each pass
+                self.refresh_buffer(model, buffer, source, stale, rope)
             rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
             present = rows > 0
             m = source[:, (rows - 1).clamp(min=0)] * present[:, None].to(source.dtype)  # m_{t-1}: (B, n, d)
-            buffer.rows = rows
+            buffer.refine(rows, T)
             out_k, source_k = model.stack(x[:, rows], (rope[0][rows], rope[1][rows]), buffer,
-                                          self.recall(m, present))
+                                          self.recall(model, m, present))
             out = out.index_copy(1, rows, out_k)
             source = source.index_copy(1, rows, source_k)
+            stale = stale.index_fill(0, rows, False)
+            passes.append((rows, out_k))
         self.last_cost = (time.perf_counter() - start) / max(init, 1e-9)
-        return out, source
+        return Interleaved(out, source, passes)
+
+    def refresh_buffer(self, model: nn.Module, buffer: Buffer, source: torch.Tensor, stale: torch.Tensor,
+                       rope) -> None:
+        """Re-mix the buffer's keys and values at the `stale` positions (T,) bool with the gated
+        feedback of the latest memory m_{t-1} = source[t-1] (`BufferKV.refresh`)."""
+        buffer.refine(None, source.size(1))
+        m = torch.cat([torch.zeros_like(source[:, :1]), source[:, :-1]], dim=1)  # m_{t-1}: (B, T, d)
+        recall = self.recall(model, m, torch.arange(m.size(1), device=m.device) > 0)
+        for i, j in self.index.items():
+            fb = self.feedback[j]
+            buffer[f"layer.{i}"].refresh(fb.feedback(recall.c[j % len(recall.c)]), stale, rope, fb.n_heads)
+
+    def pass_outputs(self, model: nn.Module, passes: list, targets: torch.Tensor):
+        """The published recipe's loss (`memory_loss: all_passes`): the plain mean of the passes'
+        losses, the full memory-free pass included, each averaged over its own positions; and the
+        refined logits (B, T, V), gathered from the last sweep's passes (the LM head runs once
+        per pass, not once more on the merged outputs)."""
+        logits, losses = [], []
+        for rows, out in passes:
+            logits_p, loss_p = model.head(out, targets if rows is None else targets[:, rows])
+            logits.append(logits_p)
+            losses.append(loss_p)
+        k, covered = len(passes), 0
+        while covered < targets.size(1):  # the last sweep's passes cover every position once
+            k -= 1
+            covered += passes[k][0].numel()
+        order = torch.cat([rows for rows, _ in passes[k:]]).argsort()
+        return torch.cat(logits[k:], dim=1)[:, order], torch.stack(losses).mean()
 
     # -- accounting ----------------------------------------------------------------------------------------------
     def applications(self, layers: nn.ModuleList) -> list:
-        """Per forward: the projection(s) once per token, and with `lrt_kv` each injection layer's
-        K/V projection once more (on c_t)."""
+        """Per forward: the projection(s) and feedback once per token, and with `lrt_kv` each
+        injection layer's K/V projection once more (on c_t)."""
         parts = [("memory", self, 1)]
         if self.kv:
             parts.append(("memory_kv", nn.ModuleList(layers[i].attn.kv for i in self.layers), 1))
         return parts
 
-    def init_pass(self, layers: nn.ModuleList) -> list:
+    def train_passes(self, model: nn.Module) -> list:
         """What the interleaved training forward runs besides one LRT forward: the memory-free
-        initialisation pass of every layer."""
-        return [("init_pass", layers, 1)]
+        initialisation pass of every layer (with the feedback gates), `memory_sweeps - 1` more
+        sweeps, the K/V refreshes (one per pass of the first sweep, over every position), and for
+        the all-passes loss the LM head on every pass (the full pass's head, and one per extra
+        sweep, beyond the one head per token every model runs)."""
+        parts = [("init_pass", model.layers, 1)]
+        if self.feedback is not None:
+            parts.append(("init_pass_gates", nn.ModuleList(f.gate for f in self.feedback), 1))
+        if self.sweeps > 1:
+            parts += [("sweeps", model.layers, self.sweeps - 1)]
+            parts += [(f"sweeps_{name}", part, k * (self.sweeps - 1)) for name, part, k in self.applications(model.layers)]
+        if self.refresh:
+            parts.append(("refresh", nn.ModuleList(f.proj for f in self.feedback), self.subsets))
+        if self.loss == "all_passes":
+            parts.append(("pass_heads", model.lm_head, self.sweeps))  # the full pass's, and one per extra sweep
+        return parts
 
     def extra_flops(self, T: int) -> float:
         """The private slots' scores and values: 4 T d per `lrt_kv` injection layer."""
@@ -268,53 +292,6 @@ class LatentMemory(nn.Module):
 
     def diagnostics(self) -> dict:
         return {} if self.last_cost is None else {"lrt_forward_cost": self.last_cost}
-
-
-class BufferKV(LayerKV):
-    """One layer's keys and values (B, H, T, hd) at every position of a training sequence. While
-    `owner.rows` is None a pass writes all positions; otherwise the pass computes the positions
-    `rows` only, writes them (out of place, so autograd keeps every version) and each of its
-    queries sees the keys at positions <= its own."""
-
-    def __init__(self, owner: "Buffer"):
-        super().__init__()
-        self.owner = owner
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.owner.rows
-        if rows is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = self.k.index_copy(2, rows, k), self.v.index_copy(2, rows, v)
-        self.length = self.k.size(2)
-        return self.k, self.v
-
-    def visible(self, T: int, S: int) -> torch.Tensor | None:
-        """Which of the S keys each of the T new queries sees, (T, S) bool: None (the causal rule
-        of `attend`) while a pass writes every position, else the keys at or before each query."""
-        rows = self.owner.rows
-        if rows is None:
-            return None
-        return rows[:, None] >= torch.arange(S, device=rows.device)[None, :]  # (T, S)
-
-
-class Buffer(KVCache):
-    """The interleaved schedule's buffer: a `BufferKV` per layer, and the positions being refined."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites = _Sites(self)
-        self.rows: torch.Tensor | None = None
-
-
-class _Sites(dict):
-    def __init__(self, owner: Buffer):
-        super().__init__()
-        self.owner = owner
-
-    def __missing__(self, site: str) -> BufferKV:
-        self[site] = BufferKV(self.owner)
-        return self[site]
 
 
 def exact_reference(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -329,24 +306,26 @@ def exact_reference(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     logits = []
     for t in range(T):
         present = torch.arange(t + 1, device=idx.device) > 0
-        recall = model.memory.recall(torch.stack(memories, dim=1), present)
+        recall = model.memory.recall(model, torch.stack(memories, dim=1), present)
         out, source = model.stack(x[:, : t + 1], model.rope(0, t + 1, idx.device), None, recall)
         memories.append(source[:, t])
         logits.append(model.head(out[:, t: t + 1], None)[0])
     return torch.cat(logits, dim=1)
 
 
-def trace(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None = None, subsets: int | None = None):
+def trace(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None = None, subsets: int | None = None,
+          sweeps: int = 1):
     """One forward of an LRT model that also hands back the memory: the interleaved schedule with
-    S = `subsets`, or for None the exact recurrence (sequential, as the eval forward runs it).
-    Returns logits (B, T, V), the loss (None without targets) and the source layer's states m_t
-    (B, T, d). The approximation probe (`cartlab.measures.lrt`) compares the two schedules with it."""
+    S = `subsets` and `sweeps` sweeps, or for subsets None the exact recurrence (sequential, as the
+    eval forward runs it). Returns logits (B, T, V), the loss (None without targets) and the source
+    layer's states m_t (B, T, d). The approximation probe (`cartlab.measures.lrt`) compares the two
+    schedules with it."""
     require_memory(model, "trace")
     x = model.wte(idx)  # (B, T, d)
     if subsets is None:
         out, source = model.memory.sequential(model, x, KVCache())
     else:
-        out, source = model.memory.interleaved(model, x, subsets)
+        out, source, _ = model.memory.interleaved(model, x, subsets, sweeps)
     logits, loss = model.head(out, targets)
     return logits, loss, source
 

@@ -109,7 +109,7 @@ class TrainConfig(Config):
     measures: list[str] | None = field(None, none="null for every measure that applies to the model",
                                        elide_default=True, identity=False)
     """Measurements stored in the `probes` table (`cartlab.measures`): e.g. depth_profile,
-    lrt_gap, logit_lens, loop_contraction, solver; null: every one that applies to the model
+    lrt_gap, lrt_bpb, logit_lens, loop_contraction, solver; null: every one that applies to the model
     except the opt-in ones, which run only when named (adaptive_depth, loop_residual); []: none."""
     tracker: str = field("none", choices=tuple(TRACKERS), elide_default=True, identity=False)
     """Mirror the run live into an experiment tracker (`cartlab.trackers`): mlflow, wandb or

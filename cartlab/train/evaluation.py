@@ -44,3 +44,12 @@ def eval_line(step: int, train_loss: float, results: dict[str, dict], tokens_per
     val = ", ".join(f"{split} {r['loss']:.3f} (ppl {r['ppl']:.1f})" for split, r in results.items())
     speed = f" | {tokens_per_s:,.0f} tok/s" if tokens_per_s else ""
     return f"step {step}: train {train_loss:.3f} | val {val}{speed}"
+
+def token_byte_table(path: Path) -> torch.Tensor | None:
+    """(vocab,) bytes per token id of the build's tokenizer file, for the bits-per-byte measures;
+    None when the build has no readable tokenizer file."""
+    from cartlab.data.tokenizer import read_tokenizer_file, token_bytes
+
+    if not path.is_file():
+        return None
+    return torch.tensor(token_bytes(read_tokenizer_file(path, "the data build's tokenizer")), dtype=torch.float64)

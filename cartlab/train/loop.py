@@ -47,7 +47,7 @@ from cartlab.train import checkpoint
 from cartlab.train.config import TrainConfig
 from cartlab.train.device import Capabilities, build_optimizer, compile_scope, compiled, select
 from cartlab.train.distributed import _dist_setup, _gather, _reduce_step, regroup
-from cartlab.train.evaluation import _val_bins, eval_line, evaluate
+from cartlab.train.evaluation import _val_bins, eval_line, evaluate, token_byte_table
 from cartlab.train.loops import LoopSampler, idle_parameters
 from cartlab.train.parallel import STRATEGIES
 from cartlab.train.preflight import _run_lock, check_same_identity, check_vocab, check_writable, preflight
@@ -158,6 +158,7 @@ class _Run:
         self.loader = BatchLoader(open_bin(self.data_dir / "train.bin"), cfg.batch_size, cfg.seq_len, cfg.data.mode,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.val_bins = {split: open_bin(p) for split, p in _val_bins(meta).items()}
+        self.token_bytes = token_byte_table(self.data_dir / meta["tokenizer"].get("file", "tokenizer.json"))
 
     def build(self) -> None:
         o = self.cfg.optim
@@ -324,7 +325,8 @@ class _Run:
             self.bar.write(eval_line(done, self.last_loss, results, self.last_tps))
         if due:
             device = next(view.parameters()).device  # a sharded run's replica is on the CPU
-            ctx = MeasureContext(view, self.model_cfg, self.cfg, self.val_bins, done, device, self.selection)
+            ctx = MeasureContext(view, self.model_cfg, self.cfg, self.val_bins, done, device, self.selection,
+                                 self.token_bytes)
             rows = []
             for m in due:  # one at a time, so that the bar names the one running (e.g. depth profile)
                 self._phase(m.name.replace("_", " "))

@@ -1,0 +1,232 @@
+"""The attention side of LRT's memory (`cartlab.model.memory`): what an injection layer's
+self-attention reads of the memory, and the interleaved schedule's key/value buffer.
+
+Two ways the memory c_t (the projected or normed m_{t-1}) reaches a layer's keys and values:
+
+  private slot (`lrt_kv`, ours)       token t also attends to one extra entry (K c_t, V c_t) made
+                                       by the layer's own K/V projection, seen by t only
+  gated feedback (`lrt_paper`, the    per-layer projections k_fb = W_k c_t, v_fb = W_v c_t are
+  published recipe; LRT code,          mixed into the layer's own keys and values before the
+  nanochat/gpt.py)                     rotary embedding, by a learned gate per head:
+                                          k_t <- g_local k_t + g_fb k_fb,  v_t <- g_local v_t + g_fb v_fb
+                                       (g_local, g_fb) = 2 sigmoid(W_g x_t[:32]), W_g zero at init
+                                       (both gates 1); applied at every position, also where
+                                       there is no memory (the full pass, position 0: k_fb = 0)
+
+Keys and values of every position then go where a plain layer's go (the cache, or the buffer).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cartlab.model.layers import (Block, KVCache, LayerKV, SelfAttention, apply_rope, attend, merge_heads,
+                                  split_heads)
+
+GATE_CHANNELS = 32
+"""Input channels of the feedback gate (the first 32 of the attention's input, as the authors' code)."""
+
+
+class PrivateKV(NamedTuple):
+    """One extra key/value entry per query that only that query sees (the `lrt_kv` slot). The
+    attention layer projects `source` (B, T, d) with its own K/V projection and rotates the key to
+    the query's own position, so the slot's score does not depend on where the token sits.
+    `present` (T,) bool marks the queries that have a slot (position 0 has no previous token);
+    None means all of them."""
+
+    source: torch.Tensor
+    present: torch.Tensor | None = None
+
+
+class KVFeedback(nn.Module):
+    """The published recipe's gated K/V feedback at one layer (module docstring): the projection
+    c -> (k_fb, v_fb) and the gate, both owned by the memory, applied inside the attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.channels = cfg.n_heads, min(GATE_CHANNELS, cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        nn.init.normal_(self.proj.weight, 0.0, cfg.init_std)
+        self.gate = nn.Linear(self.channels, 2 * cfg.n_heads, bias=False)
+        nn.init.zeros_(self.gate.weight)
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g_local, g_fb (B, T, H, 1) each: one value per head."""
+        g = 2 * torch.sigmoid(self.gate(x[..., : self.channels]))  # (B, T, 2H)
+        return g.unsqueeze(-1).chunk(2, dim=-2)
+
+    def feedback(self, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """k_fb, v_fb (B, T, d) each, or None for zero feedback."""
+        return None if c is None else self.proj(c).chunk(2, dim=-1)
+
+
+def per_head(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t (B, T, d) with each head's channels scaled by its gate g (B, T, H, 1)."""
+    return (g * t.unflatten(-1, (g.size(-2), -1))).flatten(-2)
+
+
+class LayerRead(NamedTuple):
+    """What one injection layer's attention reads of the memory: the private slot (`lrt_kv`) and
+    the gated feedback (`lrt_paper`), each None when off; `c` (B, T, d) is the feedback's memory
+    (None: zero feedback)."""
+
+    private: PrivateKV | None = None
+    feedback: KVFeedback | None = None
+    c: torch.Tensor | None = None
+
+
+def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
+    (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
+    `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
+    sees key t of the slot when present[t] (all when present is None)."""
+    T, S = q.size(-2), k.size(-2)
+    if T == 1 and visible is None and (slot is None or slot[2] is None):  # one decoding query sees every key
+        if slot is not None:  # and its own slot: no mask to build
+            k, v = torch.cat([k, slot[0]], dim=-2), torch.cat([v, slot[1]], dim=-2)
+        return attend(q, k, v, causal=False)
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if slot is not None:
+        k_slot, v_slot, present = slot
+        own = torch.eye(T, dtype=torch.bool, device=q.device)
+        if present is not None:
+            own = own & present[:, None]
+        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
+        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
+    if T == 1 and bool(visible.all()):
+        return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+class SlotAttention(SelfAttention):
+    """A Dense layer's causal self-attention that also reads LRT's memory (`LayerRead`: the
+    private slot, the gated feedback) and, during the interleaved schedule, the buffer's key mask
+    (`BufferKV.visible`). Without any of them it is the plain causal attention, the same call as
+    `SelfAttention`."""
+
+    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
+                read: LayerRead | None = None) -> torch.Tensor:
+        private, feedback, c = read if read is not None else (None, None, None)
+        q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
+        if feedback is None:
+            k, v = self.keys_values(x, rope, cache)  # (B, H, S, hd)
+        else:
+            k, v = self.mixed_keys_values(x, rope, cache, feedback, c)
+        visible = cache.visible(q.size(-2), k.size(-2)) if isinstance(cache, BufferKV) else None
+        if private is None and visible is None:
+            return self.proj(merge_heads(attend(q, k, v, causal=True)))
+        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(private, rope))))
+
+    def mixed_keys_values(self, x: torch.Tensor, rope, cache: LayerKV | None, feedback: KVFeedback,
+                          c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gated feedback mix (module docstring), then rotary and the cache as usual. A buffer
+        that refreshes keeps the mix's parts (`BufferKV.keep`)."""
+        k, v = self.kv(x)  # (B, T, d) each
+        g_local, g_fb = feedback.gates(x)  # (B, T, H, 1) each
+        k, v = per_head(g_local, k), per_head(g_local, v)
+        if isinstance(cache, BufferKV):
+            cache.keep(k, v, g_fb)
+        fb = feedback.feedback(c)
+        if fb is not None:
+            k, v = k + per_head(g_fb, fb[0]), v + per_head(g_fb, fb[1])
+        k = apply_rope(split_heads(k, self.n_heads), rope)
+        v = split_heads(v, self.n_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, S, hd)
+        return k, v
+
+    def private_kv(self, slot: PrivateKV | None, rope):
+        """The slot's keys and values (B, H, T, hd) from this layer's own K/V projection, keys
+        rotated to the query's position (relative offset 0), and its `present` mask."""
+        if slot is None:
+            return None
+        k, v = self.kv(slot.source)
+        return apply_rope(split_heads(k, self.n_heads), rope), split_heads(v, self.n_heads), slot.present
+
+
+class SlotBlock(Block):
+    """An LRT layer: the Dense pre-norm layer whose attention reads the memory."""
+
+    attention = SlotAttention
+
+    def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
+                read: LayerRead | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, read)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# -- the interleaved schedule's buffer -------------------------------------------------------------------------
+class BufferKV(LayerKV):
+    """One layer's keys and values (B, H, T, hd) at every position of a training sequence. While
+    `owner.rows` is None a pass writes all positions; otherwise the pass computes the positions
+    `rows` only, writes them (out of place, so autograd keeps every version) and each of its
+    queries sees the keys at positions <= its own."""
+
+    def __init__(self, owner: "Buffer"):
+        super().__init__()
+        self.owner = owner
+        self.parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.owner.rows
+        if rows is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = self.k.index_copy(2, rows, k), self.v.index_copy(2, rows, v)
+        self.length = self.k.size(2)
+        return self.k, self.v
+
+    def visible(self, T: int, S: int) -> torch.Tensor | None:
+        """Which of the S keys each of the T new queries sees, (T, S) bool: None (the causal rule
+        of `attend`) while a pass writes every position, else the keys at or before each query."""
+        return self.owner.visible
+
+    def keep(self, k: torch.Tensor, v: torch.Tensor, g_fb: torch.Tensor) -> None:
+        """Keep the full pass's gated local keys and values g_local k, g_local v (B, T, d) and the
+        feedback gate g_fb (B, T, H, 1), when the buffer refreshes (`Buffer.refreshing`)."""
+        if self.owner.refreshing and self.owner.rows is None:
+            self.parts = (k, v, g_fb)
+
+    def refresh(self, fb: tuple[torch.Tensor, torch.Tensor], stale: torch.Tensor, rope, n_heads: int) -> None:
+        """The published recipe's `--interleaved-kv-refresh`: re-mix the keys and values at the
+        `stale` positions (T,) bool, which no pass has written since the full pass, with the
+        feedback fb = (k_fb, v_fb) (B, T, d) of the latest memory."""
+        k, v, g_fb = self.parts
+        k = apply_rope(split_heads(k + per_head(g_fb, fb[0]), n_heads), rope)  # (B, H, T, hd)
+        v = split_heads(v + per_head(g_fb, fb[1]), n_heads)
+        self.k = torch.where(stale[:, None], k, self.k)
+        self.v = torch.where(stale[:, None], v, self.v)
+
+
+class Buffer(KVCache):
+    """The interleaved schedule's buffer: a `BufferKV` per layer, and the positions being refined.
+    `refreshing`: keep what `BufferKV.refresh` needs."""
+
+    def __init__(self, refreshing: bool = False):
+        super().__init__()
+        self.sites = _Sites(self)
+        self.rows: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None  # (n, T) bool: the keys each refined position sees
+        self.refreshing = refreshing
+
+    def refine(self, rows: torch.Tensor | None, T: int) -> None:
+        """The next pass computes the positions `rows` (n,) of T (None: all of them). A pass over
+        every position in order (S = 1) sees the keys causally: no mask, the fused causal path."""
+        self.rows = rows
+        every = rows is None or (rows.numel() == T and bool((rows == torch.arange(T, device=rows.device)).all()))
+        self.visible = None if every else rows[:, None] >= torch.arange(T, device=rows.device)[None, :]
+
+
+class _Sites(dict):
+    def __init__(self, owner: Buffer):
+        super().__init__()
+        self.owner = owner
+
+    def __missing__(self, site: str) -> BufferKV:
+        self[site] = BufferKV(self.owner)
+        return self[site]
