@@ -7,7 +7,7 @@ Run: pytest tests/test_padding.py
 import pytest
 import torch
 
-from cartlab.model import CARTConfig, DenseConfig, KVCache, build_model
+from cartlab.model import CARTConfig, DenseConfig, KVCache, LMConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
@@ -107,3 +107,10 @@ def test_a_mask_of_the_wrong_shape_is_refused():
     model = make(DenseConfig.tiny())
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_lrt_refuses_padding_in_one_line():
+    model = make(LMConfig.from_dict({**DenseConfig.tiny().to_dict(), "hooks": ["lrt_kv", "lrt_residual"]}))
+    idx, mask = left_pad(prompts())
+    with pytest.raises(ValueError, match="padding is not supported for LRT yet"):
+        model.generate(idx, 2, temperature=0, attention_mask=mask)
