@@ -8,7 +8,8 @@ Prints:
    measured speed ratio next to the ratio their training FLOPs predict (target: CART reaches
    >= 0.9x of its FLOPs-predicted speed);
 2. the wall-time cost of `unfreeze_kv` next to its FLOPs cost;
-3. greedy generation of N new tokens with and without the KV cache (target: >= 10x);
+3. greedy generation of N new tokens with and without the KV cache (target: >= 10x), and
+   batched decoding of 4 left-padded prompts of different lengths against the 4 one at a time;
 4. Dense against transformers' LlamaForCausalLM of the same shape, random init (target: Dense
    no slower), when transformers is installed.
 """
@@ -46,6 +47,25 @@ def generation_tokens_per_s(model, vocab: int, new_tokens: int, use_cache: bool,
     start = time.perf_counter()
     model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
     return new_tokens / (time.perf_counter() - start)
+
+
+def batched_tokens_per_s(model, vocab: int, new_tokens: int, prompt_len: int, n: int = 4) -> tuple[float, float]:
+    """tokens/s of greedy cached decoding of `n` prompts (lengths prompt_len, prompt_len - 1, ...)
+    as one left-padded batch (attention mask), and as `n` single generations one after another."""
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, vocab, (max(1, prompt_len - i),), generator=g) for i in range(n)]
+    idx = torch.zeros(n, prompt_len, dtype=torch.long)
+    mask = torch.zeros(n, prompt_len, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, prompt_len - len(r):], mask[i, prompt_len - len(r):] = r, 1
+    start = time.perf_counter()
+    model.generate(idx, new_tokens, temperature=0, attention_mask=mask)
+    batched = n * new_tokens / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for r in rows:
+        model.generate(r[None], new_tokens, temperature=0)
+    return batched, n * new_tokens / (time.perf_counter() - start)
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
@@ -104,6 +124,9 @@ def main() -> None:
             uncached = generation_tokens_per_s(gen_model, V, args.gen_tokens, False, prompt_len)
             print(f"   prompt {prompt_len:4d}: cached {cached:7.1f} tok/s   uncached {uncached:6.1f} tok/s   "
                   f"speed-up {cached / uncached:5.1f}x (target >= 10) {check(cached / uncached >= 10)}")
+            batched, single = batched_tokens_per_s(gen_model, V, args.gen_tokens, prompt_len)
+            print(f"   prompt {prompt_len:4d}: 4 prompts left-padded in one batch {batched:7.1f} tok/s   "
+                  f"4 one at a time {single:7.1f} tok/s   ({batched / single:.2f}x)")
 
     if 4 in wanted:
         print("\n4. Dense vs transformers LlamaForCausalLM (same shape, random init, train step)")

@@ -199,3 +199,22 @@ def test_bad_arguments_give_one_line_errors(tiny_run, capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cartlab: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_generate_until_in_left_padded_batches_equals_one_at_a_time(tiny_run):
+    """batch_size=4 decodes prompts of different lengths as one left-padded batch (issue 29)."""
+    from lm_eval.api.instance import Instance
+
+    contexts = ["Once upon a time", "The", "Every evening she counted the stars and", "A list is", "Cats"]
+    requests = [Instance("generate_until", doc={}, arguments=(c, {"until": ["\u2603", "."], "max_gen_toks": 6 + i}),
+                         idx=0) for i, c in enumerate(contexts)]
+    single = CartlabLM(checkpoint=str(tiny_run["ckpt"]), n_loops=4)
+    batched = CartlabLM(checkpoint=str(tiny_run["ckpt"]), n_loops=4, batch_size=4)
+    want = single.generate_until(requests)
+    assert batched.generate_until(requests) == want and any(want)
+    assert batched.mean_loops() == single.mean_loops() == 4
+    rule = {"n_loops": 6, "exit": "kl", "exit_threshold": 1e-2}  # a padded position's exit must not matter
+    single = CartlabLM(checkpoint=str(tiny_run["ckpt"]), **rule)
+    batched = CartlabLM(checkpoint=str(tiny_run["ckpt"]), batch_size=4, **rule)
+    assert batched.generate_until(requests) == single.generate_until(requests)
+    assert batched.mean_loops() == single.mean_loops() < 6

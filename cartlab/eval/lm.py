@@ -9,7 +9,8 @@ lm-eval's hf model names it). Scoring runs the model on the harness's token ids:
 batches right-padded sequences (padding after the scored positions cannot change them: the model
 is causal), loglikelihood_rolling uses the harness's own rolling windows
 (`get_rolling_token_windows` + `make_disjoint_window`) of the trained context length, and
-generate_until decodes greedily with the KV cache, stopping at the first `until` string. Each
+generate_until decodes greedily with the KV cache, `batch_size` requests at a time as one
+left-padded batch (attention mask), stopping each at its first `until` string. Each
 kind of request shows a progress bar, as lm-eval's hf model does.
 
 A CART model can score with a per-token exit rule (`cartlab.model.exits`; issue 27):
@@ -20,6 +21,7 @@ every position decoded, the prompt included).
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -241,30 +243,78 @@ class CartlabLM(TemplateLM):
         `max_gen_toks` tokens (sampling arguments such as do_sample/temperature are not used:
         decoding is always greedy). The context keeps its last max_length - max_gen_toks tokens,
         and at least half of max_length: CART and Dense have no position limit, so a long answer
-        may run past the trained length rather than lose its prompt."""
-        out = []
-        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm or self.quiet,
-                                        desc="Running generate_until requests"):
-            until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ctx = self.tok_encode(context)[-max(self.max_length - budget, self.max_length // 2, 1):]
-            ctx = ctx or [self.eot_token_id]
-            cache = KVCache()
-            logits, _ = self.model(torch.tensor([ctx], device=self._device), cache=cache, **self.forward_kw)
-            new: list[int] = []
-            text = ""
-            for _ in range(budget):
-                nxt = int(logits[0, -1].argmax())
-                if nxt == self.eot_token_id:
-                    break
-                new.append(nxt)
-                text = self.tok_decode(new)
-                if any(stop in text for stop in until):
-                    break
-                logits, _ = self.model(torch.tensor([[nxt]], device=self._device), cache=cache, **self.forward_kw)
-            self.count_loops(cache.states.get("loops"))
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+        may run past the trained length rather than lose its prompt. Requests run `batch_size`
+        at a time, left-padded (the model's attention mask; each row decodes what it would alone);
+        a model without padding (LRT) decodes one at a time."""
+        args = [self.decoding(*req.args) for req in requests]
+        size = self.batch_size if "attention_mask" in inspect.signature(self.model.forward).parameters else 1
+        out: list[str] = []
+        with tqdm(total=len(args), disable=disable_tqdm or self.quiet, desc="Running generate_until requests") as bar:
+            for start in range(0, len(args), size):
+                batch = args[start: start + size]
+                out += [self.decode_one(*batch[0])] if len(batch) == 1 else self.decode_batch(batch)
+                bar.update(len(batch))
         return out
+
+    def decoding(self, context: str, gen_kwargs: dict) -> tuple[list[int], list[str], int]:
+        """A request's context tokens (cut as `generate_until` says), stop strings and token budget."""
+        until = gen_kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        budget = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        ctx = self.tok_encode(context)[-max(self.max_length - budget, self.max_length // 2, 1):]
+        return ctx or [self.eot_token_id], until, budget
+
+    def cut(self, new: list[int], until: list[str]) -> str:
+        text = self.tok_decode(new)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+    def stops(self, new: list[int], until: list[str]) -> bool:
+        return any(stop in self.tok_decode(new) for stop in until)
+
+    def decode_one(self, ctx: list[int], until: list[str], budget: int) -> str:
+        cache = KVCache()
+        logits, _ = self.model(torch.tensor([ctx], device=self._device), cache=cache, **self.forward_kw)
+        new: list[int] = []
+        for _ in range(budget):
+            nxt = int(logits[0, -1].argmax())
+            if nxt == self.eot_token_id:
+                break
+            new.append(nxt)
+            if self.stops(new, until):
+                break
+            logits, _ = self.model(torch.tensor([[nxt]], device=self._device), cache=cache, **self.forward_kw)
+        self.count_loops(cache.states.get("loops"))
+        return self.cut(new, until)
+
+    def decode_batch(self, batch: list[tuple[list[int], list[str], int]]) -> list[str]:
+        """Requests decoded as one left-padded batch; a row that has stopped feeds the end token
+        (ignored) until every row has stopped. Loop counts: each row's prompt and decoded tokens."""
+        width = max(len(ctx) for ctx, _, _ in batch)
+        idx = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (ctx, _, _) in enumerate(batch):
+            idx[i, width - len(ctx):], mask[i, width - len(ctx):] = torch.tensor(ctx), 1
+        cache = KVCache()
+        logits, _ = self.model(idx.to(self._device), cache=cache, attention_mask=mask.to(self._device), **self.forward_kw)
+        news: list[list[int]] = [[] for _ in batch]
+        live = [True] * len(batch)
+        fed = [mask.bool()]  # (B, T) per call: the positions whose loop counts are a row's own
+        for _ in range(max(budget for _, _, budget in batch)):
+            nxt = logits[:, -1].argmax(-1).tolist()  # (B,)
+            for i, (_, until, budget) in enumerate(batch):
+                if live[i] and (nxt[i] == self.eot_token_id or len(news[i]) >= budget):
+                    live[i] = False
+                elif live[i]:
+                    news[i].append(nxt[i])
+                    live[i] = not self.stops(news[i], until)
+            if not any(live):
+                break
+            step = [n if alive else self.eot_token_id for n, alive in zip(nxt, live)]
+            fed.append(torch.tensor(live)[:, None])
+            logits, _ = self.model(torch.tensor(step, device=self._device)[:, None], cache=cache, **self.forward_kw)
+        loops = cache.states.get("loops")
+        if loops is not None:
+            self.count_loops(loops[torch.cat(fed, dim=1).to(loops.device)])
+        return [self.cut(new, until) for new, (_, until, _) in zip(news, batch)]

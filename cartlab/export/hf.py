@@ -11,8 +11,9 @@
 the cartlab config that config.json stores under `cartlab`, so its logits are cartlab's by
 construction. Generation keeps cartlab's KV cache inside a transformers `Cache` (`CartlabCache`),
 which `generate()` hands from one forward to the next: each new token runs one position, as in
-cartlab's own `CausalLM.generate`. Sequences must be unpadded (an attention mask of ones): cartlab's
-attention has no padding mask, so a batch of prompts must share one length.
+cartlab's own `CausalLM.generate`. A batch of prompts of different lengths is left-padded
+(`tokenizer.padding_side = "left"`) and its `attention_mask` goes through to cartlab's padding
+mask (`CausalLM.positions`): each row generates what it would alone. LRT refuses padding for now.
 
 This module imports cartlab only for names that the bundle defines in the same file; nothing in
 it may need cartlab at run time (`cartlab.export.bundle`).
@@ -131,14 +132,12 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
         if unsupported:
             raise ValueError(f"{type(self).__name__}.forward: unsupported argument(s) {unsupported}")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("attention_mask has zeros: cartlab models have no padding mask, so the sequences of "
-                             "a batch must be unpadded and of one length (generate one prompt at a time)")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = CartlabCache()
-        logits, _ = self.model(input_ids, cache=None if cache is None else cache.kv,
-                               **self.loop_kw(n_loops, exit, exit_threshold))
+        kv = None if cache is None else cache.kv
+        logits, _ = self.model(input_ids, cache=kv, **self.loop_kw(n_loops, exit, exit_threshold),
+                               **self.padding_kw(input_ids, attention_mask, kv))
         loops = getattr(self.model, "loops_per_token", None)
         if loops is not None:  # the positions of this call (a cache's count holds the whole sequence)
             self.loop_total += int(loops[:, -input_ids.size(1):].sum())
@@ -149,6 +148,15 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is False:
             return tuple(v for v in (loss, logits, cache) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
+
+    def padding_kw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv: KVCache | None) -> dict:
+        """The cartlab forward's `attention_mask`: the new positions' columns of transformers' mask
+        (which covers cache and new positions), when padding is in play; none for a mask of ones."""
+        padded = kv is not None and "keys" in kv.states
+        if attention_mask is None or (bool(attention_mask.all()) and not padded):
+            return {}
+        self.model.check_padding()
+        return {"attention_mask": attention_mask[:, -input_ids.size(1):]}
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                                       use_cache: bool | None = None, n_loops: int | None = None,

@@ -4,6 +4,7 @@ and `applications()` (which module runs how many times per forward, for the acco
 `train_applications()` when a training forward runs more)."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cartlab.model.config import LMConfig
-from cartlab.model.layers import KVCache, RMSNorm, rope_angles
+from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, rope_angles, rope_angles_at
 
 RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
 
@@ -39,6 +40,34 @@ class CausalLM(nn.Module):
 
     def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device)
+
+    def positions(self, idx: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None):
+        """The rotary angles of idx's (B, T) positions, continuing `cache`. With an attention
+        mask (B, T) (1 real token, 0 left padding), or a cache that holds one, a `PaddedRope`:
+        each row's real tokens get the positions they would have unpadded, and the cache keeps
+        the mask of every position seen (`states['keys']`) for later calls."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        held = None if cache is None else cache.states.get("keys")  # (B, start) bool
+        if attention_mask is None and held is None:
+            return self.rope(start, T, idx.device)
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; allowed: (B, T) = {(B, T)}, "
+                             f"1 for real tokens and 0 for left padding of the new positions")
+        new = idx.new_ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if held is None:
+            held = idx.new_ones(B, start, dtype=torch.bool)
+        pos = (held.sum(1, keepdim=True) + new.cumsum(1) - 1).clamp_min(0)  # (B, T): real tokens before each
+        keys = torch.cat([held, new], dim=1)  # (B, S)
+        if cache is not None:
+            cache.states["keys"] = keys
+        return PaddedRope(*rope_angles_at(self.config.head_dim, self.config.rope_theta, pos), keys)
+
+    def check_padding(self) -> None:
+        """Refuse an attention mask if this model's forward takes none (LRT, for now)."""
+        if "attention_mask" not in inspect.signature(self.forward).parameters:
+            raise ValueError(f"attention_mask: padding is not supported for {type(self).__name__} yet; "
+                             f"generate one prompt at a time")
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None = None):
         """logits (B, T, V) and the mean next-token cross-entropy (None without targets;
@@ -76,13 +105,19 @@ class CausalLM(nn.Module):
         top_k: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
         **forward_kw,
     ) -> torch.Tensor:
         """Sample `max_new_tokens` after `idx` (B, T). temperature=0 is greedy. With `use_cache`
         each new token costs one position of compute; without, the whole sequence is re-run.
         Extra keyword arguments go to `forward` (e.g. `n_loops`, or `exit` and `exit_threshold` for
-        CART, whose `loops_per_token` then holds the loop count of every position run)."""
+        CART, whose `loops_per_token` then holds the loop count of every position run).
+        `attention_mask` (B, T), 1 for real tokens and 0 for left padding, generates a batch of
+        prompts of different lengths; each row's tokens equal its unbatched generation."""
         cache = KVCache() if use_cache else None
+        if attention_mask is not None:
+            self.check_padding()
+            forward_kw["attention_mask"] = attention_mask
         logits, _ = self(idx, cache=cache, **forward_kw)
         for step in range(max_new_tokens):
             last = logits[:, -1, :].float()  # (B, V)
@@ -95,6 +130,9 @@ class CausalLM(nn.Module):
                     last = last.masked_fill(last < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
+            if attention_mask is not None:  # the cache holds the mask; uncached runs need it whole
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                forward_kw["attention_mask"] = None if use_cache else attention_mask
             if step + 1 < max_new_tokens:
                 logits, _ = self(nxt if use_cache else idx, cache=cache, **forward_kw)
         return idx

@@ -56,13 +56,16 @@ class CART(CausalLM):
         self.aux_loss: torch.Tensor | None = None  # the last training forward's Jacobian penalty or exit-head loss
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None,
-                cache: KVCache | None = None, exit: str | None = None, exit_threshold: float | None = None):
+                cache: KVCache | None = None, exit: str | None = None, exit_threshold: float | None = None,
+                attention_mask: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V), loss. `n_loops` overrides R for this call (variable-R
         inference; with an exit rule, the most loops a token runs); `cache` makes this call
         continue a sequence (KV-cached generation); `exit`, `exit_threshold` pick a per-token
-        exit rule (`cartlab.model.exits`). In training the loss includes `aux_loss` (the
+        exit rule (`cartlab.model.exits`); `attention_mask` (B, T), 1 for real tokens and 0 for
+        left padding, hides padding from the prelude, the anchor cross-attention and the coda
+        (`CausalLM.positions`). In training the loss includes `aux_loss` (the
         fixed-point Jacobian penalty, or the exit head's loss), both weighted."""
-        e, rope = self.encode(idx, cache)  # (B, T, d)
+        e, rope = self.encode(idx, cache, attention_mask)  # (B, T, d)
         h = self.recur(e, rope, n_loops, cache, halt=exit_rule(exit, exit_threshold))  # (B, T, d)
         h = self.coda(h, rope, cache_site(cache, "coda"))
         if cache is not None:
@@ -72,10 +75,9 @@ class CART(CausalLM):
             loss = loss + self.aux_loss
         return logits, loss
 
-    def encode(self, idx: torch.Tensor, cache: KVCache | None = None):
+    def encode(self, idx: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None):
         """Embedding and prelude: the anchor's source e (B, T, d) and the rotary angles."""
-        start = 0 if cache is None else cache.pos
-        rope = self.rope(start, idx.size(1), idx.device)
+        rope = self.positions(idx, cache, attention_mask)
         x = self.wte(idx)
         for i, block in enumerate(self.prelude):
             x = block(x, rope, cache_site(cache, f"prelude.{i}"))

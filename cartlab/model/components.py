@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from cartlab.model.layers import MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, split_heads
+from cartlab.model.layers import MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, padding, split_heads
 
 # `cfg` below is a CARTConfig, duck-typed: `cartlab.model.config` imports this module's registries.
 
@@ -59,7 +59,7 @@ class LoopContext:
     generation cache (or None) and the anchor the loop reads (None for a self-attention core)."""
 
     r: int
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: tuple[torch.Tensor, torch.Tensor]  # or a `PaddedRope` (left-padded rows)
     cache: KVCache | None
     anchor: Anchor | None
 
@@ -230,7 +230,7 @@ class AnchorCrossAttention(CrossAttention):
         super().__init__(cfg, causal=cfg.causal_cross_attn)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, loop: LoopContext) -> torch.Tensor:
-        return super().forward(h, loop.anchor.k, loop.anchor.v)
+        return super().forward(h, loop.anchor.k, loop.anchor.v, padding(loop.rope))
 
 
 class CoreSelfAttention(SelfAttention):

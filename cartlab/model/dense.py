@@ -27,11 +27,12 @@ class Dense(CausalLM):
         self.layers = nn.ModuleList(self.block(cfg, MHAKV(cfg)) for _ in range(cfg.n_layers))
         self.init_weights()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) -> logits (B, T, V), loss. `cache` continues a sequence (KV-cached generation)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None):
+        """idx (B, T) -> logits (B, T, V), loss. `cache` continues a sequence (KV-cached generation);
+        `attention_mask` (B, T), 1 for real tokens and 0 for left padding (`CausalLM.positions`)."""
         x = self.wte(idx)  # (B, T, d)
-        start = 0 if cache is None else cache.pos
-        rope = self.rope(start, x.size(1), x.device)
+        rope = self.positions(idx, cache, attention_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache_site(cache, f"layer.{i}"))  # (B, T, d)
         if cache is not None:

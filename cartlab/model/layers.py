@@ -8,7 +8,7 @@ H heads, hd head dim, d_c MLA latent width.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -51,9 +51,31 @@ def rope_angles(head_dim: int, theta: float, start: int, length: int, device) ->
     return angles.cos(), angles.sin()
 
 
+def rope_angles_at(head_dim: int, theta: float, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of per-row positions pos (B, T): each (B, 1, T, hd/2), broadcasting over heads."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
+    angles = pos.float()[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+class PaddedRope(NamedTuple):
+    """Rotary angles of a left-padded batch, (B, 1, T, hd/2) each (a row's real tokens numbered
+    from 0, as if unpadded), and `keys`: which key positions, cached and new, hold real tokens,
+    (B, S) bool. Passed wherever the plain (cos, sin) pair goes; attention reads `keys`."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys: torch.Tensor
+
+
+def padding(rope) -> torch.Tensor | None:
+    """The real-token key mask (B, S) a `PaddedRope` carries; None for a plain (cos, sin)."""
+    return rope.keys if isinstance(rope, PaddedRope) else None
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate channel pairs (first half, second half) of x: (B, H, T, hd)."""
-    cos, sin = rope
+    cos, sin = rope[0], rope[1]
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
@@ -104,10 +126,31 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def visible(T: int, S: int, causal: bool, keys: torch.Tensor) -> torch.Tensor:
+    """Which keys each query sees under padding: (B, 1, T, S) bool. Real keys (`keys` (B, S)),
+    up to the query's own position if `causal`, and always the query's own key, so that a padded
+    query's softmax has a finite entry (its output is never read by a real token)."""
+    mask = keys[:, None, None, :]  # (B, 1, 1, S)
+    causal_mask = torch.ones(T, S, dtype=torch.bool, device=keys.device).tril(diagonal=S - T)
+    if causal:
+        mask = mask & causal_mask
+    own = causal_mask & ~torch.ones_like(causal_mask).tril(diagonal=S - T - 1)  # (T, S): key S - T + t
+    return mask | own
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+           keys: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd) with S >= T, the last
-    T key positions being the queries' own. With `causal`, query t sees keys up to its position."""
+    T key positions being the queries' own. With `causal`, query t sees keys up to its position;
+    `keys` (B, S) bool, if given, hides padding (`visible`)."""
     T, S = q.size(-2), k.size(-2)
+    if keys is not None:
+        mask = visible(T, S, causal, keys)  # (B, 1, T, S)
+        if T == 1:
+            att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, S)
+            att = att.float().masked_fill(~mask, float("-inf"))
+            return torch.softmax(att, dim=-1).type_as(q) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if T == 1:  # one new query (cached decoding) sees every key; two small matmuls beat the
         # fused kernel here, whose per-call setup dominates at T=1 on CPU
         att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, S)
@@ -143,7 +186,7 @@ class SelfAttention(Attention):
     def forward(self, x: torch.Tensor, rope, cache: "LayerKV | None" = None) -> torch.Tensor:
         q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
         k, v = self.keys_values(x, rope, cache)
-        return self.proj(merge_heads(attend(q, k, v, causal=True)))
+        return self.proj(merge_heads(attend(q, k, v, causal=True, keys=padding(rope))))
 
     def keys_values(self, x: torch.Tensor, rope, cache: "LayerKV | None") -> tuple[torch.Tensor, torch.Tensor]:
         """K (rotated) and V of x's new positions, appended to `cache`: (B, H, S, hd) each."""
@@ -159,9 +202,10 @@ class CrossAttention(Attention):
     """Queries from x, keys and values given (already split into heads). No RoPE: the anchor
     carries no rotary phase, and positions enter only through the causal mask (section 3.2)."""
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
         q = split_heads(self.q(x), self.n_heads)  # (B, H, T, hd)
-        return self.proj(merge_heads(attend(q, k, v, causal=self.causal)))
+        return self.proj(merge_heads(attend(q, k, v, causal=self.causal, keys=keys)))
 
 
 # -- feed-forward and block ------------------------------------------------------------------------
