@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from cartlab.analysis.figures import domain_panels
-from cartlab.analysis.schema import display_labels, validate, with_variants
+from cartlab.analysis.schema import display_labels, final_measurements, validate, with_variants
 
 PROBE = "adaptive_depth"
 REL_TOL = 0.005
@@ -92,14 +92,9 @@ def frontier_points(probes: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataF
     """One row per (run, domain, curve, x) of the `adaptive_depth` measure at each run's last
     measured step: its loss (nats) and mean loops per token, joined to the run's variant (columns
     POINT_COLUMNS; x is R, the threshold or the iteration cap). Empty when no run measured it."""
-    empty = pd.DataFrame(columns=list(POINT_COLUMNS))
-    if probes is None or probes.empty:
-        return empty
-    validate(probes, "probes")
-    p = probes[probes["probe"] == PROBE]
-    if p.empty:
-        return empty
-    p = _last_step(p)
+    p = final_measurements(probes, PROBE)
+    if p is None:
+        return pd.DataFrame(columns=list(POINT_COLUMNS))
     curve, what = _curve(p["metric"])
     p = p.assign(curve=curve, what=what)
     wide = p.pivot_table(index=["run_id", "split", "curve", "x"], columns="what", values="value", aggfunc="last")

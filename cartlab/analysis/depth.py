@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from cartlab.analysis.figures import domain_panels
-from cartlab.analysis.schema import display_labels, validate, with_variants
+from cartlab.analysis.schema import display_labels, final_measurements, validate, with_variants
 
 PROBE = "depth_profile"
 SHAPES = ("monotone", "plateau", "rising", "v-shape", "degrading", "other", "untested")
@@ -68,14 +68,9 @@ def depth_profiles(probes: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFr
     measured step, joined to the run's variant: columns PROFILE_COLUMNS, where `config` is the
     variant's display label (never shared by two variants) and `trained_r` the run's R. Empty
     (with those columns) when no run has a profile, e.g. the paper's tables."""
-    empty = pd.DataFrame(columns=list(PROFILE_COLUMNS))
-    if probes is None or probes.empty:
-        return empty
-    validate(probes, "probes")
-    p = probes[probes["probe"] == PROBE]
-    if p.empty:
-        return empty
-    p = p[p["step"] == p.groupby("run_id")["step"].transform("max")]
+    p = final_measurements(probes, PROBE)
+    if p is None:
+        return pd.DataFrame(columns=list(PROFILE_COLUMNS))
     wide = p.pivot_table(index=["run_id", "split", "x"], columns="metric", values="value", aggfunc="last")
     wide = wide.reset_index().rename(columns={"x": "n_loops"})
     validate(runs, "runs")

@@ -134,6 +134,18 @@ def validate(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     return frame
 
 
+def final_measurements(probes: pd.DataFrame | None, probe: str) -> pd.DataFrame | None:
+    """The rows of measure `probe` (the `probes` table) at each run's last measured step; None
+    when no run measured it (e.g. the paper's tables, whose sections report no probes)."""
+    if probes is None or probes.empty:
+        return None
+    validate(probes, "probes")
+    p = probes[probes["probe"] == probe]
+    if p.empty:
+        return None
+    return p[p["step"] == p.groupby("run_id")["step"].transform("max")]
+
+
 # -- variants ------------------------------------------------------------------------------------------
 def with_variants(runs: pd.DataFrame) -> pd.DataFrame:
     """`runs` (a copy) with the variant columns of section 4.4's seed grouping filled where missing:

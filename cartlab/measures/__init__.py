@@ -135,6 +135,15 @@ class MeasureContext:
 
         return self.selection.autocast() if self.selection is not None else contextlib.nullcontext()
 
+    def over_batches(self, split: str, n: int, fn) -> list:
+        """`fn(model, x, y)` on each of the first n (at most `eval_batches`) validation batches of
+        `split`, under the run's autocast: one result per batch."""
+        out = []
+        for x, y in self.batches(split, min(n, self.cfg.eval_batches)):
+            with self.autocast():
+                out.append(fn(self.model, x, y))
+        return out
+
 
 def run_measures(measures: list[Measure], ctx: MeasureContext) -> list[dict]:
     """Every measure's rows, tagged with its name and the step; the model is left as it was."""

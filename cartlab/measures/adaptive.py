@@ -81,10 +81,7 @@ def adaptive_depth(ctx: MeasureContext) -> list[dict]:
     """Validation loss against mean loops per token: fixed R, each exit rule over thresholds, the fixed-point mode."""
     out = []
     for split in ctx.val_bins:
-        per_batch = []
-        for x, y in ctx.batches(split, min(FRONTIER_BATCHES, ctx.cfg.eval_batches)):
-            with ctx.autocast():
-                per_batch.append(frontier(ctx.model, x, y))
+        per_batch = ctx.over_batches(split, FRONTIER_BATCHES, frontier)
         for i, (curve, at, _, _) in enumerate(per_batch[0]):
             loss = float(np.mean([b[i][2] for b in per_batch]))
             loops = float(np.mean([b[i][3] for b in per_batch]))

@@ -86,10 +86,7 @@ def logit_lens(ctx: MeasureContext) -> list[dict]:
     """Per-loop logit lens per domain: loss, KL to the final distribution, top-1 agreement and settling by loop."""
     out = []
     for split in ctx.val_bins:
-        per_batch = []
-        for x, y in ctx.batches(split, min(LENS_BATCHES, ctx.cfg.eval_batches)):
-            with ctx.autocast():
-                per_batch.append(lens_rows(ctx.model, x, y))
+        per_batch = ctx.over_batches(split, LENS_BATCHES, lens_rows)
         rows = [{"loop": r + 1, **{k: float(np.mean([b[r][k] for b in per_batch])) for k in LENS_METRICS}}
                 for r in range(len(per_batch[0]))]  # equal-sized batches: the means are token means
         out += [{"split": split, "x": row["loop"], "metric": m, "value": row[m]} for row in rows for m in LENS_METRICS]
