@@ -170,4 +170,12 @@ def load_preset(name: str) -> dict:
     return spec
 
 
-PROTOCOL_FIELDS = tuple(f.name for f in fields(Protocol))
+def _check_columns() -> None:
+    """Every field of a Protocol row is a column of the downstream table (`PROTOCOL_COLUMNS`)."""
+    from cartlab.results.schema import SCORE_COLUMNS
+
+    missing = [f for f in ("protocol", *(f.name for f in fields(Protocol))) if f not in SCORE_COLUMNS]
+    assert not missing, f"Protocol fields {missing} are not downstream columns"
+
+
+_check_columns()
