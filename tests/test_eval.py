@@ -20,7 +20,7 @@ lm_eval = need("lm_eval")
 from cartlab import results  # noqa: E402
 from cartlab.cli import main  # noqa: E402
 from cartlab.eval.lm import CartlabLM, load_checkpoint  # noqa: E402
-from cartlab.eval.run import local_tasks  # noqa: E402
+from cartlab.eval.run import local_tasks, task_manager  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
@@ -36,8 +36,9 @@ def tiny_run(tmp_path_factory, tiny_run):
 
 
 def _evaluate(lm, task, **kw):
-    return lm_eval.simple_evaluate(model=lm, tasks=[local_tasks()[task]], num_fewshot=0, log_samples=True,
-                                   bootstrap_iters=0, **kw)
+    tasks = [local_tasks()[task]]
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks), num_fewshot=0,
+                                   log_samples=True, bootstrap_iters=0, **kw)
 
 
 def _logprob(model, ids: list[int], n_target: int, **kw) -> float:

@@ -21,7 +21,7 @@ from lm_eval.utils import sanitize_model_name  # noqa: E402
 from cartlab.cli import main  # noqa: E402
 from cartlab.eval.cli import checkpoint_arg  # noqa: E402
 from cartlab.eval.lm import CartlabLM, resolve_device  # noqa: E402
-from cartlab.eval.run import local_tasks, preflight, resolve_tasks  # noqa: E402
+from cartlab.eval.run import local_tasks, preflight, resolve_tasks, task_manager  # noqa: E402
 from cartlab.results.db import ResultsDB  # noqa: E402
 from test_export import CART, write_checkpoint  # noqa: E402
 
@@ -138,6 +138,7 @@ def test_pretrained_is_the_checkpoint_argument(run, tmp_path):
     assert lm.run_id == "test-unshared"
     with pytest.raises(ValueError, match="checkpoint=PATH or pretrained=PATH, not both"):
         CartlabLM(checkpoint=str(run["ckpt"]), pretrained=str(run["ckpt"]))
-    res = lm_eval.simple_evaluate(model="cartlab", model_args=f"pretrained={run['ckpt']},n_loops=2",
-                                  tasks=[local_tasks()["cartlab_mc"]], limit=1, bootstrap_iters=0)
+    tasks = [local_tasks()["cartlab_mc"]]
+    res = lm_eval.simple_evaluate(model="cartlab", model_args=f"pretrained={run['ckpt']},n_loops=2", tasks=tasks,
+                                  task_manager=task_manager(tasks), limit=1, bootstrap_iters=0)
     assert "acc,none" in res["results"]["cartlab_mc"]

@@ -17,7 +17,7 @@ lm_eval = need("lm_eval")
 from cartlab import results  # noqa: E402
 from cartlab.cli import main  # noqa: E402
 from cartlab.eval.lm import CartlabLM, load_checkpoint  # noqa: E402
-from cartlab.eval.run import local_tasks  # noqa: E402
+from cartlab.eval.run import local_tasks, task_manager  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hf_offline", "one_thread")
 RULE = dict(exit="latent", exit_threshold=0.2)
@@ -34,7 +34,8 @@ def run(tmp_path_factory, tiny_run):
 def test_loglikelihoods_with_an_exit_rule_are_the_models_own(run):
     lm = CartlabLM(checkpoint=str(run["ckpt"]), batch_size=3, n_loops=6, **RULE)
     model, tok, _ = load_checkpoint(run["ckpt"])
-    res = lm_eval.simple_evaluate(model=lm, tasks=[local_tasks()["cartlab_mc"]], num_fewshot=0, limit=3,
+    tasks = [local_tasks()["cartlab_mc"]]
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks), num_fewshot=0, limit=3,
                                   log_samples=True, bootstrap_iters=0)
     loops = lm.mean_loops()
     assert loops is not None and 1 <= loops < 6  # some tokens stop early, none runs past R

@@ -116,3 +116,21 @@ def test_scores_stored_before_protocols_keep_their_rows_and_say_so(tmp_path):
     new = results.downstream(path)
     assert new[["task", "metric", "value", "num_fewshot", "n_loops", "protocol"]].values.tolist() == [
         ["piqa", "acc", 0.6, 0, 6, ""]]
+
+
+@pytest.mark.slow
+def test_local_tasks_load_as_lm_evals_own_task_manager_loads_them():
+    """`cartlab eval` loads local tasks without lm-eval's index of its own tasks (`task_manager`,
+    seconds saved per evaluation): the configs lm-eval runs, and so the stored task hashes, are
+    the ones its default TaskManager (as simple_evaluate makes it) gives."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import simple_parse_args_string
+
+    from cartlab.eval.run import local_tasks, task_manager
+
+    tasks, args = list(local_tasks().values()), "pretrained=run,n_loops=2"
+    ours = task_manager(tasks, args).load(tasks)["tasks"]
+    theirs = TaskManager(metadata=simple_parse_args_string(args)).load(tasks)["tasks"]
+    assert set(ours) == {t["task"] for t in tasks}
+    assert {n: t.dump_config() for n, t in ours.items()} == {n: t.dump_config() for n, t in theirs.items()}
+    assert ours["cartlab_mc"].dump_config()["metadata"]["n_loops"] == 2  # the model args reach the tasks

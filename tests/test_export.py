@@ -322,7 +322,7 @@ def test_plain_lm_eval_scores_an_export_as_the_cartlab_model_scores_its_checkpoi
     lm_eval = need("lm_eval")
     need("accelerate", "lm-eval's hf model needs accelerate (pip install -e '.[eval]')")
     from cartlab.eval.lm import CartlabLM
-    from cartlab.eval.run import local_tasks
+    from cartlab.eval.run import local_tasks, task_manager
     ckpt, folder = exported["cart"]
     lm_eval_bin = Path(sys.executable).with_name("lm_eval")
     command = [str(lm_eval_bin)] if lm_eval_bin.is_file() else [sys.executable, "-m", "lm_eval"]
@@ -335,8 +335,10 @@ def test_plain_lm_eval_scores_an_export_as_the_cartlab_model_scores_its_checkpoi
     [samples] = (tmp_path / "out").rglob("samples_cartlab_mc_*.jsonl")
     theirs = {json.loads(line)["doc_id"]: json.loads(line)["resps"] for line in samples.read_text().splitlines()}
     assert len(theirs) == 4
+    tasks = [local_tasks()["cartlab_mc"]]
     ours = lm_eval.simple_evaluate(model=CartlabLM(checkpoint=str(ckpt), n_loops=OTHER_R), limit=4, log_samples=True,
-                                   tasks=[local_tasks()["cartlab_mc"]], bootstrap_iters=0)["samples"]["cartlab_mc"]
+                                   tasks=tasks, task_manager=task_manager(tasks),
+                                   bootstrap_iters=0)["samples"]["cartlab_mc"]
     for sample in ours:
         got = [float(r[0][0]) for r in theirs[sample["doc_id"]]]
         assert got == pytest.approx([r[0][0] for r in sample["resps"]], abs=1e-4)

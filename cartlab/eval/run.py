@@ -85,6 +85,18 @@ def resolve_tasks(names: list[str]) -> list:
     return out
 
 
+def task_manager(task_list: list, model_args: str | None = None):
+    """lm-eval's TaskManager for `task_list` (names and local configs, as `resolve_tasks` returns
+    them), with `model_args` as the tasks' metadata, as simple_evaluate would make it. Local
+    configs need no index of lm-eval's own tasks, which takes seconds to build for every
+    evaluation: only a list naming an lm-eval task gets one."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import simple_parse_args_string
+
+    metadata = simple_parse_args_string(model_args) if model_args else {}
+    return TaskManager(include_defaults=any(isinstance(t, str) for t in task_list), metadata=metadata)
+
+
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder", "audiofolder")
 """`dataset_path` values that read local files (`data_files`), not a hub dataset."""
 
@@ -270,8 +282,9 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
                 f"({device})")
             tracker = tracker_for(output_path)
             with silenced(quiet):
-                res = lm_eval.simple_evaluate(model=lm, model_args=model_args(checkpoint, r), tasks=group,
-                                              num_fewshot=k, limit=limit, batch_size=batch_size, device=device,
+                args = model_args(checkpoint, r)
+                res = lm_eval.simple_evaluate(model=lm, model_args=args, tasks=group,
+                                              task_manager=task_manager(group, args), num_fewshot=k, limit=limit, batch_size=batch_size, device=device,
                                               log_samples=log_samples, evaluation_tracker=tracker,
                                               bootstrap_iters=1000, fewshot_random_seed=int(fewshot_seed),
                                               system_instruction=system_prompt)
@@ -331,9 +344,7 @@ def preflight(lm, task_list: list, *, n_loops, num_fewshot) -> None:
     shots = sorted({int(k) for k in num_fewshot if int(k) > 0})
     if not shots:
         return
-    from lm_eval.tasks import TaskManager
-
-    for name, task in TaskManager().load(task_list)["tasks"].items():  # every task, groups flattened
+    for name, task in task_manager(task_list).load(task_list)["tasks"].items():  # every task, groups flattened
         doc = next(iter(task.eval_docs), None)
         if builds_context(task, doc, shots[-1]):
             continue
