@@ -1,7 +1,8 @@
 """cartlab works installed, outside any checkout: the wheel carries every module and every
 shipped notebook, study, paper table, recipe and task file, and a non-editable `pip install`
 into a fresh virtualenv trains, runs the notebooks and renders the paper report in an empty
-folder, writing only there.
+folder, writing only there; the report shows what the paper report should
+(`test_notebooks.assert_paper_report`).
 
 The fresh virtualenv reuses this interpreter's packages (a .pth file names its site-packages),
 so nothing is downloaded and torch is not installed again; cartlab itself is built and
@@ -116,8 +117,9 @@ print(json.dumps({"file": cartlab.__file__, "checkout": resources.checkout(), "n
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="the virtualenv layout (bin/) is POSIX's")
-def test_installed_cartlab_trains_and_reports_in_an_empty_folder(sources, tmp_path):
+def test_installed_cartlab_trains_and_reports_in_an_empty_folder(sources, tmp_path, repo):
     pytest.importorskip("papermill", reason="the report runs notebooks (pip install -e '.[notebooks]')")
+    from test_notebooks import assert_paper_report
     venv = tmp_path / "venv"
     python = fresh_venv(venv)
     pip("--python", str(python), "install", *OFFLINE_PIP, "--ignore-installed", "--quiet", str(sources))
@@ -145,6 +147,7 @@ def test_installed_cartlab_trains_and_reports_in_an_empty_folder(sources, tmp_pa
     run(cartlab, "report", "paper")
     report = work / "reports" / "paper"
     assert (report / "index.html").is_file() and (report / "summary.md").is_file()
+    assert_paper_report(report / "index.html", repo)  # what it shows, as a checkout's report shows it
     assert (report / "notebooks" / "report.ipynb").is_file()  # executed by papermill in the venv's kernel
 
     package = Path(found["file"]).parent

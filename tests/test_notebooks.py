@@ -198,8 +198,10 @@ def test_spectral_radius_builds_its_run_picker_when_interactive(tiny_study, tmp_
     assert len(widget_outputs) == 3  # the run picker and the figure area it redraws; the loop-measure explorer
 
 
-def test_report_paper_shows_both_stages_fits_the_radius_table_and_the_r_reversal(tmp_path, repo):
-    index = render("paper", tmp_path / "unused.db", tmp_path, log=lambda s: None)
+def assert_paper_report(index, repo):
+    """The paper report (`cartlab report paper`) at `index` shows both stages' scaling fits, the
+    radius table as Table 8 cell for cell, and the R reversal. Checked on the report the
+    installed package renders (tests/test_install.py), which runs every paper notebook."""
     out = index.parent
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert {"scaling_fit-stage1.png", "scaling_fit-stage2.png", "screen_correlation-reversal.png"} <= figures
