@@ -15,7 +15,7 @@ import pytest
 
 from cartlab.notebooks import list_notebooks, notebook_path
 from cartlab import results
-from cartlab.report import ANALYSES, render
+from cartlab.report import ANALYSES
 from conftest import db_rows as _db_rows
 
 pytestmark = pytest.mark.slow
@@ -219,6 +219,9 @@ def assert_paper_report(index, repo):
     assert "segment exponents -0.60, -0.42, -0.40" in scaling_notes
     reversal = " ".join(i["text"] for i in sections["screen_correlation"]["items"] if i["kind"] == "note")
     assert "At every width the screen picks a different best R" in reversal
+    items = sections["scaling_law"]["items"]  # no joint law without per-run configs: one line, no paragraph
+    assert len(items) == 1 and items[0]["kind"] == "unavailable", items
+    assert items[0]["text"].startswith("No joint law for `paper`") and "config_json" in items[0]["text"]
     html = index.read_text()
     assert html.count("<img") >= 3 and "Spectral radius" in html and "Scaling with width" in html
 
