@@ -1,8 +1,8 @@
 """Padding through an exported model (issue 29 acceptances 1 and 2, transformers side): with
 left padding and transformers' attention mask, batched `generate()` of 4 prompts of different
-lengths equals one prompt at a time (with and without the cache) for CART, an ablation and Dense;
-LRT refuses padding in one line; plain `lm_eval --model hf` runs a generation task with
-batch_size=4 offline and decodes what batch_size=1 decodes.
+lengths equals one prompt at a time (with and without the cache) for CART, an ablation, Dense and
+LRT (whose weights are all perturbed, so its memory matters); plain `lm_eval --model hf` runs a
+generation task with batch_size=4 offline and decodes what batch_size=1 decodes.
 
     python -m pytest -q tests/test_export_padding.py
 """
@@ -45,7 +45,7 @@ def test_exported_batched_generation_equals_single(folders):
     import cartlab  # noqa: F401 - registers the model type: no remote code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in ("cart", "unfreeze_kv", "dense"):
+    for name in NAMES:
         model = AutoModelForCausalLM.from_pretrained(folders[name]).eval()
         model.generation_config.eos_token_id = None
         rows, ids, mask = left_padded(AutoTokenizer.from_pretrained(folders[name]), PROMPTS)
@@ -59,14 +59,17 @@ def test_exported_batched_generation_equals_single(folders):
                     assert out[i, -6:].tolist() == single[0, -6:].tolist(), (name, use_cache, i)
 
 
-def test_exported_lrt_refuses_padding_in_one_line(folders):
+def test_exported_lrt_padded_forward_with_gradients_equals_each_row_alone(folders):
+    """Outside `no_grad` the exported LRT runs its interleaved schedule at S = T, padded too."""
     import cartlab  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folders["lrt"]).eval()
-    _, ids, mask = left_padded(AutoTokenizer.from_pretrained(folders["lrt"]), PROMPTS)
-    with pytest.raises(ValueError, match="padding is not supported for LRT"):
-        model(ids, attention_mask=mask)
+    rows, ids, mask = left_padded(AutoTokenizer.from_pretrained(folders["lrt"]), PROMPTS)
+    logits = model(ids, attention_mask=mask).logits  # (B, T, V)
+    assert logits.requires_grad
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(logits[i, -len(r):], model(torch.tensor([r])).logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_plain_lm_eval_runs_a_generation_task_at_batch_size_4(folders, tmp_path, repo):

@@ -1,13 +1,16 @@
 """Padding masks (issue 29 acceptance 1, cartlab side): left-padded batched generation of 4
 prompts of different lengths equals unbatched generation token for token, for CART at every
-loop count 1..2R and under hooks that change where the core's K, V come from, and for Dense;
-logits of real positions equal the unpadded forward; no later token changes an earlier logit.
+loop count 1..2R and under hooks that change where the core's K, V come from, for Dense, and for
+LRT under each injection path (its memory skips the pads); logits of real positions equal the
+unpadded forward (and are finite everywhere); no later token changes an earlier logit.
 Run: pytest tests/test_padding.py
 """
 import pytest
 import torch
+from test_lrt_paper import lively_paper
+from test_model_lrt import lively
 
-from cartlab.model import CARTConfig, DenseConfig, KVCache, LMConfig, build_model
+from cartlab.model import CARTConfig, DenseConfig, KVCache, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
 
@@ -51,6 +54,7 @@ def assert_real_logits_equal(model, **kw):
         for i, r in enumerate(rows):
             single = model(r[None], **kw)[0][0]  # (n, V)
             torch.testing.assert_close(batched[i, -len(r):], single, atol=1e-5, rtol=0)
+    assert torch.isfinite(batched).all()  # the pads' logits too: nothing they feed turns NaN
 
 
 CART_HOOKS = [(), ("unfreeze_kv",), ("self_attn_core",), ("unshare_core", "no_hyper")]
@@ -78,8 +82,43 @@ def test_cart_uncached_batched_generation_and_exit_rule():
     assert_batched_equals_single(model, new_tokens=3, exit="kl", exit_threshold=1e-2)
 
 
-def test_a_later_token_never_changes_an_earlier_logit_under_padding():
-    model = make(CARTConfig.tiny(n_loops=3, init_std=0.1))
+LRT_HOOKS = [("lrt_kv", "lrt_residual"), ("lrt_kv",), ("lrt_residual",), ("lrt_paper",)]
+
+
+def make_lrt(hooks=("lrt_kv", "lrt_residual")):
+    """A tiny float64 LRT whose memory matters (gains and gates away from their zero init)."""
+    return lively_paper() if hooks == ("lrt_paper",) else lively(hooks).double()
+
+
+@pytest.mark.parametrize("hooks", LRT_HOOKS, ids="+".join)
+def test_lrt_batched_generation_equals_single_cached_and_uncached(hooks):
+    """A row's first real token reads no memory although a pad ran before it; the rest read their own."""
+    model = make_lrt(hooks)
+    assert_real_logits_equal(model)
+    assert_batched_equals_single(model)
+    assert_batched_equals_single(model, use_cache=False)
+
+
+@pytest.mark.parametrize("hooks", [("lrt_kv", "lrt_residual"), ("lrt_paper",)], ids="+".join)
+def test_lrt_eval_forward_with_gradients_pads_as_without(hooks):
+    """With autograd the eval forward runs the interleaved schedule at S = T, which takes the mask
+    too; the approximate schedule (S < T) refuses it in one line."""
+    model = make_lrt(hooks)
+    idx, mask = left_pad(prompts())
+    real = mask.bool()
+    with torch.no_grad():
+        exact = model(idx, attention_mask=mask)[0]
+    for kw in ({}, {"subsets": idx.size(1), "sweeps": 2}):
+        logits = model(idx, attention_mask=mask, **kw)[0]
+        assert logits.requires_grad and torch.isfinite(logits).all()
+        torch.testing.assert_close(logits[real], exact[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"^attention_mask is not allowed with subsets=4 < T=7"):
+        model(idx, attention_mask=mask, subsets=4)
+
+
+@pytest.mark.parametrize("family", ["cart", "lrt"])
+def test_a_later_token_never_changes_an_earlier_logit_under_padding(family):
+    model = make(CARTConfig.tiny(n_loops=3, init_std=0.1)) if family == "cart" else make_lrt()
     idx, mask = left_pad(prompts())
     other = idx.clone()
     other[:, -1] = (other[:, -1] + 1) % 64
@@ -90,9 +129,10 @@ def test_a_later_token_never_changes_an_earlier_logit_under_padding():
     assert not torch.equal(a[:, -1], b[:, -1])
 
 
-def test_cached_prefill_then_tokens_keep_the_mask():
+@pytest.mark.parametrize("family", ["cart", "lrt"])
+def test_cached_prefill_then_tokens_keep_the_mask(family):
     """A padded prefill, then one token at a time through the cache, equals the padded full forward."""
-    model = make(CARTConfig.tiny(n_loops=2, init_std=0.1, hooks=("unfreeze_kv",)))
+    model = make(CARTConfig.tiny(n_loops=2, init_std=0.1, hooks=("unfreeze_kv",))) if family == "cart" else make_lrt()
     idx, mask = left_pad(prompts())
     cache = KVCache()
     with torch.no_grad():
@@ -103,14 +143,10 @@ def test_cached_prefill_then_tokens_keep_the_mask():
     torch.testing.assert_close(torch.cat(parts, dim=1)[real], full[real], atol=1e-5, rtol=0)  # rotary runs in fp32
 
 
-def test_a_mask_of_the_wrong_shape_is_refused():
-    model = make(DenseConfig.tiny())
-    with pytest.raises(ValueError, match="attention_mask has shape"):
-        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
-
-
-def test_lrt_refuses_padding_in_one_line():
-    model = make(LMConfig.from_dict({**DenseConfig.tiny().to_dict(), "hooks": ["lrt_kv", "lrt_residual"]}))
-    idx, mask = left_pad(prompts())
-    with pytest.raises(ValueError, match="padding is not supported for LRT yet"):
-        model.generate(idx, 2, temperature=0, attention_mask=mask)
+@pytest.mark.parametrize("family", ["dense", "lrt"])
+def test_a_mask_of_the_wrong_shape_is_refused(family):
+    model = make(DenseConfig.tiny()) if family == "dense" else make_lrt()
+    for grad in (True, False):  # LRT: the interleaved schedule, then the sequential one
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"^attention_mask has shape \(2, 4\); "
+                                                                          r"allowed: \(B, T\) = \(2, 5\)"):
+            model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))

@@ -245,7 +245,7 @@ class CartlabLM(TemplateLM):
         and at least half of max_length: CART and Dense have no position limit, so a long answer
         may run past the trained length rather than lose its prompt. Requests run `batch_size`
         at a time, left-padded (the model's attention mask; each row decodes what it would alone);
-        a model without padding (LRT) decodes one at a time."""
+        a model whose forward takes no attention_mask decodes one at a time."""
         args = [self.decoding(*req.args) for req in requests]
         size = self.batch_size if "attention_mask" in inspect.signature(self.model.forward).parameters else 1
         out: list[str] = []

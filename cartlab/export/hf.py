@@ -13,7 +13,8 @@ construction. Generation keeps cartlab's KV cache inside a transformers `Cache` 
 which `generate()` hands from one forward to the next: each new token runs one position, as in
 cartlab's own `CausalLM.generate`. A batch of prompts of different lengths is left-padded
 (`tokenizer.padding_side = "left"`) and its `attention_mask` goes through to cartlab's padding
-mask (`CausalLM.positions`): each row generates what it would alone. LRT refuses padding for now.
+mask (`CausalLM.positions`): each row generates what it would alone, LRT included (its memory
+skips the pads: `cartlab.model.memory`).
 
 This module imports cartlab only for names that the bundle defines in the same file; nothing in
 it may need cartlab at run time (`cartlab.export.bundle`).
@@ -70,7 +71,7 @@ class CartlabCache(Cache):
 
 
 class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
-    """A cartlab CART or Dense model as a transformers causal LM (see the module docstring)."""
+    """A cartlab CART, Dense or LRT model as a transformers causal LM (see the module docstring)."""
 
     config_class = CartlabConfig
     base_model_prefix = "model"
@@ -155,7 +156,6 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         padded = kv is not None and "keys" in kv.states
         if attention_mask is None or (bool(attention_mask.all()) and not padded):
             return {}
-        self.model.check_padding()
         return {"attention_mask": attention_mask[:, -input_ids.size(1):]}
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

@@ -4,7 +4,6 @@ and `applications()` (which module runs how many times per forward, for the acco
 `train_applications()` when a training forward runs more)."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cartlab.model.config import LMConfig
-from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, rope_angles, rope_angles_at
+from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, check_mask, rope_angles, rope_angles_at
 
 RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
 
@@ -42,18 +41,17 @@ class CausalLM(nn.Module):
         return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device)
 
     def positions(self, idx: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None):
-        """The rotary angles of idx's (B, T) positions, continuing `cache`. With an attention
-        mask (B, T) (1 real token, 0 left padding), or a cache that holds one, a `PaddedRope`:
-        each row's real tokens get the positions they would have unpadded, and the cache keeps
-        the mask of every position seen (`states['keys']`) for later calls."""
-        B, T = idx.shape
+        """The rotary angles of idx's (B, T) positions, continuing `cache` (idx: the tokens, or
+        their embeddings (B, T, d); only its shape is read). With an attention mask (B, T) (1
+        real token, 0 left padding), or a cache that holds one, a `PaddedRope`: each row's real
+        tokens get the positions they would have unpadded, and the cache keeps the mask of every
+        position seen (`states['keys']`) for later calls."""
+        B, T = idx.shape[:2]
         start = 0 if cache is None else cache.pos
         held = None if cache is None else cache.states.get("keys")  # (B, start) bool
         if attention_mask is None and held is None:
             return self.rope(start, T, idx.device)
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; allowed: (B, T) = {(B, T)}, "
-                             f"1 for real tokens and 0 for left padding of the new positions")
+        check_mask(attention_mask, B, T)
         new = idx.new_ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if held is None:
             held = idx.new_ones(B, start, dtype=torch.bool)
@@ -62,12 +60,6 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.states["keys"] = keys
         return PaddedRope(*rope_angles_at(self.config.head_dim, self.config.rope_theta, pos), keys)
-
-    def check_padding(self) -> None:
-        """Refuse an attention mask if this model's forward takes none (LRT, for now)."""
-        if "attention_mask" not in inspect.signature(self.forward).parameters:
-            raise ValueError(f"attention_mask: padding is not supported for {type(self).__name__} yet; "
-                             f"generate one prompt at a time")
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None = None):
         """logits (B, T, V) and the mean next-token cross-entropy (None without targets;
@@ -116,7 +108,6 @@ class CausalLM(nn.Module):
         prompts of different lengths; each row's tokens equal its unbatched generation."""
         cache = KVCache() if use_cache else None
         if attention_mask is not None:
-            self.check_padding()
             forward_kw["attention_mask"] = attention_mask
         logits, _ = self(idx, cache=cache, **forward_kw)
         for step in range(max_new_tokens):

@@ -68,6 +68,13 @@ class PaddedRope(NamedTuple):
     keys: torch.Tensor
 
 
+def check_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> None:
+    """Refuse an attention mask whose shape is not the new positions' (B, T)."""
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; allowed: (B, T) = {(B, T)}, "
+                         f"1 for real tokens and 0 for left padding of the new positions")
+
+
 def padding(rope) -> torch.Tensor | None:
     """The real-token key mask (B, S) a `PaddedRope` carries; None for a plain (cos, sin)."""
     return rope.keys if isinstance(rope, PaddedRope) else None

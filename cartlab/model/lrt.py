@@ -235,21 +235,25 @@ class LRT(Dense):
         self.memory = LatentMemory(cfg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                subsets: int | None = None, sweeps: int | None = None):
+                subsets: int | None = None, sweeps: int | None = None, attention_mask: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V), loss. `cache` continues a sequence (the exact recurrence);
         `subsets`, `sweeps` run the interleaved schedule with S = subsets and that many sweeps
         (the training forward uses `memory_subsets`, `memory_sweeps`). The training loss is the
-        refined tokens' or, with `memory_loss: all_passes`, the mean of the passes' losses."""
+        refined tokens' or, with `memory_loss: all_passes`, the mean of the passes' losses.
+        `attention_mask` (B, T), 1 for real tokens and 0 for left padding: each row's real tokens
+        get what they would unpadded, with a cache, in the eval forward (with or without
+        gradients) and at S >= T; the approximate schedule (S < T, training) refuses it."""
         x = self.wte(idx)  # (B, T, d)
-        x, passes = self.memory.schedule(self, x, cache, subsets, sweeps)  # (B, T, d)
+        x, passes = self.memory.schedule(self, x, cache, subsets, sweeps, attention_mask)  # (B, T, d)
         if targets is not None and passes is not None and self.memory.loss == "all_passes":
             return self.memory.pass_outputs(self, passes, targets)
         return self.head(x, targets, cache)
 
-    def run(self, x: torch.Tensor, cache: KVCache | None = None, recall: Recall | None = None):
-        """One pass of the layers over the new positions of x (B, T, d), continuing `cache`."""
-        start = 0 if cache is None else cache.pos
-        out = self.stack(x, self.rope(start, x.size(1), x.device), cache, recall)
+    def run(self, x: torch.Tensor, cache: KVCache | None = None, recall: Recall | None = None,
+            attention_mask: torch.Tensor | None = None):
+        """One pass of the layers over the new positions of x (B, T, d), continuing `cache`;
+        `attention_mask` (B, T) marks left padding (`CausalLM.positions`)."""
+        out = self.stack(x, self.positions(x, cache, attention_mask), cache, recall)
         if cache is not None:
             cache.pos += x.size(1)
         return out

@@ -59,7 +59,16 @@ Three ways to run the same recurrence over a sequence (`LatentMemory.schedule` p
 `trace` runs either fast schedule and also returns the source states m_t, for the probe that
 measures how far the interleaved forward is from the exact recurrence (`cartlab.measures.lrt`).
 
-Refusal: a cache filled by a model without memory.
+Left padding (an `attention_mask` (B, T), 1 for real tokens, 0 for pads before them): each row's
+real tokens run as they would unpadded. Rotary positions and the key mask come from
+`CausalLM.positions` (per step for the sequential schedule, which keeps the mask in the cache), and
+a position reads the memory only where the position before it is a real token: a row's first
+real token gets no residual term, no slot (hidden, not zeroed) and zero feedback, as position 0.
+The sequential schedule takes a mask, and so does the interleaved one while it is exact (S >= T:
+the eval forward with gradients); the approximate interleaved schedule (S < T, training) refuses
+one, since its subsets t % S would split a padded row differently from the unpadded one.
+
+Refusals: a cache filled by a model without memory; a padding mask with S < T.
 """
 from __future__ import annotations
 
@@ -69,7 +78,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from cartlab.model.layers import KVCache, RMSNorm
+from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, check_mask, padding
 from cartlab.model.memory_attention import (Buffer, BufferKV, KVFeedback, LayerRead, PrivateKV, SlotAttention,
                                             SlotBlock, attend_visible)
 
@@ -85,7 +94,7 @@ STATE = "memory"
 class Recall(NamedTuple):
     """What the positions of one pass read from the memory: the projected memory c_t of each
     projection (one tensor (B, T, d) if shared, one per injection layer if not) and which positions
-    have a previous token ((T,) bool; None: all)."""
+    have a previous token ((T,) bool, or (B, T) per row under padding; None: all)."""
 
     c: list[torch.Tensor]
     present: torch.Tensor | None
@@ -162,52 +171,71 @@ class LatentMemory(nn.Module):
 
     # -- schedules ---------------------------------------------------------------------------------------------
     def schedule(self, model: nn.Module, x: torch.Tensor, cache: KVCache | None, subsets: int | None,
-                 sweeps: int | None = None):
+                 sweeps: int | None = None, attention_mask: torch.Tensor | None = None):
         """Outputs (B, T, d) of the embedded tokens x and, for the training forward, its passes
         (else None): sequential with a cache; interleaved in training or when `subsets` or
         `sweeps` is given; otherwise exact (sequential on a private cache, or interleaved with
-        S = T when gradients are wanted: the same values, differentiable)."""
+        S = T when gradients are wanted: the same values, differentiable). `attention_mask`
+        (B, T) marks left padding (module docstring)."""
         if cache is not None:
             if subsets is not None or sweeps is not None:
                 raise ValueError(f"subsets={subsets!r}, sweeps={sweeps!r} is not allowed with a cache: cached calls "
                                  f"run the exact recurrence one position at a time")
-            return self.sequential(model, x, cache)[0], None
+            return self.sequential(model, x, cache, attention_mask)[0], None
         if subsets is not None or sweeps is not None or self.training:
             run = self.interleaved(model, x, self.subsets if subsets is None else subsets,
-                                   self.sweeps if sweeps is None else sweeps)
+                                   self.sweeps if sweeps is None else sweeps, attention_mask)
             return run.out, (run.passes if self.training else None)
         if torch.is_grad_enabled():
-            return self.interleaved(model, x, x.size(1), 1).out, None
-        return self.sequential(model, x, KVCache())[0], None
+            return self.interleaved(model, x, x.size(1), 1, attention_mask).out, None
+        return self.sequential(model, x, KVCache(), attention_mask)[0], None
 
     # Both schedules return the outputs and the source layer's states m_t (B, T, d) each: the
     # model uses the outputs; the approximation probe (`trace`) compares the states.
-    def sequential(self, model: nn.Module, x: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact recurrence, one position at a time on `cache` (which carries m_{t-1})."""
+    def sequential(self, model: nn.Module, x: torch.Tensor, cache: KVCache,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact recurrence, one position at a time on `cache` (which carries m_{t-1} and,
+        once padded, the key mask)."""
+        check_mask(attention_mask, *x.shape[:2])
         outs, sources = [], []
         for j in range(x.size(1)):
-            if cache.pos == 0:
-                recall = None
-            elif STATE in cache.states:
-                recall = self.recall(model, cache.states[STATE], None)
-            else:
-                raise ValueError(f"this cache holds {cache.pos} positions but no LRT memory: it was filled by a "
-                                 f"model without memory; start LRT decoding from a new KVCache()")
-            out, source = model.run(x[:, j: j + 1], cache, recall)  # (B, 1, d) each
+            step = None if attention_mask is None else attention_mask[:, j: j + 1]  # (B, 1)
+            out, source = model.run(x[:, j: j + 1], cache, self.previous(model, cache), step)  # (B, 1, d) each
             cache.states[STATE] = source
             outs.append(out)
             sources.append(source)
         return torch.cat(outs, dim=1), torch.cat(sources, dim=1)
 
-    def interleaved(self, model: nn.Module, x: torch.Tensor, subsets: int, sweeps: int = 1) -> Interleaved:
+    def previous(self, model: nn.Module, cache: KVCache) -> Recall | None:
+        """What the next position on `cache` reads: m_{t-1}, none at position 0 and, under padding,
+        none in the rows whose previous position is a pad (`present` (B, 1))."""
+        if cache.pos == 0:
+            return None
+        if STATE not in cache.states:
+            raise ValueError(f"this cache holds {cache.pos} positions but no LRT memory: it was filled by a "
+                             f"model without memory; start LRT decoding from a new KVCache()")
+        m, keys = cache.states[STATE], cache.states.get("keys")  # (B, 1, d), (B, pos) bool or None
+        if keys is None:
+            return self.recall(model, m, None)
+        present = keys[:, -1:]  # (B, 1)
+        return self.recall(model, m * present[..., None].to(m.dtype), present)
+
+    def interleaved(self, model: nn.Module, x: torch.Tensor, subsets: int, sweeps: int = 1,
+                    attention_mask: torch.Tensor | None = None) -> Interleaved:
         """Interleaved parallel training (module docstring) with S = `subsets` (>= 1; S >= T is
         exact), the sweep over the S subsets run `sweeps` times, each reading the memories the
-        last one wrote. Records the measured cost, wall time / init-pass wall time, in `last_cost`."""
+        last one wrote; `attention_mask` (B, T) for left padding, with S >= T only. Records the
+        measured cost, wall time / init-pass wall time, in `last_cost`."""
         for name, value in (("subsets", subsets), ("sweeps", sweeps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
         T = x.size(1)
-        rope = model.rope(0, T, x.device)
+        if attention_mask is not None and subsets < T:
+            raise ValueError(f"attention_mask is not allowed with subsets={subsets} < T={T}: the approximate "
+                             f"interleaved schedule (training) splits padded rows differently; use subsets >= T, "
+                             f"the eval forward or a cache")
+        rope = model.positions(x, None, attention_mask)
+        keys = padding(rope)  # (B, T) bool, or None unpadded
         buffer = Buffer(refreshing=self.refresh)
         start = time.perf_counter()
         out, source = model.stack(x, rope, buffer)  # initialisation pass, no memory: (B, T, d) each
@@ -219,11 +247,11 @@ class LatentMemory(nn.Module):
             if self.refresh and bool(stale.any()):  # the published recipe's K/V refresh, before each pass
                 self.refresh_buffer(model, buffer, source, stale, rope)
             rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
-            present = rows > 0
-            m = source[:, (rows - 1).clamp(min=0)] * present[:, None].to(source.dtype)  # m_{t-1}: (B, n, d)
+            before = (rows - 1).clamp(min=0)
+            present = rows > 0 if keys is None else (rows > 0) & keys[:, before]  # (n,), or (B, n) padded
+            m = source[:, before] * present[..., None].to(source.dtype)  # m_{t-1}: (B, n, d)
             buffer.refine(rows, T)
-            out_k, source_k = model.stack(x[:, rows], (rope[0][rows], rope[1][rows]), buffer,
-                                          self.recall(model, m, present))
+            out_k, source_k = model.stack(x[:, rows], rope_at(rope, rows), buffer, self.recall(model, m, present))
             out = out.index_copy(1, rows, out_k)
             source = source.index_copy(1, rows, source_k)
             stale = stale.index_fill(0, rows, False)
@@ -292,6 +320,14 @@ class LatentMemory(nn.Module):
 
     def diagnostics(self) -> dict:
         return {} if self.last_cost is None else {"lrt_forward_cost": self.last_cost}
+
+
+def rope_at(rope, rows: torch.Tensor):
+    """The rotary angles of the positions `rows` (n,) of a full-sequence `rope`: a plain (cos,
+    sin) pair (T, hd/2) each, or a `PaddedRope` ((B, 1, T, hd/2), its key mask kept whole)."""
+    if isinstance(rope, PaddedRope):
+        return PaddedRope(rope.cos[:, :, rows], rope.sin[:, :, rows], rope.keys)
+    return rope[0][rows], rope[1][rows]
 
 
 def exact_reference(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ Two ways the memory c_t (the projected or normed m_{t-1}) reaches a layer's keys
                                        there is no memory (the full pass, position 0: k_fb = 0)
 
 Keys and values of every position then go where a plain layer's go (the cache, or the buffer).
+Under left padding every mask also hides the pad keys (`hide_padding`), and a row whose previous
+position is a pad has no slot (`PrivateKV.present` per row).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cartlab.model.layers import (Block, KVCache, LayerKV, SelfAttention, apply_rope, attend, merge_heads,
+from cartlab.model.layers import (Block, KVCache, LayerKV, SelfAttention, apply_rope, attend, merge_heads, padding,
                                   split_heads)
 
 GATE_CHANNELS = 32
@@ -34,8 +36,8 @@ class PrivateKV(NamedTuple):
     """One extra key/value entry per query that only that query sees (the `lrt_kv` slot). The
     attention layer projects `source` (B, T, d) with its own K/V projection and rotates the key to
     the query's own position, so the slot's score does not depend on where the token sits.
-    `present` (T,) bool marks the queries that have a slot (position 0 has no previous token);
-    None means all of them."""
+    `present` bool marks the queries that have a slot: (T,), or per row (B, T) under left padding,
+    where a row's first real token has no previous token either; None means all of them."""
 
     source: torch.Tensor
     present: torch.Tensor | None = None
@@ -79,28 +81,45 @@ class LayerRead(NamedTuple):
 
 
 def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
-                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+                   slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+                   keys: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with an explicit key mask and an optional private slot. q: (B, H, T, hd); k, v:
     (B, H, S, hd); `visible` (T, S) bool says which keys each query sees (None: the causal rule of
     `attend`); `slot` is (k_slot, v_slot, present) with k_slot, v_slot (B, H, T, hd): query t also
-    sees key t of the slot when present[t] (all when present is None)."""
+    sees key t of the slot when present[t] ((T,) or per row (B, T); all when present is None);
+    `keys` (B, S) bool, if given, hides the padding (`hide_padding`)."""
     T, S = q.size(-2), k.size(-2)
-    if T == 1 and visible is None and (slot is None or slot[2] is None):  # one decoding query sees every key
-        if slot is not None:  # and its own slot: no mask to build
+    if T == 1 and visible is None and keys is None and (slot is None or slot[2] is None):  # one decoding query
+        if slot is not None:  # sees every key and its own slot: no mask to build
             k, v = torch.cat([k, slot[0]], dim=-2), torch.cat([v, slot[1]], dim=-2)
         return attend(q, k, v, causal=False)
     if visible is None:
         visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if keys is not None:
+        visible = hide_padding(visible, keys)  # (B, 1, T, S)
     if slot is not None:
         k_slot, v_slot, present = slot
         own = torch.eye(T, dtype=torch.bool, device=q.device)
         if present is not None:
-            own = own & present[:, None]
+            own = own & present[..., None]  # (T, T), or (B, T, T) per row
+        if own.dim() == 3 or visible.dim() == 4:  # per-row masks: (B, 1, T, .)
+            shape = (q.size(0), 1, T)
+            own = (own.unsqueeze(1) if own.dim() == 3 else own).expand(*shape, T)
+            visible = visible.expand(*shape, S)
         k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
-        visible = torch.cat([visible, own], dim=-1)  # (T, S + T)
+        visible = torch.cat([visible, own], dim=-1)  # (..., T, S + T)
     if T == 1 and bool(visible.all()):
         return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def hide_padding(visible: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The key mask `visible` (T, S), in which each query sees a prefix of the keys ending at its
+    own, restricted to the real keys `keys` (B, S): (B, 1, T, S). A query keeps its own key, so a
+    pad's softmax has a finite entry (as `layers.visible`; a pad's output is never read)."""
+    after = torch.cat([visible[:, 1:], torch.zeros_like(visible[:, :1])], dim=1)
+    own = visible & ~after  # (T, S): the last key each query sees, its own
+    return (visible & keys[:, None, None, :]) | own
 
 
 class SlotAttention(SelfAttention):
@@ -119,8 +138,9 @@ class SlotAttention(SelfAttention):
             k, v = self.mixed_keys_values(x, rope, cache, feedback, c)
         visible = cache.visible(q.size(-2), k.size(-2)) if isinstance(cache, BufferKV) else None
         if private is None and visible is None:
-            return self.proj(merge_heads(attend(q, k, v, causal=True)))
-        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(private, rope))))
+            return self.proj(merge_heads(attend(q, k, v, causal=True, keys=padding(rope))))
+        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(private, rope),
+                                                    padding(rope))))
 
     def mixed_keys_values(self, x: torch.Tensor, rope, cache: LayerKV | None, feedback: KVFeedback,
                           c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
