@@ -1,7 +1,8 @@
 """Per-token exit rules through the exported transformers model (issue 27 acceptance 5): the
 generated modeling file's wrapper takes `exit` / `exit_threshold` in a call, in `generate()` and
 from its config (as `from_pretrained(DIR, exit=...)` or lm-eval's model args set them), gives
-cartlab's logits and tokens with the same rule, and counts the mean loops per token.
+cartlab's logits and tokens with the same rule, and counts the mean loops per token (padding
+left out).
 Run: pytest tests/test_export_exits.py
 """
 from __future__ import annotations
@@ -65,3 +66,15 @@ def test_an_exit_rule_on_a_model_without_loops_is_refused(hf):
     wrapper = hf.CartlabForCausalLM(hf.CartlabConfig(cartlab=cfg.to_dict())).eval()
     with pytest.raises(ValueError, match=r"exit='kl' is not allowed: only CART models loop; this model is dense"):
         wrapper(torch.zeros(1, 3, dtype=torch.long), exit="kl")
+
+
+def test_padding_is_not_counted_in_the_mean_loops_per_token(hf):
+    _, wrapper = wrap(hf, CARTConfig.tiny(n_loops=5, init_std=0.1))
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # row 1 left-padded: 3 real tokens
+    with torch.no_grad():
+        wrapper(x, attention_mask=mask, **RULE)
+    loops = wrapper.model.loops_per_token.double()  # (2, 8), padding included
+    assert wrapper.mean_loops_per_token() == pytest.approx(loops[mask.bool()].mean().item())
+    assert loops[mask.bool()].mean() != loops.mean()  # counting the padding would have changed the mean

@@ -9,5 +9,7 @@ repository root:
         --tasks cartlab_mc --include_path data/tasks --device cpu --batch_size 8
 
 In your own script, `import cartlab.eval.lm` before calling lm_eval registers the model the same
-way. Importing this package is cheap; lm_eval and torch load with `cartlab.eval.lm`.
+way. An exported folder (`cartlab export`) is scored by lm-eval's own hf model instead
+(`cartlab.eval.exported.ExportLM`, what `cartlab eval EXPORTED_DIR` uses). Importing this
+package is cheap; lm_eval and torch load with `cartlab.eval.lm`.
 """

@@ -6,6 +6,7 @@
     cartlab eval runs/RUN --tasks cartlab_mc,cartlab_ppl --n-loops profile   # the depth-profile grid
     cartlab eval pretrained=runs/RUN --tasks cartlab_mc --output-path results --log-samples   # lm-eval's files
     cartlab eval runs/RUN --preset paper                                   # a pinned protocol (--list-presets)
+    cartlab eval exported/RUN --tasks cartlab_mc --exit kl --exit-threshold 0.01   # an export, via lm-eval's hf
 
 Every metric and its stderr goes to the downstream table of the results database, with the
 protocol that produced it (`cartlab.eval.protocol`: task version and config hash, lm-eval's
@@ -22,6 +23,10 @@ The habits are lm-eval's: the checkpoint may be given as `pretrained=PATH`, `--o
 device is chosen by capability unless --device says otherwise, and each kind of request shows a
 progress bar. Every R and few-shot count is checked against the checkpoint and the tasks before
 anything is evaluated.
+
+An exported model folder (`cartlab export`) is scored by lm-eval's own hf model
+(`cartlab.eval.exported`) and stored as its checkpoint's scores are: the run and step its
+config.json records, the same protocol, and with --exit the mean loops per token counted alike.
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint folder, or a run folder (its newest checkpoint); "
-                                                  "lm-eval's pretrained=PATH also works")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint folder, a run folder (its newest checkpoint) or an "
+                                                  "exported model folder (cartlab export; scored by lm-eval's hf "
+                                                  "model); lm-eval's pretrained=PATH also works")
     p.add_argument("--tasks", help="comma-separated lm-eval task names or local tasks (data/tasks)")
     p.add_argument("--preset", help="a pinned protocol (data/protocols/NAME.yaml): its tasks, few-shot counts, loop "
                                     "counts, seed and batch size; flags given beside it win")
@@ -113,13 +119,19 @@ def expand_loops(spec: str | None, checkpoint: str) -> str | None:
     (`cartlab.measures.depth.profile_grid`), e.g. "1,2,3,4,5,6,7,8,10,12,16" at R=4."""
     if spec is None or spec.strip() != "profile":
         return spec
+    import json
+    from pathlib import Path
+
     from cartlab import checkpoint as ckpt
-    from cartlab.eval.lm import resolve_checkpoint
+    from cartlab.eval.lm import is_export, resolve_checkpoint
     from cartlab.measures.depth import profile_grid
     from cartlab.model import LMConfig
     from cartlab.model.family import family_of, looping
 
-    model_cfg = LMConfig.from_dict(ckpt.load_config(resolve_checkpoint(checkpoint))["model"])
+    if is_export(checkpoint):  # an exported folder: config.json keeps the cartlab model config
+        model_cfg = LMConfig.from_dict(json.loads((Path(checkpoint) / "config.json").read_text())["cartlab"])
+    else:
+        model_cfg = LMConfig.from_dict(ckpt.load_config(resolve_checkpoint(checkpoint))["model"])
     if not family_of(model_cfg).loops:
         raise ValueError(f"--n-loops profile: only {looping()} checkpoints loop; this one is {model_cfg.kind}")
     return ",".join(str(r) for r in profile_grid(model_cfg))

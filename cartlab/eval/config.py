@@ -12,7 +12,7 @@ from cartlab.train.device import DEVICES
 @dataclass
 class EvalConfig(Config):
     checkpoint: str
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder, a run folder (its newest checkpoint), or an exported model folder."""
     tasks: list[str]
     """lm-eval task names or local tasks (data/tasks)."""
     num_fewshot: list[int] = field(default_factory=lambda: [0])

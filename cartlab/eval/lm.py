@@ -52,6 +52,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      f"holding checkpoints/")
 
 
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a transformers folder that `cartlab export` wrote (config.json of
+    model_type cartlab): `cartlab eval` scores it with lm-eval's hf model (`cartlab.eval.exported`)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "cartlab"
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return False
+
+
 def resolve_device(device: str | None = "auto") -> str:
     """The device to evaluate on: 'auto' (or None) picks what the hardware supports, as training
     does (`cartlab.train.device.select`, which also refuses 'cuda' without a GPU in one line).
@@ -73,8 +87,47 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device).eval(), checkpoint.load_tokenizer(ckpt), config
 
 
+def exit_kw(model, exit: str | None, exit_threshold: float | str | None) -> dict:
+    """The cartlab forward's exit arguments for `exit` and `exit_threshold` as lm-eval's model
+    args give them (strings allowed; "" is none), checked against `model`: {} for no rule. An
+    unknown rule, a bad threshold, a model without loops or 'learned' without an exit head is one
+    line naming the field."""
+    from cartlab.model.exits import exit_rule
+
+    if exit in (None, "") and exit_threshold in (None, ""):
+        return {}
+    if not family_of(model.config).loops:
+        raise ValueError(f"exit: only {looping()} models loop; this checkpoint is {model.config.kind}")
+    try:
+        threshold = None if exit_threshold in (None, "") else float(exit_threshold)
+    except ValueError:
+        raise ValueError(f"exit_threshold: must be a number, got {exit_threshold!r}") from None
+    exit = exit or None
+    exit_rule(exit, threshold)  # refuses an unknown rule or a bad threshold now, in one line
+    if exit == "learned" and getattr(model, "exit_head", None) is None:
+        raise ValueError("exit: 'learned' needs a checkpoint trained with the hook exit_head; this one has none")
+    return {"exit": exit, "exit_threshold": threshold}
+
+
+class LoopMeter:
+    """The running mean of loops per scored token of an lm-eval model over a CART (`loops`:
+    whether it loops); `set_loops` restarts it."""
+
+    loop_total, loop_tokens = 0, 0
+
+    def count_loops(self, loops: torch.Tensor | None) -> None:
+        """Add the loop counts of scored positions (any shape) to the running mean."""
+        if loops is not None:
+            self.loop_total += int(loops.sum())
+            self.loop_tokens += loops.numel()
+
+    def mean_loops(self) -> float | None:
+        """Mean loops per scored token since `set_loops` (None for a model without loops, or before scoring)."""
+        return self.loop_total / self.loop_tokens if self.loops and self.loop_tokens else None
+
+
 @register_model("cartlab")
-class CartlabLM(TemplateLM):
+class CartlabLM(TemplateLM, LoopMeter):
     """A cartlab CART or Dense checkpoint as an lm-eval model. Model args: `checkpoint` (or
     `pretrained`, lm-eval's name), `n_loops` (CART only: inference loop count, section 7.4),
     `max_length` (default: the trained sequence length), `max_gen_toks`, plus the harness's
@@ -140,31 +193,12 @@ class CartlabLM(TemplateLM):
         self.forward_kw["n_loops"] = r
 
     def set_exit(self, exit: str | None, exit_threshold: float | str | None) -> None:
-        from cartlab.model.exits import exit_rule
+        self.forward_kw.update(exit_kw(self.model, exit, exit_threshold))
 
-        if exit in (None, "") and exit_threshold in (None, ""):
-            return
-        if not self.loops:
-            raise ValueError(f"exit: only {looping()} models loop; this checkpoint is {self.model.config.kind}")
-        try:
-            threshold = None if exit_threshold in (None, "") else float(exit_threshold)
-        except ValueError:
-            raise ValueError(f"exit_threshold: must be a number, got {exit_threshold!r}") from None
-        exit = exit or None
-        exit_rule(exit, threshold)  # refuses an unknown rule or a bad threshold now, in one line
-        if exit == "learned" and getattr(self.model, "exit_head", None) is None:
-            raise ValueError("exit: 'learned' needs a checkpoint trained with the hook exit_head; this one has none")
-        self.forward_kw.update(exit=exit, exit_threshold=threshold)
-
-    def count_loops(self, loops: torch.Tensor | None) -> None:
-        """Add the loop counts of scored positions (any shape) to the running mean."""
-        if loops is not None:
-            self.loop_total += int(loops.sum())
-            self.loop_tokens += loops.numel()
-
-    def mean_loops(self) -> float | None:
-        """Mean loops per scored token since `set_loops` (None for a model without loops, or before scoring)."""
-        return self.loop_total / self.loop_tokens if self.loops and self.loop_tokens else None
+    @property
+    def core(self):
+        """The cartlab model that scores (CART, Dense or LRT)."""
+        return self.model
 
     # -- tokenizer ------------------------------------------------------------------------------
     @property

@@ -229,11 +229,15 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     With `exit` (a rule of `cartlab.model.exits`, and `exit_threshold`) each token of a CART
     model stops by that rule after at most R loops; the rule is part of the protocol, every task is
     evaluated on its own and gets one more row, metric "loops_per_token": the mean loops per scored
-    token."""
+    token.
+
+    `checkpoint` may also be a folder `cartlab export` wrote: lm-eval's own hf model scores it
+    (`cartlab.eval.exported.ExportLM`), and its rows are stored as the checkpoint's would be, under
+    the run and step its config.json records, the mean loops per token counted the same way."""
     import lm_eval
 
     from cartlab.checkpoint import PREFIX, latest
-    from cartlab.eval.lm import CartlabLM, resolve_checkpoint, resolve_device
+    from cartlab.eval.lm import CartlabLM, is_export, resolve_checkpoint, resolve_device
     from cartlab.eval.protocol import NONE, Protocol
     from cartlab.results.db import ResultsDB
 
@@ -244,30 +248,40 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
         raise ValueError(f"--limit: must be >= 1, got {limit}")
     if log_samples and output_path is None:
         raise ValueError("--log-samples: the samples are written under --output-path; give one")
-    ckpt = resolve_checkpoint(checkpoint)
+    exported = is_export(checkpoint)  # an export folder: scored by lm-eval's hf model (`cartlab.eval.exported`)
+    ckpt = None if exported else resolve_checkpoint(checkpoint)
     task_list = resolve_tasks(list(tasks))
     if db is not None and not Path(db).is_file():
         raise ValueError(f"--db: {db} does not exist; give the database the checkpoint's run was trained into")
     device = resolve_device(device)
-    lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device, quiet=quiet)
+    if exported:
+        from cartlab.eval.exported import ExportLM
+
+        lm = ExportLM(checkpoint, batch_size=batch_size, device=device, quiet=quiet)
+        step = lm.step
+    else:
+        lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device, quiet=quiet)
+        step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else -1
     ending = exit_name(exit, exit_threshold)
     if exit is not None and not lm.loops:
-        raise ValueError(f"--exit: only looping checkpoints stop per token; this one is {lm.model.config.kind}")
+        raise ValueError(f"--exit: only looping checkpoints stop per token; this one is {lm.core.config.kind}")
     preflight(lm, task_list, n_loops=n_loops, num_fewshot=num_fewshot)
-    trained_r = getattr(lm.model.config, "n_loops", 0)
-    step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else -1
+    trained_r = getattr(lm.core.config, "n_loops", 0)
     store = None
     if db is not None:
         if limit is not None:
             log(f"cartlab eval: --limit {limit} evaluates part of each task; stored under a protocol that says so")
-        if ckpt.resolve() != (latest(ckpt.parent) or ckpt).resolve():
+        if ckpt is not None and ckpt.resolve() != (latest(ckpt.parent) or ckpt).resolve():
             log(f"cartlab eval: {ckpt.name} is not the run's newest checkpoint; stored under its step ({step})")
+        if lm.run_id is None:
+            raise ValueError(f"--db: {checkpoint} records no run id (config.json's cartlab_source), so its scores "
+                             f"cannot be stored; export the checkpoint again")
         store = ResultsDB(db)
         if store.get_run(lm.run_id) is None:
             store.close()
             raise ValueError(f"--db: run {lm.run_id!r} of this checkpoint is not in {db}; "
                              f"give the database it was trained into")
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(next(lm.core.parameters()).dtype).removeprefix("torch.")
     rows = []
     groups = [[t] for t in task_list] if exit else [task_list]  # with an exit rule: each task's own loop count
     settings = [(r, int(k), group) for r in n_loops for k in num_fewshot for group in groups]
@@ -279,7 +293,7 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
                                 limit_docs=None if limit is None else float(limit), dtype=dtype,
                                 n_loops=int(r or trained_r), exit_rule=ending, step=step)
             log(f"cartlab eval: {lm.run_id} R={r or trained_r} exit {ending} {k}-shot on {', '.join(tasks)} "
-                f"({device})")
+                f"({device}{', exported model: lm-eval hf' if exported else ''})")
             tracker = tracker_for(output_path)
             with silenced(quiet):
                 args = model_args(checkpoint, r)
@@ -335,10 +349,10 @@ def preflight(lm, task_list: list, *, n_loops, num_fewshot) -> None:
 
     wanted = [r for r in n_loops if r is not None]
     if wanted and not lm.loops:
-        raise ValueError(f"--n-loops: only {looping()} checkpoints loop; this one is {lm.model.config.kind}")
+        raise ValueError(f"--n-loops: only {looping()} checkpoints loop; this one is {lm.core.config.kind}")
     for r in wanted:
         try:
-            lm.model.check_loops(r)
+            lm.core.check_loops(r)
         except ValueError as err:
             raise ValueError(f"--n-loops: R={r} cannot run on this checkpoint: {err}") from None
     shots = sorted({int(k) for k in num_fewshot if int(k) > 0})

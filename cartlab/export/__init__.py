@@ -5,6 +5,7 @@ travels where cartlab is not installed: the Hugging Face Hub, `AutoModelForCausa
     AutoModelForCausalLM.from_pretrained("exported/RUN", trust_remote_code=True)   # in Python, no cartlab needed
     lm_eval --model hf --model_args pretrained=exported/RUN,trust_remote_code=True --tasks cartlab_mc \\
         --include_path data/tasks                                          # n_loops=R in model_args for CART
+    cartlab eval exported/RUN --tasks cartlab_mc --exit kl             # lm-eval's hf model, rows stored in the db
 
 The folder's modeling file is generated from cartlab's own model modules (`bundle`) plus the
 transformers wrapper (`hf`); `write` writes the folder and checks that the exported model's logits

@@ -119,7 +119,8 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         self.loop_total, self.loop_tokens = 0, 0
 
     def mean_loops_per_token(self) -> float | None:
-        """Mean loops per position over every forward since load or `reset_loops` (None for Dense)."""
+        """Mean loops per position over every forward since load or `reset_loops`, padding not
+        counted (None for Dense)."""
         return self.loop_total / self.loop_tokens if self.loop_tokens else None
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -139,16 +140,24 @@ class CartlabForCausalLM(PreTrainedModel, GenerationMixin):
         kv = None if cache is None else cache.kv
         logits, _ = self.model(input_ids, cache=kv, **self.loop_kw(n_loops, exit, exit_threshold),
                                **self.padding_kw(input_ids, attention_mask, kv))
-        loops = getattr(self.model, "loops_per_token", None)
-        if loops is not None:  # the positions of this call (a cache's count holds the whole sequence)
-            self.loop_total += int(loops[:, -input_ids.size(1):].sum())
-            self.loop_tokens += input_ids.numel()
+        self.count_loops(input_ids.size(1), attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         if return_dict is False:
             return tuple(v for v in (loss, logits, cache) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
+
+    def count_loops(self, width: int, attention_mask: torch.Tensor | None) -> None:
+        """Add the loop counts of this call's `width` positions (a cache's count holds the whole
+        sequence) to `mean_loops_per_token`: the real tokens only, not the padding the mask marks."""
+        loops = getattr(self.model, "loops_per_token", None)
+        if loops is None:
+            return
+        loops = loops[:, -width:]  # (B, width)
+        real = torch.ones_like(loops, dtype=torch.bool) if attention_mask is None else attention_mask[:, -width:].bool()
+        self.loop_total += int(loops[real].sum())
+        self.loop_tokens += int(real.sum())
 
     def padding_kw(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv: KVCache | None) -> dict:
         """The cartlab forward's `attention_mask`: the new positions' columns of transformers' mask
