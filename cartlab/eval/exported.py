@@ -15,12 +15,10 @@ protocol. Scoring is HFLM's own; the class only watches it to count loops as `Ca
   loops per token of a loglikelihood task equals the checkpoint path's.
 - generation: every real position the batch ran (the wrapper's `mean_loops_per_token`, which
   leaves out left padding); unlike `CartlabLM`, a row that has stopped runs on until the batch does.
-  A model that takes no padding (LRT) generates one prompt at a time.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from pathlib import Path
 
@@ -106,14 +104,7 @@ class ExportLM(HFLM, LoopMeter):
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        """HFLM's, one prompt at a time for a model that takes no padding (LRT), as `CartlabLM` decodes it."""
-        size = self.batch_size_per_gpu
-        if "attention_mask" not in inspect.signature(self.core.forward).parameters:
-            self.batch_size_per_gpu = 1
-        try:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
-        finally:
-            self.batch_size_per_gpu = size
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or self.quiet)
 
 
 KNOWN = ("model kwarg is not of type", "already-initialized model")
