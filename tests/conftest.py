@@ -7,6 +7,42 @@ from pathlib import Path
 import pytest
 
 
+def once_per_session(tmp_path_factory, name: str, make):
+    """`make(folder)` -> a JSON-able result, made once per test session: under pytest-xdist the
+    workers share a folder beside their own temporary folders, and a file lock, so the first
+    worker to ask makes it and the others read what it wrote (xdist's documented recipe)."""
+    import json
+    import os
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    with FileLock(str(shared / f"{name}.lock")):
+        done = shared / f"{name}.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        folder = shared / name
+        folder.mkdir()
+        result = make(folder)
+        done.write_text(json.dumps(result))
+        return result
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`pytest -n 2 --dist loadfile`, as pyproject sets it), a worker computes on one intra-op thread (two workers share the 2 cores; a second
+    thread each would only contend), and so do the processes its tests start, unless told
+    otherwise (OMP_NUM_THREADS set)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread: on 2 (shared) cores a second one only adds
@@ -125,13 +161,19 @@ def smoke_run(tmp_path_factory):
     in its data root, so it builds the shipped `embedded` recipe on first use, then trains CART."""
     from types import SimpleNamespace
 
-    root = tmp_path_factory.mktemp("fresh_clone")
-    run = SimpleNamespace(data_root=root / "data", db=root / "results.db", out=root / "runs")
-    proc = run_offline_cli("train", "--preset", "smoke", "--quiet", f"results_db={run.db}", f"out_dir={run.out}",
-                           data_root=run.data_root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "building the embedded corpus" in proc.stderr
-    return run
+    def layout(root) -> SimpleNamespace:
+        root = Path(root)
+        return SimpleNamespace(data_root=root / "data", db=root / "results.db", out=root / "runs")
+
+    def make(root: Path) -> str:
+        run = layout(root)
+        proc = run_offline_cli("train", "--preset", "smoke", "--quiet", f"results_db={run.db}", f"out_dir={run.out}",
+                               data_root=run.data_root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "building the embedded corpus" in proc.stderr
+        return str(root)
+
+    return layout(once_per_session(tmp_path_factory, "fresh_clone", make))
 
 
 def copy_db(src: Path, dst: Path) -> None:
@@ -165,60 +207,67 @@ def tiny_study(tmp_path_factory, tiny_data):
     then re-run with two workers. Returns the paths and what was observed in between. Trained
     once per session: tests/test_notebooks.py checks the kill and the report, and
     tests/test_report_browser.py opens the report in a browser."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    import yaml
+    def make(root: Path) -> dict:
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
 
-    from train_helpers import TINY_MODEL
+        import yaml
 
-    root = tmp_path_factory.mktemp("study")
-    model = {f"model.{k}": v for k, v in TINY_MODEL.items() if k != "kind"}
-    spec = {
-        "name": "tiny", "preset": "smoke", "seeds": [1],
-        "set": {**model, "data.dir": str(tiny_data), "steps": 24, "seq_len": 32, "batch_size": 4,
-                "eval_every": 8, "eval_batches": 2, "eval_batch_size": 2, "log_every": 4, "checkpoint_every": 8,
-                "out_dir": str(root / "runs"), "device": "cpu"},
-        "runs": [{"label": "baseline", "seeds": [1, 2]}, {"label": "dense-stored", "set": {"dense_match": "stored"}},
-                 {"label": "dense-effective", "set": {"dense_match": "effective"}},
-                 {"label": "no_lti", "hooks": ["no_lti"]}],
-    }
-    study = root / "tiny.yaml"
-    study.write_text(yaml.safe_dump(spec))
-    db, reports = root / "results.db", root / "reports"
-    cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
-           "--quiet"]
-    env = dict(os.environ)
+        from train_helpers import TINY_MODEL
 
-    first_log = root / "first_ablate.log"  # a file, not a pipe nobody reads: a chatty run cannot stall on it
-    with first_log.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _completed_runs(db) >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
-    proc.wait()
-    assert db.exists() and _completed_runs(db) >= 1, \
-        f"the first ablate completed no run before it was killed:\n{first_log.read_text()[-3000:]}"
-    after_kill = dict(db_rows(db, "SELECT run_id, status FROM runs"))
-    executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
+        model = {f"model.{k}": v for k, v in TINY_MODEL.items() if k != "kind"}
+        spec = {
+            "name": "tiny", "preset": "smoke", "seeds": [1],
+            "set": {**model, "data.dir": str(tiny_data), "steps": 24, "seq_len": 32, "batch_size": 4,
+                    "eval_every": 8, "eval_batches": 2, "eval_batch_size": 2, "log_every": 4, "checkpoint_every": 8,
+                    "out_dir": str(root / "runs"), "device": "cpu"},
+            "runs": [{"label": "baseline", "seeds": [1, 2]}, {"label": "dense-stored", "set": {"dense_match": "stored"}},
+                     {"label": "dense-effective", "set": {"dense_match": "effective"}},
+                     {"label": "no_lti", "hooks": ["no_lti"]}],
+        }
+        study = root / "tiny.yaml"
+        study.write_text(yaml.safe_dump(spec))
+        db, reports = root / "results.db", root / "reports"
+        cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
+               "--quiet"]
+        env = dict(os.environ)
 
-    rerun = subprocess.run(cmd + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    return {"study": study, "db": db, "reports": reports, "after_kill": after_kill, "executed": executed,
-            "rerun_log": rerun.stdout + rerun.stderr}
+        first_log = root / "first_ablate.log"  # a file, not a pipe nobody reads: a chatty run cannot stall on it
+        with first_log.open("wb") as log:
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if db.exists() and _completed_runs(db) >= 1:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the ablate process and its notebook kernel, mid-study
+        proc.wait()
+        assert db.exists() and _completed_runs(db) >= 1, \
+            f"the first ablate completed no run before it was killed:\n{first_log.read_text()[-3000:]}"
+        after_kill = dict(db_rows(db, "SELECT run_id, status FROM runs"))
+        executed = {p.name: p.stat().st_mtime_ns for p in (reports / "tiny" / "runs").glob("*.ipynb")}
+
+        rerun = subprocess.run(cmd + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        return {"study": str(study), "db": str(db), "reports": str(reports), "after_kill": after_kill,
+                "executed": executed, "rerun_log": rerun.stdout + rerun.stderr}
+
+    made = once_per_session(tmp_path_factory, "study", make)
+    return {**made, **{k: Path(made[k]) for k in ("study", "db", "reports")}}
 
 
 @pytest.fixture(scope="session")
-def tiny_report(tiny_study) -> Path:
+def tiny_report(tmp_path_factory, tiny_study) -> Path:
     """The tiny study's report, rendered once per session into its reports folder: the path of its
     index.html. tests/test_notebooks.py checks what it holds; tests/test_report_browser.py opens
     its pages (read it, never render into that folder again)."""
     from cartlab.report import render
 
-    return render(str(tiny_study["study"]), tiny_study["db"], tiny_study["reports"], log=lambda s: None)
+    def make(_) -> str:
+        return str(render(str(tiny_study["study"]), tiny_study["db"], tiny_study["reports"], log=lambda s: None))
+
+    return Path(once_per_session(tmp_path_factory, "report", make))
