@@ -86,6 +86,13 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / SHARDED / ".metadata").is_file()
 
 
+def step_of(name: str | Path) -> int | None:
+    """The training step a checkpoint folder's name (`step_00000040`, or its path) records; None
+    for any other name."""
+    digits = Path(name).name[len(PREFIX):]
+    return int(digits) if Path(name).name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def is_checkpoint(path: Path) -> bool:
     """A complete checkpoint folder: its state and its weights, in either layout."""
     path = Path(path)

@@ -13,27 +13,26 @@ def once_per_session(tmp_path_factory, name: str, make):
     worker to ask makes it and the others read what it wrote (xdist's documented recipe)."""
     import json
     import os
+    import tempfile
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return make(tmp_path_factory.mktemp(name))
-    from filelock import FileLock
+    from filelock import FileLock  # a dependency of torch
 
     shared = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
     with FileLock(str(shared / f"{name}.lock")):
         done = shared / f"{name}.json"
         if done.is_file():
             return json.loads(done.read_text())
-        folder = shared / name
-        folder.mkdir()
-        result = make(folder)
+        result = make(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shared)))  # a fresh folder if one failed before
         done.write_text(json.dumps(result))
         return result
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`pytest -n 2 --dist loadfile`, as pyproject sets it), a worker computes on one intra-op thread (two workers share the 2 cores; a second
-    thread each would only contend), and so do the processes its tests start, unless told
-    otherwise (OMP_NUM_THREADS set)."""
+    """Under pytest-xdist (`-n 2 --dist loadfile`, as pyproject sets it) a worker computes on one
+    intra-op thread (two workers share the 2 cores; a second thread each would only contend), and
+    so do the processes its tests start, unless OMP_NUM_THREADS says otherwise."""
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:

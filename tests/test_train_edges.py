@@ -173,3 +173,11 @@ def test_a_fitting_checkpoint_loads_its_weights(one_checkpoint):
     state = model.state_dict()
     assert config["model"] == model.config.to_dict()
     assert all(torch.equal(state[k], v) for k, v in stored.items())
+
+
+def test_a_checkpoint_folder_name_gives_its_step(tiny_run):
+    """`checkpoint.step_of`: what `cartlab eval` stores with a score and the model card states."""
+    assert ckpt_read.step_of(tiny_run.checkpoint) == 12  # the tiny run's newest, step_00000012
+    assert ckpt_read.step_of("step_00000040") == 40
+    for other in ("final", "step_", "step_12a", tiny_run.run_dir):
+        assert ckpt_read.step_of(other) is None, other

@@ -35,7 +35,7 @@ class ExportLM(HFLM, LoopMeter):
     def __init__(self, folder: str | Path, *, batch_size: int = 1, device: str = "cpu", quiet: bool = False):
         from transformers import PreTrainedTokenizerFast
 
-        from cartlab.checkpoint import PREFIX
+        from cartlab.checkpoint import step_of
         from cartlab.export.hf import CartlabForCausalLM
         from cartlab.export.write import quiet_transformers
 
@@ -48,8 +48,8 @@ class ExportLM(HFLM, LoopMeter):
         self.quiet = bool(quiet)
         source = getattr(model.config, "cartlab_source", None) or {}
         self.run_id = source.get("run_id")
-        name = str(source.get("checkpoint") or "")
-        self.step = int(name[len(PREFIX):]) if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() else -1
+        step = step_of(str(source.get("checkpoint") or ""))
+        self.step = -1 if step is None else step
         self.batch_loops, self.row = None, 0
         self.set_loops(None)
 

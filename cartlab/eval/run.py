@@ -236,7 +236,7 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
     the run and step its config.json records, the mean loops per token counted the same way."""
     import lm_eval
 
-    from cartlab.checkpoint import PREFIX, latest
+    from cartlab.checkpoint import latest, step_of
     from cartlab.eval.lm import CartlabLM, is_export, resolve_checkpoint, resolve_device
     from cartlab.eval.protocol import NONE, Protocol
     from cartlab.results.db import ResultsDB
@@ -261,7 +261,8 @@ def evaluate(checkpoint: str | os.PathLike, tasks: list[str], *, num_fewshot=(0,
         step = lm.step
     else:
         lm = CartlabLM(checkpoint=str(ckpt), batch_size=batch_size, device=device, quiet=quiet)
-        step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else -1
+        step = step_of(ckpt)
+        step = -1 if step is None else step
     ending = exit_name(exit, exit_threshold)
     if exit is not None and not lm.loops:
         raise ValueError(f"--exit: only looping checkpoints stop per token; this one is {lm.core.config.kind}")

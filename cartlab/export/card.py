@@ -19,7 +19,7 @@ SHAPE_FIELDS = ("d_model", "n_heads", "prelude_layers", "n_loops", "n_layers", "
 def model_card(hf_config, ckpt: Path, config: dict, scores=None) -> str:
     """README.md for an export of checkpoint `ckpt` (its cartlab `config`: model, train, run_id);
     `scores`: the run's downstream rows (`cartlab.results.downstream`), or None."""
-    from cartlab.checkpoint import PREFIX
+    from cartlab.checkpoint import step_of
     from cartlab.model import LMConfig
     from cartlab.model.accounting import account
 
@@ -28,7 +28,7 @@ def model_card(hf_config, ckpt: Path, config: dict, scores=None) -> str:
     train = config.get("train") or {}
     seq_len = int(train.get("seq_len") or hf_config.max_position_embeddings or 1024)
     acc = account(LMConfig.from_dict(model), seq_len=seq_len)
-    step = int(ckpt.name[len(PREFIX):]) if ckpt.name.startswith(PREFIX) else None
+    step = step_of(ckpt)
     per_step = int(train.get("batch_size", 0)) * int(train.get("grad_accum", 1)) * seq_len
     shape = ", ".join(f"{k}={model[k]}" for k in SHAPE_FIELDS if model.get(k) is not None)
     tags = ", ".join(["cartlab", str(kind), *hooks])
