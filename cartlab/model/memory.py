@@ -236,34 +236,35 @@ class LatentMemory(nn.Module):
                              f"the eval forward or a cache")
         rope = model.positions(x, None, attention_mask)
         keys = padding(rope)  # (B, T) bool, or None unpadded
-        buffer = Buffer(refreshing=self.refresh)
+        buffer = Buffer(T, refreshing=self.refresh)
         start = time.perf_counter()
         out, source = model.stack(x, rope, buffer)  # initialisation pass, no memory: (B, T, d) each
         init = time.perf_counter() - start
         passes = [(None, out)]
-        order = [k for _ in range(sweeps) for k in range(min(subsets, T))]
+        count = min(subsets, T)
+        # the latest outputs and source states of each subset k, positions k, k + S, ...: (B, n_k, d)
+        outs = [out[:, k::subsets] for k in range(count)]
+        sources = [source[:, k::subsets] for k in range(count)]
         stale = torch.ones(T, dtype=torch.bool, device=x.device)  # positions no pass has written yet
-        for n, k in enumerate(order):
+        for k in [k for _ in range(sweeps) for k in range(count)]:
             if self.refresh and bool(stale.any()):  # the published recipe's K/V refresh, before each pass
-                self.refresh_buffer(model, buffer, source, stale, rope)
+                self.refresh_buffer(model, buffer, merge(sources, subsets), stale, rope)
             rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
             before = (rows - 1).clamp(min=0)
             present = rows > 0 if keys is None else (rows > 0) & keys[:, before]  # (n,), or (B, n) padded
-            m = source[:, before] * present[..., None].to(source.dtype)  # m_{t-1}: (B, n, d)
-            buffer.refine(rows, T)
-            out_k, source_k = model.stack(x[:, rows], rope_at(rope, rows), buffer, self.recall(model, m, present))
-            out = out.index_copy(1, rows, out_k)
-            source = source.index_copy(1, rows, source_k)
+            m = previous_states(sources, k, rows.numel()) * present[..., None].to(source.dtype)  # m_{t-1}: (B, n, d)
+            buffer.refine(rows)
+            outs[k], sources[k] = model.stack(x[:, rows], rope_at(rope, rows), buffer, self.recall(model, m, present))
             stale = stale.index_fill(0, rows, False)
-            passes.append((rows, out_k))
+            passes.append((rows, outs[k]))
         self.last_cost = (time.perf_counter() - start) / max(init, 1e-9)
-        return Interleaved(out, source, passes)
+        return Interleaved(merge(outs, subsets), merge(sources, subsets), passes)
 
     def refresh_buffer(self, model: nn.Module, buffer: Buffer, source: torch.Tensor, stale: torch.Tensor,
                        rope) -> None:
         """Re-mix the buffer's keys and values at the `stale` positions (T,) bool with the gated
         feedback of the latest memory m_{t-1} = source[t-1] (`BufferKV.refresh`)."""
-        buffer.refine(None, source.size(1))
+        buffer.refine(None)
         m = torch.cat([torch.zeros_like(source[:, :1]), source[:, :-1]], dim=1)  # m_{t-1}: (B, T, d)
         recall = self.recall(model, m, torch.arange(m.size(1), device=m.device) > 0)
         for i, j in self.index.items():
@@ -280,12 +281,14 @@ class LatentMemory(nn.Module):
             logits_p, loss_p = model.head(out, targets if rows is None else targets[:, rows])
             logits.append(logits_p)
             losses.append(loss_p)
-        k, covered = len(passes), 0
-        while covered < targets.size(1):  # the last sweep's passes cover every position once
-            k -= 1
-            covered += passes[k][0].numel()
-        order = torch.cat([rows for rows, _ in passes[k:]]).argsort()
-        return torch.cat(logits[k:], dim=1)[:, order], torch.stack(losses).mean()
+        refined = logits[0].new_empty(*targets.shape, logits[0].size(-1))  # (B, T, V)
+        covered = torch.zeros(targets.size(1), dtype=torch.bool, device=targets.device)
+        for (rows, _), logits_p in zip(reversed(passes), reversed(logits)):  # the last sweep's passes
+            if bool(covered.all()):
+                break
+            refined[:, rows] = logits_p
+            covered[rows] = True
+        return refined, torch.stack(losses).mean()
 
     # -- accounting ----------------------------------------------------------------------------------------------
     def applications(self, layers: nn.ModuleList) -> list:
@@ -320,6 +323,24 @@ class LatentMemory(nn.Module):
 
     def diagnostics(self) -> dict:
         return {} if self.last_cost is None else {"lrt_forward_cost": self.last_cost}
+
+
+def previous_states(sources: list[torch.Tensor], k: int, n: int) -> torch.Tensor:
+    """The source states at the positions before subset k's n positions, (B, n, d), from the latest
+    states of each subset (`sources`, subset j at positions j, j + S, ...): position k + i S - 1 is
+    i-th of subset k - 1, or for k = 0 the (i - 1)-th of the last subset. Position 0 has none; it
+    reads position 0's state, which its `present` mask zeroes."""
+    if k > 0:
+        return sources[k - 1][:, :n]
+    return torch.cat([sources[0][:, :1], sources[-1][:, : n - 1]], dim=1)
+
+
+def merge(parts: list[torch.Tensor], subsets: int) -> torch.Tensor:
+    """The per-subset tensors `parts` (subset k (B, n_k, d) at positions k, k + S, ...) in position
+    order: (B, T, d)."""
+    T = sum(part.size(1) for part in parts)
+    order = torch.cat([torch.arange(k, T, subsets, device=parts[0].device) for k in range(len(parts))])
+    return torch.cat(parts, dim=1)[:, order.argsort()]
 
 
 def rope_at(rope, rows: torch.Tensor):

@@ -93,24 +93,34 @@ def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: t
         if slot is not None:  # sees every key and its own slot: no mask to build
             k, v = torch.cat([k, slot[0]], dim=-2), torch.cat([v, slot[1]], dim=-2)
         return attend(q, k, v, causal=False)
-    if visible is None:
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if keys is not None:
-        visible = hide_padding(visible, keys)  # (B, 1, T, S)
+    visible = visible_keys(visible, T, S, slot is not None, None if slot is None else slot[2], keys, q.size(0),
+                           q.device)
     if slot is not None:
-        k_slot, v_slot, present = slot
-        own = torch.eye(T, dtype=torch.bool, device=q.device)
-        if present is not None:
-            own = own & present[..., None]  # (T, T), or (B, T, T) per row
-        if own.dim() == 3 or visible.dim() == 4:  # per-row masks: (B, 1, T, .)
-            shape = (q.size(0), 1, T)
-            own = (own.unsqueeze(1) if own.dim() == 3 else own).expand(*shape, T)
-            visible = visible.expand(*shape, S)
-        k, v = torch.cat([k, k_slot], dim=-2), torch.cat([v, v_slot], dim=-2)  # (B, H, S + T, hd)
-        visible = torch.cat([visible, own], dim=-1)  # (..., T, S + T)
+        k, v = torch.cat([k, slot[0]], dim=-2), torch.cat([v, slot[1]], dim=-2)  # (B, H, S + T, hd)
     if T == 1 and bool(visible.all()):
         return attend(q, k, v, causal=False)  # one decoding query that sees everything: the fast path
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def visible_keys(visible: torch.Tensor | None, T: int, S: int, slot: bool, present: torch.Tensor | None,
+                 keys: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """The bool key mask of `attend_visible`: (T, S), with the slot's T columns after the S keys
+    (T, S + T) when `slot`, or per row (B, 1, T, S [+ T]) under padding (`keys` (B, S)) or a per-row
+    `present` (B, T)."""
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    if keys is not None:
+        visible = hide_padding(visible, keys)  # (B, 1, T, S)
+    if not slot:
+        return visible
+    own = torch.eye(T, dtype=torch.bool, device=device)
+    if present is not None:
+        own = own & present[..., None]  # (T, T), or (B, T, T) per row
+    if own.dim() == 3 or visible.dim() == 4:  # per-row masks: (B, 1, T, .)
+        shape = (batch, 1, T)
+        own = (own.unsqueeze(1) if own.dim() == 3 else own).expand(*shape, T)
+        visible = visible.expand(*shape, S)
+    return torch.cat([visible, own], dim=-1)  # (..., T, S + T)
 
 
 def hide_padding(visible: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -124,33 +134,38 @@ def hide_padding(visible: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 class SlotAttention(SelfAttention):
     """A Dense layer's causal self-attention that also reads LRT's memory (`LayerRead`: the
-    private slot, the gated feedback) and, during the interleaved schedule, the buffer's key mask
-    (`BufferKV.visible`). Without any of them it is the plain causal attention, the same call as
+    private slot, the gated feedback) and, during the interleaved schedule, the buffer
+    (`BufferKV.write`). Without any of them it is the plain causal attention, the same call as
     `SelfAttention`."""
 
     def forward(self, x: torch.Tensor, rope, cache: LayerKV | None = None,
                 read: LayerRead | None = None) -> torch.Tensor:
         private, feedback, c = read if read is not None else (None, None, None)
+        buffer = cache if isinstance(cache, BufferKV) else None
+        cache = None if buffer is not None else cache  # a decoding cache takes the new keys; the buffer below
         q = apply_rope(split_heads(self.q(x), self.n_heads), rope)  # (B, H, T, hd)
         if feedback is None:
             k, v = self.keys_values(x, rope, cache)  # (B, H, S, hd)
         else:
-            k, v = self.mixed_keys_values(x, rope, cache, feedback, c)
-        visible = cache.visible(q.size(-2), k.size(-2)) if isinstance(cache, BufferKV) else None
-        if private is None and visible is None:
-            return self.proj(merge_heads(attend(q, k, v, causal=True, keys=padding(rope))))
-        return self.proj(merge_heads(attend_visible(q, k, v, visible, self.private_kv(private, rope),
-                                                    padding(rope))))
+            k, v = self.mixed_keys_values(x, rope, cache, feedback, c, buffer)
+        slot = self.private_kv(private, rope)
+        if buffer is not None:  # the interleaved schedule: every key of the sequence, this pass's written in
+            k, v = buffer.write(k, v, slot)  # (B, H, T [+ n], hd) each
+            return self.proj(merge_heads(buffer.owner.attend(q, k, v, slot, padding(rope))))
+        if slot is not None:
+            return self.proj(merge_heads(attend_visible(q, k, v, None, slot, padding(rope))))
+        return self.proj(merge_heads(attend(q, k, v, causal=True, keys=padding(rope))))
 
     def mixed_keys_values(self, x: torch.Tensor, rope, cache: LayerKV | None, feedback: KVFeedback,
-                          c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          c: torch.Tensor | None, buffer: "BufferKV | None" = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gated feedback mix (module docstring), then rotary and the cache as usual. A buffer
         that refreshes keeps the mix's parts (`BufferKV.keep`)."""
         k, v = self.kv(x)  # (B, T, d) each
         g_local, g_fb = feedback.gates(x)  # (B, T, H, 1) each
         k, v = per_head(g_local, k), per_head(g_local, v)
-        if isinstance(cache, BufferKV):
-            cache.keep(k, v, g_fb)
+        if buffer is not None:
+            buffer.keep(k, v, g_fb)
         fb = feedback.feedback(c)
         if fb is not None:
             k, v = k + per_head(g_fb, fb[0]), v + per_head(g_fb, fb[1])
@@ -182,29 +197,35 @@ class SlotBlock(Block):
 
 # -- the interleaved schedule's buffer -------------------------------------------------------------------------
 class BufferKV(LayerKV):
-    """One layer's keys and values (B, H, T, hd) at every position of a training sequence. While
-    `owner.rows` is None a pass writes all positions; otherwise the pass computes the positions
-    `rows` only, writes them (out of place, so autograd keeps every version) and each of its
-    queries sees the keys at positions <= its own."""
+    """One layer's keys and values (B, H, T, hd) at every position of a training sequence, followed,
+    at a layer with private slots, by the slots of the pass being refined (B, H, T + n, hd). The
+    initialisation pass (`owner.rows` None) stores its keys; each refinement pass writes its
+    positions and its slots with one out-of-place `index_copy` per tensor (autograd keeps every
+    version) and its queries read the whole buffer under the pass's key mask (`Buffer.attend`)."""
 
     def __init__(self, owner: "Buffer"):
         super().__init__()
         self.owner = owner
         self.parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.owner.rows
-        if rows is None:
+    def write(self, k: torch.Tensor, v: torch.Tensor,
+              slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's keys and values k, v (B, H, n, hd) at its positions, and its private
+        slots (k_slot, v_slot (B, H, n, hd), present), if any, after the T positions. Returns the
+        keys and values the pass attends to, (B, H, T [+ n], hd) each (`Buffer.attend`)."""
+        owner = self.owner
+        if owner.rows is None:  # the initialisation pass: every position
             self.k, self.v = k, v
-        else:
-            self.k, self.v = self.k.index_copy(2, rows, k), self.v.index_copy(2, rows, v)
-        self.length = self.k.size(2)
+        elif slot is None:
+            self.k, self.v = self.k.index_copy(2, owner.rows, k), self.v.index_copy(2, owner.rows, v)
+        elif self.k.size(2) == owner.length + slot[0].size(2):  # room for this pass's slots: one write each
+            self.k = self.k.index_copy(2, owner.slots, torch.cat([k, slot[0]], dim=2))
+            self.v = self.v.index_copy(2, owner.slots, torch.cat([v, slot[1]], dim=2))
+        else:  # make the room (the first pass with slots, or one with fewer positions than the last)
+            T = owner.length
+            self.k = torch.cat([self.k[:, :, :T].index_copy(2, owner.rows, k), slot[0]], dim=2)
+            self.v = torch.cat([self.v[:, :, :T].index_copy(2, owner.rows, v), slot[1]], dim=2)
         return self.k, self.v
-
-    def visible(self, T: int, S: int) -> torch.Tensor | None:
-        """Which of the S keys each of the T new queries sees, (T, S) bool: None (the causal rule
-        of `attend`) while a pass writes every position, else the keys at or before each query."""
-        return self.owner.visible
 
     def keep(self, k: torch.Tensor, v: torch.Tensor, g_fb: torch.Tensor) -> None:
         """Keep the full pass's gated local keys and values g_local k, g_local v (B, T, d) and the
@@ -215,31 +236,67 @@ class BufferKV(LayerKV):
     def refresh(self, fb: tuple[torch.Tensor, torch.Tensor], stale: torch.Tensor, rope, n_heads: int) -> None:
         """The published recipe's `--interleaved-kv-refresh`: re-mix the keys and values at the
         `stale` positions (T,) bool, which no pass has written since the full pass, with the
-        feedback fb = (k_fb, v_fb) (B, T, d) of the latest memory."""
+        feedback fb = (k_fb, v_fb) (B, T, d) of the latest memory. (Any slots are dropped: the
+        next pass writes its own.)"""
         k, v, g_fb = self.parts
+        T = stale.numel()
         k = apply_rope(split_heads(k + per_head(g_fb, fb[0]), n_heads), rope)  # (B, H, T, hd)
         v = split_heads(v + per_head(g_fb, fb[1]), n_heads)
-        self.k = torch.where(stale[:, None], k, self.k)
-        self.v = torch.where(stale[:, None], v, self.v)
+        self.k = torch.where(stale[:, None], k, self.k[:, :, :T])
+        self.v = torch.where(stale[:, None], v, self.v[:, :, :T])
 
 
 class Buffer(KVCache):
-    """The interleaved schedule's buffer: a `BufferKV` per layer, and the positions being refined.
-    `refreshing`: keep what `BufferKV.refresh` needs."""
+    """The interleaved schedule's buffer: a `BufferKV` per layer, and what every layer of the
+    pass being refined shares: its positions, where its slots go, and its key masks (made once per
+    pass). `refreshing`: keep what `BufferKV.refresh` needs."""
 
-    def __init__(self, refreshing: bool = False):
+    def __init__(self, length: int, refreshing: bool = False):
         super().__init__()
         self.sites = _Sites(self)
-        self.rows: torch.Tensor | None = None
+        self.length = length  # T, the sequence's positions
+        self.rows: torch.Tensor | None = None  # (n,) the positions the pass computes; None: all (the init pass)
+        self.slots: torch.Tensor | None = None  # (2n,) where the pass writes: its positions, then T .. T + n - 1
         self.visible: torch.Tensor | None = None  # (n, T) bool: the keys each refined position sees
+        self.masks: dict[bool, torch.Tensor | None] = {}  # the pass's key mask, without and with slots
         self.refreshing = refreshing
 
-    def refine(self, rows: torch.Tensor | None, T: int) -> None:
-        """The next pass computes the positions `rows` (n,) of T (None: all of them). A pass over
-        every position in order (S = 1) sees the keys causally: no mask, the fused causal path."""
-        self.rows = rows
-        every = rows is None or (rows.numel() == T and bool((rows == torch.arange(T, device=rows.device)).all()))
+    def refine(self, rows: torch.Tensor | None) -> None:
+        """The next pass computes the positions `rows` (n,) (None: all of them). A pass over every
+        position in order (S = 1) sees the keys causally: no mask, the fused causal path unless
+        there are slots."""
+        T = self.length
+        self.rows, self.masks = rows, {}
+        if rows is None:
+            self.slots = self.visible = None
+            return
+        self.slots = torch.cat([rows, T + torch.arange(rows.numel(), device=rows.device)])
+        every = rows.numel() == T and bool((rows == torch.arange(T, device=rows.device)).all())
         self.visible = None if every else rows[:, None] >= torch.arange(T, device=rows.device)[None, :]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: tuple | None,
+               keys: torch.Tensor | None) -> torch.Tensor:
+        """The pass's attention: queries q (B, H, n, hd) over the buffer's keys and values k, v
+        (B, H, T [+ n], hd), by the rule `attend_visible` applies (`visible_keys`, the slots after
+        the T keys). Every layer of a pass reads the same positions, keys and slot `present`, so the
+        mask is made once per pass, additive, as SDPA makes it of a bool one (0 where a query sees
+        a key, -inf elsewhere). The causal rule (the init pass; every position in order, no slots)
+        takes the fused causal path; one query that sees every key, two small matmuls."""
+        if self.visible is None and slot is None:
+            return attend(q, k, v, causal=True, keys=keys)
+        has_slot = slot is not None
+        if has_slot not in self.masks:
+            present = slot[2] if has_slot else None  # (n,) or per row (B, n)
+            per_row = keys if keys is not None else present if present is not None and present.dim() == 2 else None
+            batch = 1 if per_row is None else per_row.size(0)
+            n = q.size(-2)
+            visible = visible_keys(self.visible, n, self.length, has_slot, present, keys, batch, q.device)
+            everything = n == 1 and bool(visible.all())
+            self.masks[has_slot] = None if everything else torch.where(visible, 0.0, float("-inf")).to(q.dtype)
+        mask = self.masks[has_slot]
+        if mask is None:
+            return attend(q, k, v, causal=False)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class _Sites(dict):
