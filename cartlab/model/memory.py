@@ -248,7 +248,7 @@ class LatentMemory(nn.Module):
         stale = torch.ones(T, dtype=torch.bool, device=x.device)  # positions no pass has written yet
         for k in [k for _ in range(sweeps) for k in range(count)]:
             if self.refresh and bool(stale.any()):  # the published recipe's K/V refresh, before each pass
-                self.refresh_buffer(model, buffer, merge(sources, subsets), stale, rope)
+                self.refresh_buffer(model, buffer, merge(source, sources, subsets), stale, rope)
             rows = torch.arange(k, T, subsets, device=x.device)  # (n,) positions of subset k
             before = (rows - 1).clamp(min=0)
             present = rows > 0 if keys is None else (rows > 0) & keys[:, before]  # (n,), or (B, n) padded
@@ -258,7 +258,7 @@ class LatentMemory(nn.Module):
             stale = stale.index_fill(0, rows, False)
             passes.append((rows, outs[k]))
         self.last_cost = (time.perf_counter() - start) / max(init, 1e-9)
-        return Interleaved(merge(outs, subsets), merge(sources, subsets), passes)
+        return Interleaved(merge(out, outs, subsets), merge(source, sources, subsets), passes)
 
     def refresh_buffer(self, model: nn.Module, buffer: Buffer, source: torch.Tensor, stale: torch.Tensor,
                        rope) -> None:
@@ -335,12 +335,14 @@ def previous_states(sources: list[torch.Tensor], k: int, n: int) -> torch.Tensor
     return torch.cat([sources[0][:, :1], sources[-1][:, : n - 1]], dim=1)
 
 
-def merge(parts: list[torch.Tensor], subsets: int) -> torch.Tensor:
-    """The per-subset tensors `parts` (subset k (B, n_k, d) at positions k, k + S, ...) in position
-    order: (B, T, d)."""
-    T = sum(part.size(1) for part in parts)
-    order = torch.cat([torch.arange(k, T, subsets, device=parts[0].device) for k in range(len(parts))])
-    return torch.cat(parts, dim=1)[:, order.argsort()]
+def merge(full: torch.Tensor, parts: list[torch.Tensor], subsets: int) -> torch.Tensor:
+    """The per-subset tensors `parts` (subset k (B, n_k, d) at positions k, k + S, ...) written over
+    the initialisation pass's `full` (B, T, d), in position order. Written over it, not gathered,
+    so that the initialisation pass's outputs stay in the graph: FSDP2 gathers a layer's
+    parameters for the backward of each of its calls when that call's output gets a gradient."""
+    T = full.size(1)
+    rows = torch.cat([torch.arange(k, T, subsets, device=full.device) for k in range(len(parts))])
+    return full.index_copy(1, rows, torch.cat(parts, dim=1))
 
 
 def rope_at(rope, rows: torch.Tensor):
