@@ -4,6 +4,7 @@
     python benchmarks/bench_lrt.py --quick    # d=128, 4 layers, seq 128, for a smoke run
 
     python benchmarks/bench_lrt.py --d-model 128 --n-layers 4 --seq-len 256 --vocab-size 4096   # the size
+    python benchmarks/bench_lrt.py --threads 1 ...   # every model on one intra-op thread
 
 Prints, for Dense and for both LRT recipes on the same backbone (ours: lrt_kv + lrt_residual,
 shared projection; the published one: `lrt_paper`) at S = 2, 4, 8 interleaved subsets:
