@@ -92,6 +92,9 @@ def test_hooks_set_the_memory_fields_and_the_config_rebuilds_the_model():
     (dict(hooks=("lrt_kv",), memory_subsets=0), r"^memory_subsets=0 is not allowed: must be >= 1$"),
     (dict(hooks=("lrt_kv",), memory_shared="yes"), r"^memory_shared='yes' is not allowed: must be true or false$"),
     (dict(hooks=()), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv and/or lrt_residual, or lrt_paper; a Dense model without memory is a DenseConfig$"),
+    # the memory fields without a hook would build, but read back as a Dense with unknown fields
+    (dict(hooks=(), memory_kv=True), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv and/or lrt_residual, or lrt_paper"),
+    (dict(hooks=(), memory_residual=True, memory_kv_feedback=True), r"^hooks=\[\] is not allowed: an LRTConfig needs lrt_kv"),
     (dict(hooks=("lrt_kv", "lrt_kv")), r"^hooks=\['lrt_kv', 'lrt_kv'\] is not allowed: names a hook twice"),
     (dict(hooks=("no_lti",)), r"^hooks=\['no_lti'\] is not allowed: 'no_lti' is a hook of the cart family.*; lrt hooks: lrt_kv, lrt_residual, lrt_paper$"),
     (dict(hooks=("lrt_kv",), memory_kv_refresh=True), r"^memory_kv_refresh=true is not allowed: it re-mixes the gated K/V feedback of lrt_paper"),

@@ -28,7 +28,7 @@ from cartlab.config import ConfigError, field
 from cartlab.model.config import DenseConfig
 from cartlab.model.dense import Dense, dense_label, dense_stem
 from cartlab.model.family import ModelSpec, register_family
-from cartlab.model.hooks import hooks_in, register_hook
+from cartlab.model.hooks import hooks_for, hooks_in, register_hook
 from cartlab.model.layers import KVCache, cache_site
 from cartlab.model.memory import LatentMemory, Recall
 from cartlab.model.memory_attention import SlotBlock
@@ -89,7 +89,8 @@ LOSSES = ("refined", "all_passes")
 @dataclass
 class LRTConfig(DenseConfig):
     """LRT on a Dense backbone of n_layers layers: at least one of the hooks `lrt_kv`,
-    `lrt_residual`. Every `memory_*` field below is left out of `to_dict` at its default."""
+    `lrt_residual`, `lrt_paper` (the hooks, not the fields they set, make a stored dict read back
+    as LRT). Every `memory_*` field below is left out of `to_dict` at its default."""
 
     memory_kv: bool = field(False, elide_default=True)
     """LRT KVProjection (set by `lrt_kv`): at each injection layer token t attends to one extra
@@ -158,7 +159,7 @@ class LRTConfig(DenseConfig):
     def validate(self) -> None:
         super().validate()
         layers = f"a layer index in 0..{self.n_layers - 1} (n_layers={self.n_layers})"
-        if not self.has_memory:
+        if not any(h in hooks_for("lrt") for h in self.hooks):  # the fields alone would read back as Dense
             raise ConfigError.value("hooks", list(self.hooks), (
                 f"an LRTConfig needs {' and/or '.join(LRT_HOOKS)}, or lrt_paper; a Dense model without memory is "
                 f"a DenseConfig"))
@@ -184,11 +185,6 @@ class LRTConfig(DenseConfig):
                                                f"is set too; set one of them")
         if self.memory_gamma is not None and not self.memory_residual:
             raise self.reject("memory_gamma", "it scales the residual injection; add the hook lrt_residual or lrt_paper")
-
-    @property
-    def has_memory(self) -> bool:
-        """True for LRT: at least one memory injection path is on."""
-        return self.memory_kv or self.memory_residual or self.memory_kv_feedback
 
     @property
     def memory_sweep_count(self) -> int:
