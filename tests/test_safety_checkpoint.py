@@ -3,7 +3,8 @@ and a sharded checkpoint's dcp/.metadata with an unpickler that builds DCP's met
 only. A tampered file (a payload that writes a marker file) is refused in one line naming it and
 `--trust-checkpoint`, without the marker appearing; with the flag it is read with plain pickle,
 as documented. A checkpoint written before this format (tests/fixtures/legacy_checkpoint, made by
-cartlab with a pickled numpy RNG state) resumes with the flag, bit-identically.
+cartlab with a pickled numpy RNG state) resumes with the flag, bit-identically (on a machine like the
+one it was made on, tests/golden/machine.py; to 1e-4 relative elsewhere).
 Run: pytest tests/test_safety_checkpoint.py
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import pickle
 import shutil
 import sqlite3
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,14 @@ from safetensors.torch import load_file
 
 from cartlab.cli import main
 
+sys.path.insert(0, str(Path(__file__).parent / "golden"))
+from machine import describe, identity, matches  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_checkpoint"
+LEGACY_MACHINE = {"cpu_capability": "AVX512", "cpu_vendor": "GenuineIntel"}
+"""Where the fixture's expected weights were made (the vendor inferred as for tests/golden/smoke.json's first
+recording: the same sessions made both)."""
 
 
 class Payload:
@@ -89,7 +98,14 @@ def test_legacy_checkpoint_is_refused_without_the_flag_and_resumes_bit_identical
     assert main(["train", "--resume", run_id, f"--db={db}", "--trust-checkpoint"]) == 0
     want = load_file(LEGACY / "expected_step_00000004.safetensors")
     got = load_file(ckpts / "step_00000004" / "model.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert want.keys() == got.keys()
+    if matches(LEGACY_MACHINE):
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    else:  # other low bits elsewhere (tests/golden/machine.py): 3e-6 relative at most on an AMD EPYC, while the
+        # two resumed steps move every tensor by 2e-3 to 4x relative: a lost RNG, optimizer or loader state shows
+        warnings.warn(f"the legacy checkpoint's expected weights were made on {describe(LEGACY_MACHINE)}; this machine "
+                      f"is {describe(identity())}: compared to 1e-4 relative, not bit for bit")
+        assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7) for k in want)
     torch.load(ckpts / "step_00000004" / "state.pt", weights_only=True)  # rewritten in the safe format
 
 

@@ -2,11 +2,13 @@
 the first 20 per-step training losses and a hash of the final weights of the `smoke` preset for
 CART, Dense, Dense with `lrt_kv,lrt_residual` and CART with `random_loops,truncated_bptt`.
 
-    python tests/golden/record.py OUT.json      # from the commit whose numbers are to be kept
+    python tests/golden/record.py tests/golden/smoke.json   # from the commit whose numbers are kept
 
-`tests/test_golden.py` recomputes them with the same function and compares them bit for bit.
-Floating-point results of one CPU build differ between CPU instruction sets, so the JSON records
-the CPU capability it was made on; on another the test compares to a tolerance and says so.
+`tests/test_golden.py` recomputes them with the same function and compares them bit for bit on a
+machine like the one a recording was made on (`machine.py`), to a tolerance elsewhere. Each
+machine kind gets its own recording: an existing OUT.json keeps the others' and gains (or
+replaces) this machine's. The goldens were recorded from commit 7110054, the one before the
+refactor (copy this folder into a worktree of it and run the script there).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import identity  # noqa: E402
 
 DENSE = {"kind": "dense", "vocab_size": 4096, "d_model": 64, "n_heads": 4, "n_layers": 4, "ffn_multiple_of": 64}
 VARIANTS = {  # name -> (model section replacing the preset's, or None; overrides)
@@ -66,19 +71,17 @@ def trajectory(variant: str, workdir: Path, data_dir: str | None = None) -> dict
             "weights_sha256": weights_hash(ckpt), "steps": int(log["step"].max())}
 
 
-def cpu_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def main(out: str) -> None:
-    record = {"cpu_capability": cpu_capability(), "variants": {}}
+    here = identity()
+    record = {"machine": here, "variants": {}}
     for variant in VARIANTS:
         with tempfile.TemporaryDirectory() as tmp:
             record["variants"][variant] = trajectory(variant, Path(tmp))
             print(variant, record["variants"][variant]["losses"][:3], flush=True)
-    Path(out).write_text(json.dumps(record, indent=1) + "\n")
+    path = Path(out)
+    kept = json.loads(path.read_text())["recordings"] if path.exists() else []
+    kept = [r for r in kept if r["machine"] != here]
+    path.write_text(json.dumps({"recordings": kept + [record]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
