@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import os
 from pathlib import Path
 
@@ -149,6 +150,25 @@ KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 sockets are unencrypted (messages are HMAC-signed all the same), once per notebook a study runs."""
 
 
+@functools.cache
+def kernel_manager() -> type:
+    """`FinishedKernelManager`, made on first use (jupyter_client is imported by papermill runs only)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class FinishedKernelManager(AsyncKernelManager):
+        """Shuts a kernel down without interrupting it first. jupyter_client sends SIGINT before
+        every shutdown request; a kernel that has run the whole notebook is idle, and the signal
+        can land while it handles that request, which ipykernel logs on the console as "ERROR |
+        KeyboardInterrupt caught in kernel." (about one report in two). A kernel still busy is
+        terminated after `shutdown_wait_time` all the same, and a cell timeout still interrupts."""
+
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+    return FinishedKernelManager
+
+
 def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | os.PathLike | None = None,
             timeout: int | None = None) -> Path:
     """Run notebooks/NAME.ipynb with `parameters` (headless, kernel python3) into `output`.
@@ -169,7 +189,7 @@ def execute(name: str, output: str | os.PathLike, parameters: dict, cwd: str | o
     try:
         pm.execute_notebook(str(notebook_path(name)), str(partial), parameters=parameters, kernel_name=KERNEL,
                             progress_bar=False, cwd=str(cwd) if cwd else None, execution_timeout=timeout,
-                            extra_arguments=KERNEL_ARGS)
+                            extra_arguments=KERNEL_ARGS, kernel_manager_class=kernel_manager())
     except BaseException:
         if partial.exists():
             os.replace(partial, output.with_name(f"{output.stem}.failed.ipynb"))

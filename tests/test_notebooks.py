@@ -96,6 +96,41 @@ def test_execute_refuses_an_unknown_parameter_before_a_kernel_starts(tmp_path):
     assert time.time() - t0 < 5 and list(tmp_path.iterdir()) == []
 
 
+def test_headless_kernels_shut_down_without_the_interrupt_that_logs_an_error(monkeypatch):
+    """jupyter_client sends SIGINT before every shutdown, which ipykernel can log as "ERROR |
+    KeyboardInterrupt caught in kernel." once the notebook is done: `execute`'s kernel manager
+    skips that interrupt while shutting down, interrupts otherwise, and still shuts the kernel
+    down and removes its connection file."""
+    import asyncio
+
+    from jupyter_client.manager import KernelManager
+
+    from cartlab.notebooks import kernel_manager
+
+    sent = []
+
+    async def interrupt(self):
+        sent.append(self.shutting_down)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KernelManager, "_async_interrupt_kernel", interrupt)
+        km = kernel_manager()()
+        asyncio.run(km._async_interrupt_kernel())  # a cell timeout: interrupted
+        km.shutting_down = True
+        asyncio.run(km._async_interrupt_kernel())  # shutting down: not
+    assert sent == [False]
+
+    async def start_and_stop():
+        km = kernel_manager()(kernel_name="python3")
+        await km.start_kernel(extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        connection = km.connection_file
+        assert await km.is_alive() and os.path.exists(connection)
+        await km.shutdown_kernel()
+        return await km.is_alive(), os.path.exists(connection)
+
+    assert asyncio.run(start_and_stop()) == (False, False)
+
+
 def test_plain_papermill_refuses_an_unknown_parameter_before_training(tmp_path):
     """`papermill notebooks/train_variant.ipynb out.ipynb -p overides ...` only warns by itself
     and would train the default run; the notebook's own check stops it in its first cell."""
