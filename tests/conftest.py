@@ -233,7 +233,9 @@ def tiny_study(tmp_path_factory, tiny_data):
         db, reports = root / "results.db", root / "reports"
         cmd = [sys.executable, "-m", "cartlab.cli", "ablate", str(study), "--db", str(db), "--reports-dir", str(reports),
                "--quiet"]
-        env = dict(os.environ)
+        # SIGKILLed, the first ablate cannot remove its kernel's connection file: keep it out of /tmp
+        env = {**os.environ, "TMPDIR": str(root / "tmp")}
+        (root / "tmp").mkdir(exist_ok=True)
 
         first_log = root / "first_ablate.log"  # a file, not a pipe nobody reads: a chatty run cannot stall on it
         with first_log.open("wb") as log:

@@ -9,6 +9,7 @@ Run: pytest tests/test_fsdp.py
 import shutil
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,8 @@ def _run(cfg, ranks: int):
         r = cli("train", *overrides(cfg))
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stderr
-    proc = torchrun("train", *overrides(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = torchrun("train", *overrides(cfg), log_dir=Path(cfg.out_dir) / "torchrun", stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     return err

@@ -36,9 +36,10 @@ TABLES_JS = """return Array.from(document.querySelectorAll('table')).map(t => ({
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     """Headless Chromium driven by Debian's chromedriver: no driver or browser is downloaded
-    (Selenium Manager is never asked, both paths are given)."""
+    (Selenium Manager is never asked, both paths are given). Its temporary files go to a pytest
+    folder (Chromium leaves its profile's lock folder in TMPDIR)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
@@ -54,7 +55,8 @@ def browser():
     for flag in CHROME_FLAGS:  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    env = {**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("chromium"))}
+    driver = webdriver.Chrome(service=Service(driver_path, env=env), options=options)
     driver.set_page_load_timeout(120)
     yield driver
     driver.quit()

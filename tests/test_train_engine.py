@@ -79,10 +79,12 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def torchrun(*args: str, **kw):
-    """`torchrun --nproc_per_node 2 -m cartlab.cli ARGS` on a free loopback port (Popen kwargs)."""
+def torchrun(*args: str, log_dir, **kw):
+    """`torchrun --nproc_per_node 2 -m cartlab.cli ARGS` on a free loopback port (Popen kwargs), its
+    logs in `log_dir` (by default torchrun makes a /tmp/torchelastic_* folder that nobody removes)."""
     return subprocess.Popen([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                             "--master_port", free_port(), "-m", "cartlab.cli", *args], text=True, **kw)
+                             "--master_port", free_port(), "--log-dir", str(log_dir), "-m", "cartlab.cli", *args],
+                            text=True, **kw)
 
 
 @pytest.mark.slow
@@ -93,7 +95,8 @@ def test_torchrun_two_processes_match_one_process(tiny_data, tmp_path):
                       name="ddp-check")
     r1 = cli("train", *overrides(one))
     assert r1.returncode == 0, r1.stderr
-    r2 = torchrun("train", *overrides(two), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r2 = torchrun("train", *overrides(two), log_dir=tmp_path / "torchrun", stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
     _, err = r2.communicate(timeout=300)
     assert r2.returncode == 0, err[-3000:]
     a = results.train_log(tmp_path / "one" / "results.db")
@@ -126,8 +129,8 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_after_the_same_step(tiny_
     the ranks agree on the step, checkpoint, and the run is marked interrupted, not left hanging."""
     cfg = tiny_config(tiny_data, tmp_path, steps=2000, batch_size=2, grad_accum=1, log_every=1, eval_every=10_000,
                       checkpoint_every=10_000, name="preempted")
-    launcher = torchrun("train", *overrides(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        start_new_session=True)
+    launcher = torchrun("train", *overrides(cfg), log_dir=tmp_path / "torchrun", stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, start_new_session=True)
     db = tmp_path / "results.db"
     try:
         deadline = time.time() + 240
