@@ -9,6 +9,8 @@ Relative values divide by the Dense reference, so they add up like the absolute 
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -291,7 +293,8 @@ def plot_gap_waterfall(runs: pd.DataFrame, eval_log: pd.DataFrame, *, cart: dict
     ax.errorbar(range(len(parts) + 1), tops + [total["value"]], yerr=list(parts["noise"]) + [total["noise"]],
                 fmt="none", ecolor="k", capsize=3, label=f"noise: {k:g} sd of each component")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(parts) + 1), list(parts["component"]) + ["total"], rotation=30, ha="right")
+    names = [textwrap.fill(name, 24) for name in list(parts["component"]) + ["total"]]  # "unattributed (includes ...)"
+    ax.set_xticks(range(len(parts) + 1), names, rotation=30, ha="right")
     ax.set(xlabel="component (section 8)", ylabel=f"{metric} ({split}): CART - Dense",
            title=f"CART's {metric} gap to the {path}-matched Dense, component by component")
     handles, _ = ax.get_legend_handles_labels()
