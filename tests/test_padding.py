@@ -82,12 +82,16 @@ def test_cart_uncached_batched_generation_and_exit_rule():
     assert_batched_equals_single(model, new_tokens=3, exit="kl", exit_threshold=1e-2)
 
 
-LRT_HOOKS = [("lrt_kv", "lrt_residual"), ("lrt_kv",), ("lrt_residual",), ("lrt_paper",)]
+LRT_HOOKS = [("lrt_kv", "lrt_residual"), ("lrt_kv",), ("lrt_residual",), ("lrt_paper",), ("lrt_paper", "kv_refresh")]
+"""Each LRT injection path, and the published recipe with and without its K/V refresh."""
 
 
 def make_lrt(hooks=("lrt_kv", "lrt_residual")):
-    """A tiny float64 LRT whose memory matters (gains and gates away from their zero init)."""
-    return lively_paper() if hooks == ("lrt_paper",) else lively(hooks).double()
+    """A tiny float64 LRT whose memory matters (gains and gates away from their zero init);
+    `kv_refresh` after lrt_paper sets memory_kv_refresh."""
+    if hooks[0] == "lrt_paper":
+        return lively_paper(memory_kv_refresh="kv_refresh" in hooks)
+    return lively(hooks).double()
 
 
 @pytest.mark.parametrize("hooks", LRT_HOOKS, ids="+".join)
@@ -99,7 +103,8 @@ def test_lrt_batched_generation_equals_single_cached_and_uncached(hooks):
     assert_batched_equals_single(model, use_cache=False)
 
 
-@pytest.mark.parametrize("hooks", [("lrt_kv", "lrt_residual"), ("lrt_paper",)], ids="+".join)
+@pytest.mark.parametrize("hooks", [("lrt_kv", "lrt_residual"), ("lrt_paper",), ("lrt_paper", "kv_refresh")],
+                         ids="+".join)
 def test_lrt_eval_forward_with_gradients_pads_as_without(hooks):
     """With autograd the eval forward runs the interleaved schedule at S = T, which takes the mask
     too; the approximate schedule (S < T) refuses it in one line."""
