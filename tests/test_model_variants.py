@@ -110,6 +110,24 @@ def test_dense_trains_is_causal_and_caches():
     torch.testing.assert_close(cached_logits(model, idx), model(idx)[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["cart", "cart_self", "dense", "lrt"])
+def test_a_float64_model_computes_in_float64(kind):
+    """`.double()` is the precision numerical checks ask for: norms, rotary angles, the gate and the
+    loss stay in float64 (they once went through fp32, and cached decoding then differed from the
+    full forward by 3e-7), so cached and full logits agree to float64 rounding."""
+    from cartlab.model import LRTConfig
+
+    torch.manual_seed(0)
+    cfg = {"cart": CARTConfig.tiny(init_std=0.1), "cart_self": CARTConfig.tiny(hooks=("self_attn_core",), init_std=0.1),
+           "dense": DenseConfig.tiny(init_std=0.1), "lrt": LRTConfig.tiny(hooks=("lrt_kv", "lrt_residual"))}[kind]
+    model = build_model(cfg).double().eval()
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        logits, loss = model(idx, idx)
+    assert logits.dtype == loss.dtype == torch.float64
+    torch.testing.assert_close(cached_logits(model, idx), logits, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["cart", "cart_unfrozen", "cart_self", "dense"])
 def test_generate_with_cache_equals_without(kind):
     torch.manual_seed(0)

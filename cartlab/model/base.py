@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cartlab.model.config import LMConfig
-from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, check_mask, rope_angles, rope_angles_at
+from cartlab.model.layers import KVCache, PaddedRope, RMSNorm, check_mask, rope_angles, rope_angles_at, upcast
 
 RESIDUAL_OUTPUTS = ("attn.proj.weight", "ffn.down.weight")
 
@@ -38,7 +38,12 @@ class CausalLM(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device)
+        return rope_angles(self.config.head_dim, self.config.rope_theta, start, length, device, self.angle_dtype)
+
+    @property
+    def angle_dtype(self) -> torch.dtype:
+        """Rotary angles in fp32, or in float64 for a float64 model."""
+        return torch.promote_types(self.wte.weight.dtype, torch.float32)
 
     def positions(self, idx: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None):
         """The rotary angles of idx's (B, T) positions, continuing `cache` (idx: the tokens, or
@@ -59,7 +64,7 @@ class CausalLM(nn.Module):
         keys = torch.cat([held, new], dim=1)  # (B, S)
         if cache is not None:
             cache.states["keys"] = keys
-        return PaddedRope(*rope_angles_at(self.config.head_dim, self.config.rope_theta, pos), keys)
+        return PaddedRope(*rope_angles_at(self.config.head_dim, self.config.rope_theta, pos, self.angle_dtype), keys)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None = None):
         """logits (B, T, V) and the mean next-token cross-entropy (None without targets;
@@ -72,7 +77,7 @@ class CausalLM(nn.Module):
             logits = self.lm_head(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def diagnostics(self) -> dict:
@@ -111,7 +116,7 @@ class CausalLM(nn.Module):
             forward_kw["attention_mask"] = attention_mask
         logits, _ = self(idx, cache=cache, **forward_kw)
         for step in range(max_new_tokens):
-            last = logits[:, -1, :].float()  # (B, V)
+            last = upcast(logits[:, -1, :])  # (B, V)
             if temperature == 0:
                 nxt = last.argmax(dim=-1, keepdim=True)
             else:

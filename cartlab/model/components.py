@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from cartlab.model.layers import MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, padding, split_heads
+from cartlab.model.layers import (MLAKV, CrossAttention, KVCache, RMSNorm, SelfAttention, SwiGLU, padding, split_heads,
+                                  upcast)
 
 # `cfg` below is a CARTConfig, duck-typed: `cartlab.model.config` imports this module's registries.
 
@@ -84,7 +85,7 @@ class HyperConnection(nn.Module):
         return torch.softmax(self.logits.detach().float(), dim=0)
 
     def forward(self, history: list[torch.Tensor]) -> torch.Tensor:
-        w = torch.softmax(self.logits.float(), dim=0).to(history[0].dtype)
+        w = torch.softmax(upcast(self.logits), dim=0).to(history[0].dtype)
         return sum(w[i] * h for i, h in enumerate(history))
 
 
@@ -102,9 +103,9 @@ class LastState(nn.Module):
 
 
 # -- step 2: the loop-index embedding -------------------------------------------------------------------------
-def sinusoid(r: int, dim: int, device=None) -> torch.Tensor:
+def sinusoid(r: int, dim: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Transformer sinusoidal code of integer r: (dim,), sin on even and cos on odd channels."""
-    i = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    i = torch.arange(0, dim, 2, device=device, dtype=dtype)
     angles = r / (10000.0 ** (i / dim))
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten()[:dim]
 
@@ -119,7 +120,7 @@ class SinusoidalLoopEmbedding(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor([0.1]))  # (1,), not 0-d: FSDP2 shards no 0-d tensor
-        self._codes: dict[tuple, torch.Tensor] = {}  # (r, dim, device) -> pe(r), computed once
+        self._codes: dict[tuple, torch.Tensor] = {}  # (r, dim, device, dtype) -> pe(r), computed once
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "scale"  # checkpoints written before the (1,) shape hold s as a 0-d tensor
@@ -128,9 +129,9 @@ class SinusoidalLoopEmbedding(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, r: int) -> torch.Tensor:
-        key = (r, x.size(-1), x.device)
+        key = (r, x.size(-1), x.device, torch.promote_types(x.dtype, torch.float32))  # fp32, or float64
         if key not in self._codes:
-            self._codes[key] = sinusoid(r, x.size(-1), x.device)
+            self._codes[key] = sinusoid(*key)
         return x + (self.scale * self._codes[key]).to(x.dtype)
 
 
@@ -296,10 +297,10 @@ class LTIGate(nn.Module):
         self.logit = nn.Parameter(torch.full((cfg.d_model,), init))
 
     def retention(self) -> torch.Tensor:
-        return RHO_CAP * torch.sigmoid(self.logit.float())  # (d,), fp32
+        return RHO_CAP * torch.sigmoid(upcast(self.logit))  # (d,), fp32 (float64 in a float64 model)
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return (self.retention() * x.float() + u.float()).type_as(x)
+        return (self.retention() * upcast(x) + upcast(u)).type_as(x)
 
     def spectral_radius(self) -> dict[str, float]:
         a = self.retention().detach()

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cartlab.model.layers import RMSNorm
+from cartlab.model.layers import RMSNorm, upcast
 
 EXITS: dict[str, type["ExitRule"]] = {}
 
@@ -81,8 +81,8 @@ class ExitRule:
 
 
 def lens(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """log p_r (B, T, V), fp32: the tied head read straight off the loop state h (B, T, d)."""
-    return F.log_softmax(model.lm_head(model.norm(h)).float(), dim=-1)
+    """log p_r (B, T, V), fp32 (or float64): the tied head read straight off the loop state h (B, T, d)."""
+    return F.log_softmax(upcast(model.lm_head(model.norm(h))), dim=-1)
 
 
 @register_exit("fixed")
@@ -123,7 +123,7 @@ class LatentExit(ExitRule):
     default = 1e-2
 
     def read(self, model, h, prev):
-        return h.float()
+        return upcast(h)
 
     def done(self, cur, prev):
         return (cur - prev).norm(dim=-1) < self.threshold * cur.norm(dim=-1)
@@ -159,7 +159,7 @@ class LearnedExit(ExitRule):
     def read(self, model, h, prev):
         if getattr(model, "exit_head", None) is None:
             raise ValueError("exit='learned' needs a model with an exit head (hook exit_head); this one has none")
-        return torch.sigmoid(model.exit_head(h).float())  # (B, T)
+        return torch.sigmoid(upcast(model.exit_head(h)))  # (B, T)
 
     def done(self, cur, prev):
         return cur > self.threshold
@@ -187,8 +187,8 @@ class ExitHead(nn.Module):
     def loss(self, model: nn.Module, states: list[torch.Tensor]) -> torch.Tensor:
         """Binary cross-entropy of the head on the R loop states (B, T, d) of one forward."""
         target = settled(model, states)  # (R, B, T)
-        logits = torch.stack([self(h.detach()) for h in states])  # (R, B, T)
-        return F.binary_cross_entropy_with_logits(logits.float(), target)
+        logits = upcast(torch.stack([self(h.detach()) for h in states]))  # (R, B, T)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
 
 @torch.no_grad()

@@ -29,6 +29,12 @@ class LMShape(Protocol):
     init_std: float
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32, where precision matters (norms, rotary angles, softmax, the gate): bf16
+    and fp16 become fp32, fp32 and fp64 stay as they are (a float64 model computes in float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,25 +42,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return (xf * upcast(self.weight)).type_as(x)
 
 
 # -- rotary position embedding ------------------------------------------------------------------
-def rope_angles(head_dim: int, theta: float, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(head_dim: int, theta: float, start: int, length: int, device,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of positions [start, start+length): each (length, hd/2), computed on the fly so
-    there is no maximum sequence length."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    there is no maximum sequence length; in fp32 (float64 for a float64 model)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    pos = torch.arange(start, start + length, device=device, dtype=dtype)
     angles = torch.outer(pos, inv_freq)
     return angles.cos(), angles.sin()
 
 
-def rope_angles_at(head_dim: int, theta: float, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles_at(head_dim: int, theta: float, pos: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of per-row positions pos (B, T): each (B, 1, T, hd/2), broadcasting over heads."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
-    angles = pos.float()[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=dtype) / head_dim))
+    angles = pos.to(dtype)[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
     return angles.cos(), angles.sin()
 
 
@@ -83,7 +91,7 @@ def padding(rope) -> torch.Tensor | None:
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate channel pairs (first half, second half) of x: (B, H, T, hd)."""
     cos, sin = rope[0], rope[1]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = upcast(x).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
 
@@ -155,13 +163,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         mask = visible(T, S, causal, keys)  # (B, 1, T, S)
         if T == 1:
             att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, S)
-            att = att.float().masked_fill(~mask, float("-inf"))
+            att = upcast(att).masked_fill(~mask, float("-inf"))
             return torch.softmax(att, dim=-1).type_as(q) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if T == 1:  # one new query (cached decoding) sees every key; two small matmuls beat the
         # fused kernel here, whose per-call setup dominates at T=1 on CPU
         att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, S)
-        return torch.softmax(att.float(), dim=-1).type_as(q) @ v
+        return torch.softmax(upcast(att), dim=-1).type_as(q) @ v
     if not causal:
         return F.scaled_dot_product_attention(q, k, v)
     if T == S:

@@ -65,6 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cartlab.model.cart import CART
 from cartlab.model.components import LoopContext
+from cartlab.model.layers import upcast
 
 LoopMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -128,14 +129,14 @@ def logit_lens(model, idx: torch.Tensor, targets: torch.Tensor | None = None,
 
     R = len(states)
     final = decode(states[-1])  # exactly CART.forward's logits and loss
-    logp_final = F.log_softmax(final[0].float(), dim=-1)  # (B, T, V)
+    logp_final = F.log_softmax(upcast(final[0]), dim=-1)  # (B, T, V)
     p_final = logp_final.exp()
     top1_final = final[0].argmax(dim=-1)  # (B, T)
     stable = torch.ones_like(top1_final, dtype=torch.bool)  # top-1 equals the final one from r on
     rows = []
     for r in range(R, 0, -1):  # backwards, so "settled" is a running AND
         logits, loss = final if r == R else decode(states[r - 1])
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = F.log_softmax(upcast(logits), dim=-1)
         agree = logits.argmax(dim=-1) == top1_final
         stable &= agree
         row = {"loop": r}
@@ -197,7 +198,7 @@ def loop_contraction(model, idx: torch.Tensor, n_loops: int | None = None, n_tok
             p.requires_grad_(False)
         with torch.enable_grad(), torch.autocast(idx.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
             for r, (h, f) in enumerate(loop_maps(model, idx, n_loops)):
-                J, Jt, cross = _token_products(f, h.float(), tokens)
+                J, Jt, cross = _token_products(f, upcast(h), tokens)
                 radius, iters = _top_ritz(J, starts[0], n_iter, tol)
                 norm = _top_ritz(lambda v: Jt(J(v)), starts[1], n_iter, tol)[0].sqrt()
                 row = {"loop": r + 1, "radius_mean": radius.mean().item(), "radius_max": radius.max().item(),
