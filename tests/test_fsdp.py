@@ -179,6 +179,10 @@ def test_fsdp_selects_torch_adamw_and_refuses_adamw8bit():
 @pytest.mark.parametrize("args, message", [
     (["parallel=zero"], "parallel='zero' is not allowed"),
     (["parallel=fsdp", "optim.name=adamw8bit"], "parallel='fsdp' is not allowed: 'fsdp' needs optim.name="),
+    (["parallel=fsdp", "model.hooks=fixed_point"],
+     "parallel='fsdp' is not allowed: 'fsdp' cannot train the fixed point with model.backward='ift': "),
+    (["parallel=fsdp", "model.hooks=fixed_point", "model.backward=phantom", "model.jacobian_penalty=0.1"],
+     "'fsdp' cannot train the fixed point with model.jacobian_penalty=0.1: "),
 ])
 def test_bad_parallel_settings_are_one_line(args, message, tmp_path):
     r = cli("train", "--preset", "smoke", f"results_db={tmp_path}/r.db", f"out_dir={tmp_path}", *args)
@@ -217,6 +221,10 @@ VARIANTS = {
     "cart self-attention core": {"hooks": ["self_attn_core"]},
     "cart random R, truncated BPTT": {"hooks": ["unshare_core", "random_loops", "truncated_bptt"],
                                       "n_loops": 4},
+    # the backwards FSDP2 can run (the implicit one and the Jacobian penalty are refused: TrainConfig)
+    "cart fixed point, phantom backward": {"hooks": ["fixed_point"], "solver_max_iter": 8, "backward": "phantom",
+                                           "phantom_steps": 2},
+    "cart fixed point, unrolled backward": {"hooks": ["fixed_point"], "solver_max_iter": 6, "backward": "unrolled"},
 }
 
 
@@ -265,8 +273,10 @@ def _train_both(rank: int, port: int, out) -> None:
 
 @pytest.mark.slow
 def test_fsdp_follows_ddp_on_every_model_family_and_hook_combination():
-    """Dense, LRT and CART with every ablation switched, the self-attention core, and random R with
-    truncated BPTT (parameters a step leaves without gradient) train the same under both."""
+    """Dense, LRT and CART with every ablation switched, the self-attention core, random R with
+    truncated BPTT (parameters a step leaves without gradient) and the fixed-point loop with its
+    phantom and unrolled backwards (ranks whose solves stop at different iterations) train the
+    same under both."""
     import torch.multiprocessing as mp
 
     from test_train_engine import free_port

@@ -136,6 +136,16 @@ class TrainConfig(Config):
         if self.parallel == "fsdp" and self.optim.name == "adamw8bit":
             raise self.reject("parallel", "'fsdp' needs optim.name='adamw' or 'auto': AdamW8bit does not take "
                               "sharded parameters")
+        if self.parallel == "fsdp" and getattr(self.model, "solver", "none") != "none":
+            # autograd.grad through sharded blocks within the step hung on 2 gloo ranks (tests/test_fsdp.py)
+            implicit = [f"model.{k}={v!r}" for k, v in (("backward", self.model.backward),
+                                                        ("jacobian_penalty", self.model.jacobian_penalty))
+                        if (k == "backward" and v == "ift") or (k == "jacobian_penalty" and v > 0)]
+            if implicit:
+                raise self.reject("parallel", f"'fsdp' cannot train the fixed point with {' and '.join(implicit)}: "
+                                  f"implicit differentiation and the Jacobian penalty call autograd.grad on the "
+                                  f"loop map within the step, which hangs under FSDP2; use parallel=ddp, or "
+                                  f"model.backward=phantom or unrolled with model.jacobian_penalty=0")
         if self.dense_match and not isinstance(self.model, CARTConfig):
             raise self.reject("dense_match", f"needs model.kind='cart' (the CART to match), got {self.model.kind!r}")
         self._resolved = matched_dense(self.model, on=self.dense_match, seq_len=self.seq_len) \
