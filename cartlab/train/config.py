@@ -138,9 +138,9 @@ class TrainConfig(Config):
                               "sharded parameters")
         if self.parallel == "fsdp" and getattr(self.model, "solver", "none") != "none":
             # autograd.grad through sharded blocks within the step hung on 2 gloo ranks (tests/test_fsdp.py)
-            implicit = [f"model.{k}={v!r}" for k, v in (("backward", self.model.backward),
-                                                        ("jacobian_penalty", self.model.jacobian_penalty))
-                        if (k == "backward" and v == "ift") or (k == "jacobian_penalty" and v > 0)]
+            implicit = [f"model.backward={self.model.backward!r}"] if self.model.backward == "ift" else []
+            if self.model.jacobian_penalty > 0:
+                implicit.append(f"model.jacobian_penalty={self.model.jacobian_penalty!r}")
             if implicit:
                 raise self.reject("parallel", f"'fsdp' cannot train the fixed point with {' and '.join(implicit)}: "
                                   f"implicit differentiation and the Jacobian penalty call autograd.grad on the "
